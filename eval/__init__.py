@@ -1,0 +1,1 @@
+"""ragkit component: eval."""

@@ -1,0 +1,1 @@
+"""ragkit component: generators (decoder with an explicit KV cache)."""

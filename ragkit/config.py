@@ -1,0 +1,282 @@
+"""Pipeline configuration: one TOML file, validated on load.
+
+Every section is a dataclass; an unknown key or a bad value raises ConfigError naming the
+dotted key and the allowed values. Paths in `[dataset]` are relative to the config file;
+output folders (`index_dir`, `runs_dir`) are relative to the working directory.
+CLI overrides use the same dotted keys: `--set retrieval.k=50`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from ragkit.errors import ConfigError
+
+DATASET_FORMATS = ["beir", "jsonl", "textdir", "bright", "coir"]
+PROTOCOLS = ["beir", "bright", "coir"]
+FUSIONS = ["none", "rrf", "weighted"]
+NORMALIZATIONS = ["minmax", "zscore"]
+CACHE_MODES = ["full", "prefix", "naive", "ape", "blend", "craft"]
+EVICTIONS = ["lru", "value"]
+
+
+@dataclass
+class DatasetConfig:
+    format: str = "beir"
+    path: str = ""
+    split: str = "test"
+    # BRIGHT: domain is the HF split (biology, ...); long_documents switches corpus and gold ids.
+    domain: str = ""
+    long_documents: bool = False
+    # CoIR task name (cosqa, apps, ...), used with a Hugging Face or local copy.
+    task: str = ""
+    # Prepend the title to the indexed text (BEIR: yes; CoIR: no).
+    title: bool = True
+    limit_queries: int = 0
+
+
+@dataclass
+class ChunkingConfig:
+    size: int = 512
+    overlap: int = 64
+    # "generator" uses the generator's tokenizer; otherwise a local HF tokenizer folder.
+    tokenizer: str = "generator"
+
+
+@dataclass
+class RetrievalConfig:
+    k: int = 100
+    # Chunk hits fetched per query before they are folded into document hits (max score).
+    chunk_k: int = 1000
+    # Each entry is a table with `type` (bm25, dense, hnsw, ivf, ivfpq) and its parameters;
+    # retrievers.build validates the parameters of each type.
+    retrievers: list[dict[str, Any]] = field(default_factory=lambda: [{"type": "bm25"}])
+    fusion: str = "none"
+    rrf_k: int = 60
+    weights: list[float] = field(default_factory=list)
+    normalization: str = "minmax"
+    index_dir: str = ""
+
+
+@dataclass
+class GeneratorConfig:
+    # "smollm2" (bundled), a local Hugging Face folder, or a .gguf file.
+    model: str = "smollm2"
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    top_p: float = 1.0
+    chunks: int = 5
+    system_prompt: str = "Answer the question using the documents. Reply with a short answer only."
+    device: str = "auto"
+
+
+@dataclass
+class CacheConfig:
+    mode: str = "blend"
+    dir: str = ".ragkit/kv"
+    ratio: float = 0.15
+    full_layers: int = 2
+    ape_temperature: float = 0.9
+    ape_scale: float = 0.9
+    craft_alpha: float = 1.0
+    device_bytes: int = 0
+    host_bytes: int = 2 << 30
+    disk_bytes: int = 20 << 30
+    eviction: str = "lru"
+
+
+@dataclass
+class EvalConfig:
+    protocol: str = "beir"
+    metrics: list[str] = field(default_factory=lambda: ["ndcg@10", "map@100", "recall@100", "mrr"])
+    runs_dir: str = "runs"
+
+
+@dataclass
+class Config:
+    name: str = "ragkit"
+    seed: int = 0
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    chunking: ChunkingConfig = field(default_factory=ChunkingConfig)
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    # Folder the config was read from; dataset paths resolve against it.
+    base_dir: str = field(default=".", metadata={"internal": True})
+
+    def dataset_path(self) -> Path:
+        path = Path(self.dataset.path)
+        return path if path.is_absolute() else Path(self.base_dir) / path
+
+    def index_dir(self) -> Path:
+        return Path(self.retrieval.index_dir or f"indexes/{self.name}")
+
+    def run_dir(self) -> Path:
+        return Path(self.eval.runs_dir) / self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data.pop("base_dir")
+        return data
+
+    def fingerprint(self) -> str:
+        """Hash of the settings that decide an index's content."""
+        relevant = {"dataset": dataclasses.asdict(self.dataset), "chunking": dataclasses.asdict(self.chunking),
+                    "retrievers": self.retrieval.retrievers}
+        relevant["dataset"].pop("limit_queries")
+        blob = json.dumps(relevant, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+_CHOICES = {
+    "dataset.format": DATASET_FORMATS,
+    "retrieval.fusion": FUSIONS,
+    "retrieval.normalization": NORMALIZATIONS,
+    "cache.mode": CACHE_MODES,
+    "cache.eviction": EVICTIONS,
+    "eval.protocol": PROTOCOLS,
+}
+
+_POSITIVE = {"chunking.size", "retrieval.k", "retrieval.chunk_k", "generator.max_new_tokens", "generator.chunks"}
+_NON_NEGATIVE = {"chunking.overlap", "dataset.limit_queries", "cache.full_layers", "cache.ratio",
+                 "cache.device_bytes", "cache.host_bytes", "cache.disk_bytes", "generator.temperature"}
+
+
+def _coerce(key: str, value: Any, typ: Any, source: str | None) -> Any:
+    origin = getattr(typ, "__origin__", None)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif typ is str:
+        if isinstance(value, str):
+            return value
+    elif origin is list:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, list):
+            return value
+    type_name = getattr(typ, "__name__", str(typ))
+    raise ConfigError(key, f"expected {type_name}, got {value!r}", source=source)
+
+
+def _fill(section_obj: Any, values: dict[str, Any], prefix: str, source: str | None) -> None:
+    hints = get_type_hints(type(section_obj))
+    fields = {f.name: f for f in dataclasses.fields(section_obj) if not f.metadata.get("internal")}
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            raise ConfigError(dotted, "unknown key", allowed=sorted(fields), source=source)
+        current = getattr(section_obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(dotted, "expected a table", source=source)
+            _fill(current, value, f"{dotted}.", source)
+            continue
+        setattr(section_obj, key, _coerce(dotted, value, hints[key], source))
+
+
+def _check(cfg: Config, source: str | None) -> None:
+    for key, allowed in _CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            raise ConfigError(key, f"unknown value {value!r}", allowed=allowed, source=source)
+    for key in _POSITIVE | _NON_NEGATIVE:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if key in _POSITIVE and value <= 0:
+            raise ConfigError(key, f"must be > 0, got {value}", source=source)
+        if value < 0:
+            raise ConfigError(key, f"must be >= 0, got {value}", source=source)
+    if cfg.chunking.overlap >= cfg.chunking.size:
+        raise ConfigError("chunking.overlap", f"must be smaller than chunking.size ({cfg.chunking.size})",
+                          source=source)
+    if cfg.cache.ratio > 1:
+        raise ConfigError("cache.ratio", f"must be in [0, 1], got {cfg.cache.ratio}", source=source)
+    if not cfg.retrieval.retrievers:
+        raise ConfigError("retrieval.retrievers", "needs at least one retriever", source=source)
+    for i, spec in enumerate(cfg.retrieval.retrievers):
+        if not isinstance(spec, dict) or "type" not in spec:
+            raise ConfigError(f"retrieval.retrievers[{i}]", "each retriever needs a 'type'", source=source)
+    if len(cfg.retrieval.retrievers) > 1 and cfg.retrieval.fusion == "none":
+        raise ConfigError("retrieval.fusion", "several retrievers need a fusion method",
+                          allowed=["rrf", "weighted"], source=source)
+    if cfg.retrieval.weights and len(cfg.retrieval.weights) != len(cfg.retrieval.retrievers):
+        raise ConfigError("retrieval.weights", "needs one weight per retriever", source=source)
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """Turn ['retrieval.k=50', ...] into a nested dict of strings (coerced on load)."""
+    nested: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(pair, "an override looks like section.key=value")
+        key, value = pair.split("=", 1)
+        parts = key.strip().split(".")
+        node = nested
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(key, "cannot set a key inside a value")
+        node[parts[-1]] = value.strip()
+    return nested
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def from_dict(data: dict[str, Any], base_dir: str | Path = ".", source: str | None = None) -> Config:
+    cfg = Config(base_dir=str(base_dir))
+    _fill(cfg, data, "", source)
+    _check(cfg, source)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Config:
+    """Read, merge CLI overrides into, and validate one TOML pipeline file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("config", f"file not found: {path}")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError("config", f"not valid TOML: {exc}", source=path) from None
+    data.setdefault("name", path.stem)
+    if overrides:
+        data = _merge(data, overrides)
+    return from_dict(data, base_dir=path.resolve().parent, source=str(path))

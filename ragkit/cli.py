@@ -1,0 +1,113 @@
+"""The `ragkit` command: a thin shell over the Python API.
+
+Every command takes a pipeline TOML (see configs/) and `--set section.key=value` overrides.
+User errors print one line on stderr and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import typer
+
+from ragkit.errors import RagkitError
+
+app = typer.Typer(
+    help="ragkit: index a corpus, retrieve, answer with reused chunk KV caches, evaluate and compare.\n\n"
+    "Start with `make run`, or: ragkit index configs/scifact-bm25.toml && ragkit eval configs/scifact-bm25.toml",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+bench_app = typer.Typer(help="Benchmarks: side-by-side measurements printed as a table or JSON.", no_args_is_help=True)
+cache_app = typer.Typer(help="The chunk KV cache: precompute, inspect, clear.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+app.add_typer(cache_app, name="cache")
+
+ConfigArg = typer.Argument(..., help="Pipeline TOML file, e.g. configs/scifact-bm25.toml.", show_default=False)
+SetOpt = typer.Option(None, "--set", "-s", help="Override one config key, e.g. --set retrieval.k=50 (repeatable).")
+QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars.")
+
+
+def user_errors(func: Callable) -> Callable:
+    """Turn RagkitError into one line on stderr and exit code 2."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except RagkitError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(exc.exit_code) from None
+
+    return wrapper
+
+
+def _pipeline(config: Path, overrides: Optional[List[str]], quiet: bool = False):
+    from ragkit.config import parse_overrides
+    from ragkit.pipeline import Pipeline
+
+    return Pipeline.from_config(config, overrides=parse_overrides(overrides or []), progress=not quiet)
+
+
+@app.command()
+@user_errors
+def index(config: Path = ConfigArg, overrides: Optional[List[str]] = SetOpt, quiet: bool = QuietOpt) -> None:
+    """Read the corpus, chunk it and build every retriever's index (saved under indexes/<name>)."""
+    info = _pipeline(config, overrides, quiet).index()
+    typer.echo(f"indexed {info['documents']} documents as {info['chunks']} chunks -> {info['path']}")
+
+
+@app.command()
+@user_errors
+def query(
+    config: Path = ConfigArg,
+    question: str = typer.Argument(..., help="The question to retrieve for (and answer, with a generator)."),
+    k: int = typer.Option(10, "--k", "-k", min=1, help="How many chunks to show."),
+    answer: bool = typer.Option(False, "--answer/--no-answer", help="Also generate an answer from the top chunks."),
+    overrides: Optional[List[str]] = SetOpt,
+    quiet: bool = QuietOpt,
+) -> None:
+    """Show the top chunks for a question; with --answer, answer it from them."""
+    pipe = _pipeline(config, overrides, quiet)
+    for hit in pipe.retrieve(question, k=k):
+        text = pipe.chunk_text(hit.id).replace("\n", " ")
+        typer.echo(f"{hit.rank:>3}  {hit.score:8.4f}  {hit.id}  {text[:100]}")
+    if answer:
+        result = pipe.ask(question)
+        typer.echo("")
+        typer.echo(f"answer: {result.text}")
+        typer.echo(f"cited: {', '.join(result.chunk_ids)}")
+        typer.echo(f"ttft: {result.ttft_s:.3f}s  cache hits: {result.cache_hits}/{len(result.chunk_ids)}  "
+                   f"recomputed tokens: {result.recomputed_tokens}/{result.context_tokens}  mode: {result.mode}")
+
+
+@app.command("eval")
+@user_errors
+def evaluate(
+    config: Path = ConfigArg,
+    as_json: bool = typer.Option(False, "--json", help="Also print the results object as JSON on stdout."),
+    overrides: Optional[List[str]] = SetOpt,
+    quiet: bool = QuietOpt,
+) -> None:
+    """Retrieve for every query, score against the qrels, write runs/<name>/ (run.trec, results.json, config)."""
+    results = _pipeline(config, overrides, quiet).evaluate()
+    if as_json:
+        json.dump(results, sys.stdout, indent=2, sort_keys=True)
+        sys.stdout.write("\n")
+    else:
+        metrics = results["aggregate"]
+        typer.echo("  ".join(f"{name} {value:.4f}" for name, value in metrics.items()))
+        typer.echo(f"run written to {results['run_dir']}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

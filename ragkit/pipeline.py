@@ -1,0 +1,291 @@
+"""Pipeline: corpus -> chunks -> retrievers -> (chunk cache + generator) -> eval -> run folder.
+
+The CLI is a thin shell over this class:
+
+    p = Pipeline.from_config("configs/scifact-bm25.toml")
+    p.index(); p.retrieve("...", k=10); p.evaluate(); p.ask("...")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from tqdm.auto import tqdm
+
+import ragkit
+from ragkit.config import Config, load_config
+from ragkit.errors import IndexMismatchError, InputError, RagkitError
+from ragkit.readers import Dataset, open_dataset
+from ragkit.storage import atomic_write_json, publish_dir, recover_dir
+from ragkit.types import Chunk, Hit, Query, Run, rank_hits
+
+INDEX_FORMAT = 1
+
+
+class Pipeline:
+    def __init__(self, config: Config, progress: bool = True, skip_bad_lines: bool = False):
+        self.config = config
+        self.progress = progress
+        self.skip_bad_lines = skip_bad_lines
+        self._dataset: Dataset | None = None
+        self._retrievers: list | None = None
+        self._chunks: dict[str, Chunk] | None = None
+        self._generator = None
+        random.seed(config.seed)
+
+    @classmethod
+    def from_config(cls, path: str | Path, overrides: dict[str, Any] | None = None, progress: bool = True,
+                    skip_bad_lines: bool = False) -> "Pipeline":
+        return cls(load_config(path, overrides), progress=progress, skip_bad_lines=skip_bad_lines)
+
+    # -- data -------------------------------------------------------------------------------
+    @property
+    def dataset(self) -> Dataset:
+        if self._dataset is None:
+            self._dataset = open_dataset(self.config.dataset, self.config.dataset_path(),
+                                         skip_bad_lines=self.skip_bad_lines)
+        return self._dataset
+
+    def _tokenizer(self):
+        from generators.weights import load_tokenizer
+
+        spec = self.config.chunking.tokenizer
+        return load_tokenizer(self.config.generator.model if spec == "generator" else spec)
+
+    def _bar(self, iterable, **kwargs):
+        return tqdm(iterable, disable=not self.progress, dynamic_ncols=True, **kwargs)
+
+    # -- indexing ---------------------------------------------------------------------------
+    def index(self) -> dict[str, Any]:
+        """Chunk the corpus and build every retriever, published to index_dir as one step."""
+        import retrievers
+        from ragkit.chunking import chunk_documents
+
+        cfg = self.config
+        dataset = self.dataset
+        tokenizer = self._tokenizer()
+        started = time.perf_counter()
+        docs = self._bar(dataset.documents(), desc="chunking", unit="doc")
+        chunks = list(chunk_documents(docs, tokenizer, cfg.chunking.size, cfg.chunking.overlap))
+        built = []
+        target = cfg.index_dir()
+        with publish_dir(target) as tmp:
+            _write_chunks(tmp / "chunks.jsonl", chunks)
+            for position, spec in enumerate(cfg.retrieval.retrievers):
+                retriever = retrievers.build(spec, position)
+                retriever.index(self._bar(chunks, desc=f"indexing {spec['type']}", unit="chunk"))
+                sub = tmp / f"retriever-{position}"
+                sub.mkdir()
+                retriever.save(sub)
+                built.append(retriever)
+            manifest = self._manifest(len({c.doc_id for c in chunks}), len(chunks))
+            manifest["build_s"] = round(time.perf_counter() - started, 3)
+            atomic_write_json(tmp / "manifest.json", manifest)
+        self._retrievers = built
+        self._chunks = {c.id: c for c in chunks}
+        return {"documents": manifest["documents"], "chunks": len(chunks), "path": str(target),
+                "build_s": manifest["build_s"]}
+
+    def _manifest(self, documents: int, chunks: int) -> dict[str, Any]:
+        return {
+            "format_version": INDEX_FORMAT,
+            "ragkit_version": ragkit.__version__,
+            "config_hash": self.config.fingerprint(),
+            "corpus_fingerprint": self.dataset.fingerprint,
+            "documents": documents,
+            "chunks": chunks,
+            "retrievers": [spec["type"] for spec in self.config.retrieval.retrievers],
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+
+    def _check_manifest(self, folder: Path) -> dict[str, Any]:
+        path = folder / "manifest.json"
+        try:
+            manifest = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise IndexMismatchError(f"{path}: unreadable index manifest ({exc}); rebuild with `ragkit index`") from None
+        rebuild = f"rebuild it with `ragkit index` or point retrieval.index_dir elsewhere"
+        if manifest.get("format_version") != INDEX_FORMAT:
+            raise IndexMismatchError(f"{folder}: index format {manifest.get('format_version')} written by ragkit "
+                                     f"{manifest.get('ragkit_version')}, this ragkit reads format {INDEX_FORMAT}; {rebuild}")
+        if manifest.get("corpus_fingerprint") != self.dataset.fingerprint:
+            raise IndexMismatchError(f"{folder}: index was built from another corpus; {rebuild}")
+        if manifest.get("config_hash") != self.config.fingerprint():
+            raise IndexMismatchError(f"{folder}: index was built with other dataset/chunking/retriever "
+                                     f"settings; {rebuild}")
+        return manifest
+
+    def _load_index(self) -> None:
+        import retrievers
+
+        folder = self.config.index_dir()
+        recover_dir(folder)
+        if not (folder / "manifest.json").exists():
+            self.index()
+            return
+        self._check_manifest(folder)
+        self._chunks = {c.id: c for c in _read_chunks(folder / "chunks.jsonl")}
+        loaded = []
+        for position, spec in enumerate(self.config.retrieval.retrievers):
+            retriever = retrievers.build(spec, position)
+            retriever.load(folder / f"retriever-{position}")
+            loaded.append(retriever)
+        self._retrievers = loaded
+
+    @property
+    def retrievers(self) -> list:
+        if self._retrievers is None:
+            self._load_index()
+        return self._retrievers
+
+    def chunk(self, chunk_id: str) -> Chunk:
+        if self._chunks is None:
+            self._load_index()
+        return self._chunks[chunk_id]
+
+    def chunk_text(self, chunk_id: str) -> str:
+        return self.chunk(chunk_id).text
+
+    # -- retrieval --------------------------------------------------------------------------
+    def retrieve_batch(self, texts: list[str], k: int, filter: dict | None = None) -> list[list[Hit]]:
+        """Top-k chunk hits per text; several retrievers are fused as configured."""
+        import retrievers
+
+        r = self.config.retrieval
+        if len(self.retrievers) == 1:
+            return self.retrievers[0].search(texts, k, filter=filter)
+        depth = max(k, r.chunk_k)
+        rankings = [ret.search(texts, depth, filter=filter) for ret in self.retrievers]
+        return retrievers.fuse(rankings, method=r.fusion, k=k, rrf_k=r.rrf_k, weights=r.weights or None,
+                               normalization=r.normalization)
+
+    def retrieve(self, question: str, k: int = 10, filter: dict | None = None) -> list[Hit]:
+        return self.retrieve_batch([question], k, filter=filter)[0]
+
+    def search(self, queries: list[Query], batch_size: int = 64) -> Run:
+        """Document-level run: chunk hits folded to their documents by max score (MaxP)."""
+        r = self.config.retrieval
+        rankings: dict[str, list[Hit]] = {}
+        bar = self._bar(total=len(queries), desc="retrieving", unit="q") if self.progress else None
+        for start in range(0, len(queries), batch_size):
+            batch = queries[start:start + batch_size]
+            hits = self.retrieve_batch([q.text for q in batch], max(r.chunk_k, r.k))
+            for query, chunk_hits in zip(batch, hits):
+                best: dict[str, float] = {}
+                for hit in chunk_hits:
+                    doc_id = Chunk.doc_id_of(hit.id)
+                    if hit.score > best.get(doc_id, float("-inf")):
+                        best[doc_id] = hit.score
+                rankings[query.id] = rank_hits(best, r.k)
+            if bar is not None:
+                bar.update(len(batch))
+        if bar is not None:
+            bar.close()
+        return Run(rankings, name=self.config.name)
+
+    # -- evaluation -------------------------------------------------------------------------
+    def queries(self) -> list[Query]:
+        queries = self.dataset.queries
+        limit = self.config.dataset.limit_queries
+        return queries[:limit] if limit else queries
+
+    def evaluate(self) -> dict[str, Any]:
+        """Run every query, score it by the configured protocol and write runs/<name>/."""
+        from eval.protocols import apply_protocol
+        from eval.retrieval import score_run
+        from eval.runs import machine_info, write_run
+
+        cfg = self.config
+        qrels = self.dataset.qrels
+        if qrels is None:
+            raise InputError(cfg.dataset_path(), "this dataset has no relevance judgements (qrels) to evaluate against")
+        t0 = time.perf_counter()
+        manifest_retrievers = self.retrievers
+        t_index = time.perf_counter() - t0
+        queries = self.queries()
+        t1 = time.perf_counter()
+        run = self.search(queries)
+        t_search = time.perf_counter() - t1
+        run, qrels = apply_protocol(cfg.eval.protocol, run, queries, qrels)
+        aggregate, per_query = score_run(run, qrels, cfg.eval.metrics)
+        results = {
+            "format_version": 1,
+            "name": cfg.name,
+            "protocol": cfg.eval.protocol,
+            "aggregate": aggregate,
+            "per_query": per_query,
+            "timings": {"index_load_or_build_s": round(t_index, 3), "search_s": round(t_search, 3),
+                        "qps": round(len(queries) / t_search, 2) if t_search > 0 else None},
+            "counts": {"queries": len(queries), "scored_queries": len(per_query),
+                       "retrievers": len(manifest_retrievers), "chunks": len(self._chunks or {})},
+            "ragkit_version": ragkit.__version__,
+            "config_hash": cfg.fingerprint(),
+            "corpus_fingerprint": self.dataset.fingerprint,
+            "seed": cfg.seed,
+            "machine": machine_info(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        run_dir = cfg.run_dir()
+        write_run(run_dir, run, results, cfg.to_dict())
+        return {**results, "run_dir": str(run_dir)}
+
+    # -- generation -------------------------------------------------------------------------
+    @property
+    def generator(self):
+        if self._generator is None:
+            from generators.rag import RagGenerator
+
+            self._generator = RagGenerator(dataclasses.asdict(self.config.generator),
+                                           dataclasses.asdict(self.config.cache))
+        return self._generator
+
+    def ask(self, question: str, on_token=None):
+        """Retrieve the top `generator.chunks` chunks and answer from them, reusing their KV."""
+        hits = self.retrieve(question, k=self.config.generator.chunks)
+        return self.generator.answer(question, [self.chunk(h.id) for h in hits], on_token=on_token)
+
+    def warm_cache(self, top: int | None = None) -> int:
+        """Precompute chunk KV: every chunk, or the `top` chunks most often retrieved for the queries."""
+        if self._chunks is None:
+            self._load_index()
+        if top:
+            counts: dict[str, int] = {}
+            for hits in self.retrieve_batch([q.text for q in self.queries()], self.config.generator.chunks):
+                for hit in hits:
+                    counts[hit.id] = counts.get(hit.id, 0) + 1
+            ids = sorted(counts, key=lambda cid: (-counts[cid], cid))[:top]
+            chunks = [self._chunks[cid] for cid in ids]
+        else:
+            chunks = list(self._chunks.values())
+        return self.generator.warm(chunks, progress=self.progress)
+
+
+def _write_chunks(path: Path, chunks: list[Chunk]) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        for c in chunks:
+            fh.write(json.dumps({"id": c.id, "doc_id": c.doc_id, "text": c.text, "title": c.title,
+                                 "token_ids": list(c.token_ids), "span": list(c.span), "hash": c.content_hash,
+                                 "metadata": dict(c.metadata)}, ensure_ascii=False) + "\n")
+
+
+def _read_chunks(path: Path) -> Iterator[Chunk]:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for line_no, line in enumerate(fh, 1):
+                try:
+                    r = json.loads(line)
+                    yield Chunk(r["id"], r["doc_id"], r["text"], tuple(r["token_ids"]), tuple(r["span"]),
+                                r["hash"], r.get("title", ""), r.get("metadata", {}))
+                except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                    raise IndexMismatchError(f"{path}:{line_no}: damaged chunk record ({exc}); "
+                                             "rebuild with `ragkit index`") from None
+    except FileNotFoundError:
+        raise IndexMismatchError(f"{path}: missing; rebuild with `ragkit index`") from None
+
+
+__all__ = ["Pipeline", "RagkitError"]

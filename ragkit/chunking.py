@@ -68,9 +68,13 @@ def chunk_documents(docs: Iterable[Document], tokenizer, size: int, overlap: int
 def _chunk_batch(docs: list[Document], tokenizer, size: int, overlap: int) -> Iterator[Chunk]:
     encoded = tokenizer([d.text for d in docs], add_special_tokens=False, return_offsets_mapping=True)
     for doc, ids, offsets in zip(docs, encoded["input_ids"], encoded["offset_mapping"]):
+        n_tokens = len(ids)
         for n, (start, end) in enumerate(split_tokens(doc.text, offsets, size, overlap)):
             token_ids = tuple(ids[start:end])
-            span = (offsets[start][0], offsets[end - 1][1]) if end > start else (0, len(doc.text))
+            # The first and last chunk reach the document's ends, whitespace the tokenizer skipped included.
+            first = 0 if start == 0 else offsets[start][0]
+            last = len(doc.text) if end == n_tokens else offsets[end - 1][1]
+            span = (first, last)
             yield Chunk(
                 id=Chunk.make_id(doc.id, n),
                 doc_id=doc.id,

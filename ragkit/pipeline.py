@@ -198,14 +198,14 @@ class Pipeline:
         """Run every query, score it by the configured protocol and write runs/<name>/."""
         from eval.protocols import apply_protocol
         from eval.retrieval import score_run
-        from eval.runs import machine_info, write_run
+        from eval.runs import make_results, write_run
 
         cfg = self.config
         qrels = self.dataset.qrels
         if qrels is None:
             raise InputError(cfg.dataset_path(), "this dataset has no relevance judgements (qrels) to evaluate against")
         t0 = time.perf_counter()
-        manifest_retrievers = self.retrievers
+        loaded = self.retrievers
         t_index = time.perf_counter() - t0
         queries = self.queries()
         t1 = time.perf_counter()
@@ -213,25 +213,18 @@ class Pipeline:
         t_search = time.perf_counter() - t1
         run, qrels = apply_protocol(cfg.eval.protocol, run, queries, qrels)
         aggregate, per_query = score_run(run, qrels, cfg.eval.metrics)
-        results = {
-            "format_version": 1,
-            "name": cfg.name,
-            "protocol": cfg.eval.protocol,
-            "aggregate": aggregate,
-            "per_query": per_query,
-            "timings": {"index_load_or_build_s": round(t_index, 3), "search_s": round(t_search, 3),
-                        "qps": round(len(queries) / t_search, 2) if t_search > 0 else None},
-            "counts": {"queries": len(queries), "scored_queries": len(per_query),
-                       "retrievers": len(manifest_retrievers), "chunks": len(self._chunks or {})},
-            "ragkit_version": ragkit.__version__,
-            "config_hash": cfg.fingerprint(),
-            "corpus_fingerprint": self.dataset.fingerprint,
-            "seed": cfg.seed,
-            "machine": machine_info(),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
+        config_dict = cfg.to_dict()
+        results = make_results(
+            cfg.name, cfg.eval.protocol, aggregate, per_query, config_dict,
+            ragkit_version=ragkit.__version__, corpus_fingerprint=self.dataset.fingerprint, seed=cfg.seed,
+            timings={"index_load_or_build_s": round(t_index, 3), "search_s": round(t_search, 3),
+                     "qps": round(len(queries) / t_search, 2) if t_search > 0 else None},
+            counts={"queries": len(queries), "scored_queries": len(per_query),
+                    "retrievers": len(loaded), "chunks": len(self._chunks or {})},
+            index_config_hash=cfg.fingerprint(),
+        )
         run_dir = cfg.run_dir()
-        write_run(run_dir, run, results, cfg.to_dict())
+        write_run(run_dir, run, results, config_dict)
         return {**results, "run_dir": str(run_dir)}
 
     # -- generation -------------------------------------------------------------------------

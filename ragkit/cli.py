@@ -31,6 +31,8 @@ app.add_typer(cache_app, name="cache")
 ConfigArg = typer.Argument(..., help="Pipeline TOML file, e.g. configs/scifact-bm25.toml.", show_default=False)
 SetOpt = typer.Option(None, "--set", "-s", help="Override one config key, e.g. --set retrieval.k=50 (repeatable).")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars.")
+SkipOpt = typer.Option(False, "--skip-bad-lines", help="Skip malformed corpus/query/qrels lines (counted and "
+                       "reported) instead of stopping at the first one.")
 
 
 def user_errors(func: Callable) -> Callable:
@@ -47,18 +49,28 @@ def user_errors(func: Callable) -> Callable:
     return wrapper
 
 
-def _pipeline(config: Path, overrides: Optional[List[str]], quiet: bool = False):
+def _pipeline(config: Path, overrides: Optional[List[str]], quiet: bool = False, skip_bad_lines: bool = False):
     from ragkit.config import parse_overrides
     from ragkit.pipeline import Pipeline
 
-    return Pipeline.from_config(config, overrides=parse_overrides(overrides or []), progress=not quiet)
+    return Pipeline.from_config(config, overrides=parse_overrides(overrides or []), progress=not quiet,
+                                skip_bad_lines=skip_bad_lines)
+
+
+def _report_skips(pipe) -> None:
+    skipped = pipe.dataset.skipped
+    if skipped.total:
+        typer.echo(f"warning: {skipped.summary()}", err=True)
 
 
 @app.command()
 @user_errors
-def index(config: Path = ConfigArg, overrides: Optional[List[str]] = SetOpt, quiet: bool = QuietOpt) -> None:
+def index(config: Path = ConfigArg, overrides: Optional[List[str]] = SetOpt, quiet: bool = QuietOpt,
+          skip_bad_lines: bool = SkipOpt) -> None:
     """Read the corpus, chunk it and build every retriever's index (saved under indexes/<name>)."""
-    info = _pipeline(config, overrides, quiet).index()
+    pipe = _pipeline(config, overrides, quiet, skip_bad_lines)
+    info = pipe.index()
+    _report_skips(pipe)
     typer.echo(f"indexed {info['documents']} documents as {info['chunks']} chunks -> {info['path']}")
 
 
@@ -93,9 +105,14 @@ def evaluate(
     as_json: bool = typer.Option(False, "--json", help="Also print the results object as JSON on stdout."),
     overrides: Optional[List[str]] = SetOpt,
     quiet: bool = QuietOpt,
+    skip_bad_lines: bool = SkipOpt,
 ) -> None:
-    """Retrieve for every query, score against the qrels, write runs/<name>/ (run.trec, results.json, config)."""
-    results = _pipeline(config, overrides, quiet).evaluate()
+    """Retrieve for every query, score against the qrels, write runs/<name>/ (run.trec, results.json, config).
+
+    Builds the index first when indexes/<name>/ does not exist yet."""
+    pipe = _pipeline(config, overrides, quiet, skip_bad_lines)
+    results = pipe.evaluate()
+    _report_skips(pipe)
     if as_json:
         json.dump(results, sys.stdout, indent=2, sort_keys=True)
         sys.stdout.write("\n")

@@ -190,9 +190,8 @@ class Pipeline:
 
     # -- evaluation -------------------------------------------------------------------------
     def queries(self) -> list[Query]:
-        queries = self.dataset.queries
-        limit = self.config.dataset.limit_queries
-        return queries[:limit] if limit else queries
+        """The dataset's judged queries (the reader applies dataset.limit_queries)."""
+        return self.dataset.queries
 
     def evaluate(self) -> dict[str, Any]:
         """Run every query, score it by the configured protocol and write runs/<name>/."""

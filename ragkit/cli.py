@@ -122,6 +122,56 @@ def evaluate(
         typer.echo(f"run written to {results['run_dir']}")
 
 
+@app.command()
+@user_errors
+def report(
+    runs_dir: Path = typer.Argument(..., help="Folder of run folders, e.g. runs/.", show_default=False),
+    out: Path = typer.Option(Path("report"), "--out", "-o", help="Where leaderboard.md and leaderboard.html go."),
+    baseline: Optional[str] = typer.Option(None, "--baseline", help="Run name the ▲/▼ significance marks compare "
+                                           "against (default: the first name alphabetically)."),
+    metric: str = typer.Option("ndcg@10", "--metric", "-m", help="Metric in the table and the per-task plot."),
+    skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Skip unreadable or older-format run folders "
+                                      "(listed in the report) instead of stopping."),
+) -> None:
+    """Leaderboard of every run under RUNS_DIR: leaderboard.md and a self-contained leaderboard.html."""
+    from eval.report import write_report
+
+    info = write_report(runs_dir, out, metric=metric, baseline=baseline, skip_invalid=skip_invalid)
+    for reason in info["skipped"]:
+        typer.echo(f"skipped: {reason}", err=True)
+    typer.echo(f"{info['runs']} runs ({info['systems']} systems × {len(info['tasks'])} tasks, baseline "
+               f"'{info['baseline']}'; {len(info['skipped'])} skipped) -> {info['markdown']}, {info['html']}")
+
+
+@app.command()
+@user_errors
+def compare(
+    run_a: Path = typer.Argument(..., help="Run folder (or suite folder) A, e.g. runs/scifact-hybrid.",
+                                 show_default=False),
+    run_b: Path = typer.Argument(..., help="Run folder (or suite folder) B, e.g. runs/scifact-bm25.",
+                                 show_default=False),
+    metrics: Optional[List[str]] = typer.Option(None, "--metric", "-m", help="Metric to test (repeatable; "
+                                                "default ndcg@10)."),
+    samples: int = typer.Option(10_000, "--samples", min=100, help="Bootstrap resamples."),
+) -> None:
+    """Paired t-test and paired bootstrap over queries: is A − B different from zero?"""
+    from eval.compare import compare_runs
+
+    comparisons, unmatched = compare_runs(run_a, run_b, metrics or ["ndcg@10"], samples=samples)
+    typer.echo(f"A = {run_a}   B = {run_b}")
+    typer.echo(f"{'task':<24} {'metric':<12} {'queries':>7} {'A':>8} {'B':>8} {'A-B':>8} {'95% CI':>19} "
+               f"{'t-test p':>9} {'bootstrap p':>11}")
+    for task, c in comparisons:
+        ci = f"[{c.ci_low:+.4f}, {c.ci_high:+.4f}]"
+        typer.echo(f"{task:<24} {c.metric:<12} {c.queries:>7} {c.mean_a:>8.4f} {c.mean_b:>8.4f} "
+                   f"{c.difference:>+8.4f} {ci:>19} {c.t_p:>9.4g} {c.bootstrap_p:>11.4g}")
+        if c.only_in_a or c.only_in_b:
+            typer.echo(f"  note: {c.only_in_a} queries only in A and {c.only_in_b} only in B were not paired",
+                       err=True)
+    if unmatched:
+        typer.echo(f"tasks run by only one side (not compared): {', '.join(unmatched)}", err=True)
+
+
 def main() -> None:
     app()
 

@@ -1,4 +1,4 @@
-"""TREC run files and qrels files (TREC 4-column or BEIR TSV), read with line-exact errors."""
+"""TREC run files (`qid Q0 docid rank score tag`), read with line-exact errors."""
 
 from __future__ import annotations
 
@@ -51,35 +51,23 @@ def write_trec_run(path: str | Path, run: Run) -> None:
         fh.writelines(run.to_trec_lines())
 
 
-def read_qrels(path: str | Path) -> Qrels:
-    """Read TREC qrels (`qid iter docid grade`) or BEIR TSV (`query-id corpus-id score`, header row).
+def drop_unjudged(path: str | Path, run: Run, qrels: Qrels, skip: bool = False) -> tuple[Run, list[str]]:
+    """The run without queries the qrels do not judge, and their ids.
 
-    Grades must be integers; a bad line raises InputError naming the file and line.
+    Such a query usually means the run and qrels belong to different splits or datasets, so
+    by default it is an InputError naming the run file's line; with `skip` it is left out
+    and returned, so that the caller can say how many were skipped.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(path, "qrels file not found")
-    judgements: dict[str, dict[str, int]] = {}
-    with open(path, encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, 1):
-            parts = line.split()
-            if not parts:
-                continue
-            if line_no == 1 and parts[0].lower() in ("query-id", "query_id", "qid"):
-                continue
-            if len(parts) == 4:
-                qid, _iteration, doc_id, grade_text = parts
-            elif len(parts) == 3:
-                qid, doc_id, grade_text = parts
-            else:
-                raise InputError(path, f"expected 'qid 0 docid grade' or 'query-id corpus-id score', "
-                                 f"got {len(parts)} columns", line=line_no)
-            try:
-                grade = int(grade_text)
-            except ValueError:
-                raise InputError(path, f"relevance grade must be an integer, got {grade_text!r}",
-                                 line=line_no) from None
-            judgements.setdefault(qid, {})[doc_id] = grade
-    if not judgements:
-        raise InputError(path, "no judgements in qrels file")
-    return Qrels(judgements)
+    unjudged = sorted(q for q in run if not qrels.get(q))
+    if unjudged and not skip:
+        first = unjudged[0]
+        line_no = None
+        with open(path, encoding="utf-8") as fh:
+            for number, line in enumerate(fh, 1):
+                if line.split()[:1] == [first]:
+                    line_no = number
+                    break
+        raise InputError(path, f"query {first!r} is not in the qrels ({len(unjudged)} such queries)", line=line_no,
+                         hint="check the run and qrels are for the same split, or pass --skip-unjudged")
+    skipped = set(unjudged)
+    return Run({q: hits for q, hits in run.items() if q not in skipped}, name=run.name), unjudged

@@ -124,6 +124,38 @@ def evaluate(
 
 @app.command()
 @user_errors
+def score(
+    run_file: Path = typer.Argument(..., help="TREC run file (qid Q0 docid rank score tag), e.g. runs/x/run.trec.",
+                                    show_default=False),
+    qrels_file: Path = typer.Argument(..., help="Qrels: BEIR TSV (.tsv, with header) or TREC (qid 0 docid grade).",
+                                      show_default=False),
+    metrics: Optional[List[str]] = typer.Option(None, "--metric", "-m", help="Metric (repeatable; default "
+                                                "ndcg@10, map@100, recall@100, p@10, mrr)."),
+    skip_unjudged: bool = typer.Option(False, "--skip-unjudged", help="Leave out (and count) run queries the "
+                                       "qrels do not judge instead of stopping."),
+    per_query: bool = typer.Option(False, "--per-query", help="Also print one line per query."),
+    skip_bad_lines: bool = SkipOpt,
+) -> None:
+    """Score any TREC run file the way `ragkit eval` does: every judged query counts, the run's order is kept."""
+    from eval.retrieval import score_run
+    from eval.trec import drop_unjudged, read_trec_run
+    from ragkit.readers.qrels import read_qrels_trec, read_qrels_tsv
+
+    names = metrics or ["ndcg@10", "map@100", "recall@100", "p@10", "mrr"]
+    qrels = (read_qrels_tsv if qrels_file.suffix == ".tsv" else read_qrels_trec)(qrels_file, skip_bad_lines)
+    run, skipped = drop_unjudged(run_file, read_trec_run(run_file), qrels, skip=skip_unjudged)
+    aggregate, values = score_run(run, qrels, names)
+    if per_query:
+        for qid in sorted(values):
+            typer.echo(f"{qid}\t" + "\t".join(f"{values[qid][m]:.4f}" for m in names))
+    empty = sum(1 for q in values if not run.get(q))
+    typer.echo("  ".join(f"{name} {aggregate[name]:.4f}" for name in names))
+    typer.echo(f"{len(values)} judged queries ({empty} without results, scored 0); "
+               f"{len(skipped)} unjudged run queries skipped")
+
+
+@app.command()
+@user_errors
 def report(
     runs_dir: Path = typer.Argument(..., help="Folder of run folders, e.g. runs/.", show_default=False),
     out: Path = typer.Option(Path("report"), "--out", "-o", help="Where leaderboard.md and leaderboard.html go."),

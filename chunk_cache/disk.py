@@ -1,0 +1,371 @@
+"""The disk tier: one safetensors file per KV entry, shared safely between processes.
+
+Layout of a cache folder:
+
+    manifest.json            format version, model fingerprint, dtypes seen
+    journal.jsonl            usage log (put / hit / del records) behind the eviction policy and stats
+    entries/ab/<digest>.safetensors
+    .lock                    file lock serialising journal appends, eviction and manifest changes
+
+Entry files are the truth; the journal only remembers sizes, recompute costs and hit counts.
+A writer publishes a file by temp file + fsync + rename, so a reader sees a whole entry or none.
+Every file carries the model fingerprint, its key digest and a sha256 over its metadata and
+tensor bytes; a file that fails any check is deleted and reported as a miss, never used.
+The journal is appended to without fsync: a record lost in a crash costs a statistic, and
+opening the folder reconciles the journal with the files that actually exist.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from filelock import FileLock
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as safetensors_bytes
+
+from chunk_cache.eviction import EntryStats, EvictionPolicy, choose_victims
+from ragkit.errors import IndexMismatchError, InputError
+from ragkit.storage import _alive, atomic_write_bytes, atomic_write_json
+
+FORMAT = "ragkit-kv-cache"
+VERSION = 1
+MANIFEST = "manifest.json"
+JOURNAL = "journal.jsonl"
+ENTRIES = "entries"
+LOCK = ".lock"
+SUFFIX = ".safetensors"
+DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
+_TMP_RE = re.compile(r"^\.[0-9a-f]{64}\.safetensors\.tmp-(\d+)-[0-9a-f]+$")
+# Anything a damaged file can make the reader or checksum raise.
+_UNREADABLE = (SafetensorError, OSError, ValueError, KeyError, TypeError, RuntimeError)
+
+log = logging.getLogger("ragkit.chunk_cache")
+
+
+class CorruptEntry(Exception):
+    """An entry file that fails a check; `kind` names the check (format, checksum, model, key, unreadable)."""
+
+    def __init__(self, kind: str, detail: str):
+        super().__init__(f"{kind}: {detail}")
+        self.kind = kind
+
+
+def checksum(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> str:
+    """sha256 over the metadata (except the checksum itself) and every tensor's name, dtype, shape and bytes."""
+    digest = hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k != "sha256"}, sort_keys=True).encode())
+    for name in sorted(tensors):
+        tensor = tensors[name]
+        digest.update(f"\0{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def encode_entry(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> bytes:
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+    meta = {**meta, "format": FORMAT, "version": str(VERSION)}
+    meta["sha256"] = checksum(tensors, meta)
+    return safetensors_bytes(tensors, metadata=meta)
+
+
+def read_entry(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Memory-map an entry and verify its checksum. Raises FileNotFoundError or CorruptEntry."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as fh:
+            meta = fh.metadata() or {}
+            tensors = {name: fh.get_tensor(name) for name in fh.keys()}
+        if meta.get("format") != FORMAT or meta.get("version") != str(VERSION):
+            raise CorruptEntry("format", f"{meta.get('format')!r} version {meta.get('version')!r}")
+        if meta.get("sha256") != checksum(tensors, meta):
+            raise CorruptEntry("checksum", "the stored sha256 does not match the contents")
+    except FileNotFoundError:
+        raise
+    except _UNREADABLE as exc:
+        raise CorruptEntry("unreadable", f"{type(exc).__name__}: {exc}") from None
+    return tensors, meta
+
+
+def read_header(path: Path) -> dict[str, str]:
+    """An entry's metadata without touching its tensors (no checksum)."""
+    with safe_open(str(path), framework="pt", device="cpu") as fh:
+        return fh.metadata() or {}
+
+
+class DiskTier:
+    """Entry files under `root`, kept within `budget` bytes; several processes may share it."""
+
+    def __init__(self, root: Path, model: str, budget: int, policy: EvictionPolicy):
+        self.root = Path(root)
+        self.model = model
+        self.budget = budget
+        self.policy = policy
+        self.usage: dict[str, EntryStats] = {}
+        self.bytes = 0
+        self.hits = self.misses = self.evictions = 0
+        self.dropped: dict[str, int] = {}
+        self._journal_id: tuple[int, int] | None = None
+        self._offset = 0  # bytes of the journal already applied to `usage`
+        self._records = 0  # records in the journal, for compaction
+        self._dtypes: list[str] = []
+        if self.root.exists() and not self.root.is_dir():
+            raise InputError(self.root, "the KV cache folder is a file", hint="set cache.dir to a folder")
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock = FileLock(str(self.root / LOCK))
+        with self._lock:
+            _refuse_foreign_folder(self.root)
+            self._open_manifest()
+            self._sync()
+            self._reconcile()
+
+    # -- paths and the manifest ---------------------------------------------------------------
+    def path(self, digest: str) -> Path:
+        if not DIGEST_RE.match(digest):
+            raise ValueError(f"not a key digest: {digest!r}")
+        return self.root / ENTRIES / digest[:2] / f"{digest}{SUFFIX}"
+
+    def _open_manifest(self) -> None:
+        manifest = read_manifest(self.root)
+        if manifest is None:
+            atomic_write_json(self.root / MANIFEST, {"format": FORMAT, "version": VERSION, "model": self.model,
+                                                     "dtypes": []})
+            return
+        if manifest["model"] != self.model:
+            raise IndexMismatchError(
+                f"{self.root}: this KV cache was written for model {manifest['model']!r}, not {self.model!r}; "
+                "set another cache.dir or run `ragkit cache clear CONFIG`")
+        self._dtypes = list(manifest.get("dtypes", []))
+
+    def _note_dtype(self, dtype: str) -> None:
+        """Record a new dtype in the manifest (file lock held)."""
+        manifest = read_manifest(self.root) or {}
+        dtypes = sorted(set(manifest.get("dtypes", [])) | set(self._dtypes) | {dtype})
+        atomic_write_json(self.root / MANIFEST, {"format": FORMAT, "version": VERSION, "model": self.model,
+                                                 "dtypes": dtypes})
+        self._dtypes = dtypes
+
+    # -- the journal --------------------------------------------------------------------------
+    def _sync(self) -> None:
+        """Apply journal records other processes appended since our last look (file lock held)."""
+        journal = self.root / JOURNAL
+        try:
+            stat = journal.stat()
+        except FileNotFoundError:
+            stat = None
+        identity = (stat.st_dev, stat.st_ino) if stat else None
+        if identity != self._journal_id or (stat and stat.st_size < self._offset):
+            self.usage.clear()
+            self.bytes, self._offset, self._records, self._journal_id = 0, 0, 0, identity
+        if stat is None or stat.st_size == self._offset:
+            return
+        with open(journal, "rb") as fh:
+            fh.seek(self._offset)
+            data = fh.read()
+        complete = data.rfind(b"\n") + 1  # a dead writer may have left a torn last line
+        for line in data[:complete].splitlines():
+            with contextlib.suppress(ValueError, TypeError, KeyError, AttributeError):
+                self._apply(json.loads(line))
+            self._records += 1
+        self._offset += complete
+
+    def _apply(self, record: dict) -> None:
+        digest, op = record["d"], record["op"]
+        if not DIGEST_RE.match(digest):
+            return
+        if op == "put":
+            old = self.usage.get(digest)
+            self.bytes += int(record["n"]) - (old.nbytes if old else 0)
+            self.usage[digest] = EntryStats(nbytes=int(record["n"]), created=float(record["t"]),
+                                            last_used=float(record.get("u", record["t"])),
+                                            cost_s=float(record.get("c", 0.0)), hits=int(record.get("h", 0)),
+                                            frequency=float(record.get("f", 1.0)))
+        elif op == "hit" and digest in self.usage:
+            self.usage[digest].record_hit(float(record["t"]))
+        elif op == "del" and digest in self.usage:
+            self.bytes -= self.usage.pop(digest).nbytes
+
+    def _append(self, records: list[dict]) -> None:
+        """Append and apply records (file lock held, journal synced)."""
+        if not records:
+            return
+        journal = self.root / JOURNAL
+        payload = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records).encode()
+        with open(journal, "ab") as fh:
+            if fh.tell() > self._offset:  # a torn line of a dead writer: end it so ours parse
+                payload = b"\n" + payload
+                self._records += 1
+            fh.write(payload)
+            fh.flush()
+            stat = os.fstat(fh.fileno())
+        for record in records:
+            self._apply(record)
+        self._journal_id, self._offset = (stat.st_dev, stat.st_ino), stat.st_size
+        self._records += len(records)
+        if self._records > 1000 + 4 * len(self.usage):
+            self._compact()
+
+    def _compact(self) -> None:
+        """Rewrite the journal as one put record per entry; other processes see a new file and reload."""
+        records = [{"op": "put", "d": d, "n": s.nbytes, "t": s.created, "u": s.last_used, "c": s.cost_s,
+                    "h": s.hits, "f": s.frequency} for d, s in self.usage.items()]
+        payload = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records).encode()
+        atomic_write_bytes(self.root / JOURNAL, payload)
+        stat = (self.root / JOURNAL).stat()
+        self._journal_id, self._offset, self._records = (stat.st_dev, stat.st_ino), stat.st_size, len(records)
+
+    def _reconcile(self) -> None:
+        """Make the journal list exactly the entry files present; remove temp files of dead writers."""
+        present: dict[str, os.stat_result] = {}
+        for path in _entry_files(self.root):
+            match = _TMP_RE.match(path.name)
+            if match:
+                if not _alive(int(match.group(1))):
+                    with contextlib.suppress(FileNotFoundError):
+                        path.unlink()
+            elif path.name.endswith(SUFFIX) and DIGEST_RE.match(path.name[:-len(SUFFIX)]):
+                with contextlib.suppress(FileNotFoundError):
+                    present[path.name[:-len(SUFFIX)]] = path.stat()
+        records = [{"op": "del", "d": d} for d in self.usage if d not in present]
+        records += [{"op": "put", "d": d, "n": st.st_size, "t": st.st_mtime}
+                    for d, st in present.items() if d not in self.usage or self.usage[d].nbytes != st.st_size]
+        self._append(records)
+
+    # -- entries -------------------------------------------------------------------------------
+    def write(self, digest: str, tensors: dict[str, torch.Tensor], meta: dict[str, str], cost_s: float,
+              make_room: bool = True) -> bool:
+        """Publish an entry file, then evict others if over budget; without `make_room`, write only an
+        entry that is missing and fits as is. Returns whether the entry is on disk."""
+        if not make_room:
+            self.refresh()
+            if digest in self.usage:
+                return True
+        data = encode_entry(tensors, {**meta, "model": self.model, "key": digest})
+        if len(data) > (self.budget if make_room else self.budget - self.bytes):
+            return False
+        atomic_write_bytes(self.path(digest), data)
+        now = time.time()
+        with self._lock:
+            self._sync()
+            if meta.get("dtype") and meta["dtype"] not in self._dtypes:
+                self._note_dtype(meta["dtype"])
+            self._append([{"op": "put", "d": digest, "n": len(data), "t": now, "c": cost_s}])
+            victims = choose_victims(self.usage, self.bytes - self.budget, self.policy, now, keep=[digest])
+            for victim in victims:
+                with contextlib.suppress(FileNotFoundError):
+                    self.path(victim).unlink()
+            self.evictions += len(victims)
+            self._append([{"op": "del", "d": v} for v in victims])
+        return True
+
+    def load(self, digest: str) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+        """A verified entry, or None (missing, or damaged / foreign and now deleted)."""
+        path = self.path(digest)
+        try:
+            tensors, meta = read_entry(path)
+            if meta.get("model") != self.model:
+                raise CorruptEntry("model", f"written for model {meta.get('model')!r}, not {self.model!r}")
+            if meta.get("key") != digest:
+                raise CorruptEntry("key", f"holds key {meta.get('key')!r}")
+        except FileNotFoundError:
+            self.misses += 1
+            return None
+        except CorruptEntry as exc:
+            self.drop(digest, exc)
+            self.misses += 1
+            return None
+        self.hits += 1
+        return tensors, meta
+
+    def contains(self, digest: str) -> bool:
+        """Cheap check (header only, no checksum): a file for this key and model exists."""
+        try:
+            meta = read_header(self.path(digest))
+        except _UNREADABLE:
+            return False
+        return meta.get("model") == self.model and meta.get("key") == digest
+
+    def drop(self, digest: str, reason: CorruptEntry) -> None:
+        log.warning("dropping KV cache entry %s (%s); it will be recomputed", self.path(digest), reason)
+        self.dropped[reason.kind] = self.dropped.get(reason.kind, 0) + 1
+        with contextlib.suppress(FileNotFoundError):
+            self.path(digest).unlink()
+        with self._lock:
+            self._sync()
+            if digest in self.usage:
+                self._append([{"op": "del", "d": digest}])
+
+    def record_hits(self, digests: list[str], now: float) -> None:
+        with self._lock:
+            self._sync()
+            self._append([{"op": "hit", "d": d, "t": now} for d in digests if d in self.usage])
+
+    def refresh(self) -> None:
+        with self._lock:
+            self._sync()
+
+    def clear(self) -> int:
+        """Delete every entry and the journal, keep this model's manifest; returns the entries removed."""
+        with self._lock:
+            removed = clear_files(self.root)
+            self._sync()
+            self._dtypes = []
+            self._open_manifest()
+        return removed
+
+    def summary(self) -> dict:
+        return {"entries": len(self.usage), "bytes": self.bytes, "budget": self.budget, "hits": self.hits,
+                "misses": self.misses, "evictions": self.evictions, "dropped": dict(self.dropped)}
+
+
+def read_manifest(root: Path) -> dict | None:
+    """The folder's manifest, None if there is none; IndexMismatchError if it is not ours."""
+    path = Path(root) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise IndexMismatchError(f"{path}: unreadable KV cache manifest ({exc}); run `ragkit cache clear CONFIG` "
+                                 "or set another cache.dir") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or "model" not in manifest:
+        raise IndexMismatchError(f"{path}: not a ragkit KV cache manifest; set another cache.dir")
+    if manifest.get("version") != VERSION:
+        raise IndexMismatchError(f"{path}: KV cache format version {manifest.get('version')} (this ragkit reads "
+                                 f"{VERSION}); run `ragkit cache clear CONFIG` or set another cache.dir")
+    return manifest
+
+
+def clear_files(root: Path) -> int:
+    """Remove the entries and the journal of a cache folder (caller holds its lock); returns entries removed."""
+    removed = sum(1 for p in _entry_files(root) if p.name.endswith(SUFFIX))
+    with contextlib.suppress(FileNotFoundError):
+        (root / JOURNAL).unlink()
+    shutil.rmtree(root / ENTRIES, ignore_errors=True)
+    with contextlib.suppress(FileNotFoundError):
+        (root / MANIFEST).unlink()
+    return removed
+
+
+def _refuse_foreign_folder(root: Path) -> None:
+    """Refuse to turn an unrelated, non-empty folder into a cache (and so to clear it later)."""
+    if not (root / MANIFEST).exists() and not (root / ENTRIES).exists():
+        if any(p.name != LOCK and not p.name.startswith(f".{MANIFEST}.tmp-") for p in root.iterdir()):
+            raise InputError(root, "is not empty and is not a ragkit KV cache (no manifest.json)",
+                             hint="set cache.dir to a new or empty folder")
+
+
+def _entry_files(root: Path) -> Iterator[Path]:
+    entries = root / ENTRIES
+    if not entries.is_dir():
+        return
+    for sub in entries.iterdir():
+        if sub.is_dir() and len(sub.name) == 2:
+            yield from sub.iterdir()

@@ -1,0 +1,259 @@
+"""Tiered, content-addressed store of per-chunk KV caches: device memory -> host memory -> disk.
+
+An entry is addressed by (model fingerprint, dtype, shared-prefix hash, chunk token hash), so a
+cache can never hand one model's or one prefix's KV to another. Each tier has a byte budget and
+evicts by a pluggable policy (chunk_cache.eviction). Memory tiers hold an entry in one place and
+move it to the first tier on a hit; disk is written through on `put`, so a warmed cache survives
+the process, and disk reads are verified (fingerprint, key, sha256) before use (chunk_cache.disk).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from chunk_cache.disk import CorruptEntry, DiskTier
+from chunk_cache.eviction import EntryStats, EvictionPolicy, choose_victims, make_policy
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class CacheKey:
+    model: str  # model fingerprint (from generators; opaque here)
+    dtype: str  # "float32" | "bfloat16"
+    prefix_hash: str  # token_hash of the shared prefix ids the chunk was encoded behind
+    chunk_hash: str  # token_hash(chunk token ids) == Chunk.content_hash
+
+    def digest(self) -> str:
+        """Hex sha256 of the fields; the only thing that names a file, so no key can escape its folder."""
+        fields = [self.model, self.dtype, self.prefix_hash, self.chunk_hash]
+        return hashlib.sha256(json.dumps(fields).encode()).hexdigest()
+
+
+@dataclass
+class ChunkKV:
+    """One chunk's KV for every layer. Tensors handed out by the store are shared: do not modify them."""
+
+    keys: torch.Tensor  # [L, H_kv, T, D], post-RoPE at positions start..start+T-1
+    values: torch.Tensor  # [L, H_kv, T, D]
+    start: int  # absolute position of the chunk's first token when encoded
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # per-chunk statistics (e.g. Cache-Craft)
+
+    def nbytes(self) -> int:
+        tensors = [self.keys, self.values, *self.extras.values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def to(self, device: torch.device | str, pin: bool = False) -> ChunkKV:
+        """The same KV on `device` (self if already there); `pin` page-locks host copies for fast uploads."""
+        device = torch.device(device)
+        tensors = [self.keys, self.values, *self.extras.values()]
+        if all(t.device == device for t in tensors) and not (pin and not self.keys.is_pinned()):
+            return self
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            t = t.to(device, non_blocking=device.type != "cpu")  # uploads may overlap; downloads must not
+            return t.pin_memory() if pin and not t.is_pinned() else t
+
+        return ChunkKV(move(self.keys), move(self.values), self.start,
+                       {name: move(t) for name, t in self.extras.items()})
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"keys": self.keys, "values": self.values, **{f"extra.{n}": t for n, t in self.extras.items()}}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], start: int) -> ChunkKV:
+        extras = {name[len("extra."):]: t for name, t in tensors.items() if name.startswith("extra.")}
+        return cls(tensors["keys"], tensors["values"], start, extras)
+
+
+@dataclass
+class Held:
+    """An entry in a memory tier."""
+
+    key: CacheKey
+    kv: ChunkKV
+    usage: EntryStats
+
+
+class MemoryTier:
+    """Entries held as tensors on one device within a byte budget."""
+
+    def __init__(self, name: str, device: torch.device, budget: int, policy: EvictionPolicy, pin: bool = False):
+        self.name, self.device, self.budget, self.policy, self.pin = name, device, budget, policy, pin
+        self.entries: dict[str, Held] = {}
+        self.bytes = 0
+        self.hits = self.misses = self.evictions = 0
+
+    def lookup(self, digest: str) -> Held | None:
+        held = self.entries.get(digest)
+        if held is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return held
+
+    def remove(self, digest: str) -> Held | None:
+        held = self.entries.pop(digest, None)
+        if held is not None:
+            self.bytes -= held.usage.nbytes
+        return held
+
+    def insert(self, digest: str, held: Held) -> list[tuple[str, Held]]:
+        """Hold an entry; returns what no longer fits (the entry itself if it exceeds the budget)."""
+        self.remove(digest)
+        if held.usage.nbytes > self.budget:
+            return [(digest, held)]
+        self.entries[digest] = Held(held.key, held.kv.to(self.device, pin=self.pin), held.usage)
+        self.bytes += held.usage.nbytes
+        usage = {d: h.usage for d, h in self.entries.items()}
+        victims = choose_victims(usage, self.bytes - self.budget, self.policy, time.time(), keep=[digest])
+        self.evictions += len(victims)
+        return [(d, self.remove(d)) for d in victims]
+
+    def summary(self) -> dict:
+        return {"entries": len(self.entries), "bytes": self.bytes, "budget": self.budget, "hits": self.hits,
+                "misses": self.misses, "evictions": self.evictions}
+
+
+class KVStore:
+    """Chunk KV caches for one model, in memory tiers and (with `root`) a disk folder.
+
+    `root=None` keeps memory tiers only. On a CPU `device` there is no device tier: host memory
+    is the first tier. Opening a `root` written for another model fingerprint raises
+    IndexMismatchError. Safe to share between threads; several processes may share `root`.
+    """
+
+    def __init__(self, root: Path | None, model_fingerprint: str, *, device: str = "cpu", device_bytes: int = 0,
+                 host_bytes: int = 2 << 30, disk_bytes: int = 20 << 30, eviction: str = "lru"):
+        self.model = model_fingerprint
+        self.device = torch.device(device)
+        self.policy = make_policy(eviction)
+        on_accelerator = self.device.type != "cpu"
+        self._memory = [MemoryTier("host", torch.device("cpu"), host_bytes, self.policy, pin=on_accelerator)]
+        if on_accelerator:
+            self._memory.insert(0, MemoryTier("device", self.device, device_bytes, self.policy))
+        self._disk = DiskTier(Path(root), model_fingerprint, disk_bytes, self.policy) if root is not None else None
+        self._lock = threading.RLock()
+        self.hits = self.misses = 0
+
+    def get(self, key: CacheKey) -> ChunkKV | None:
+        """The entry on `device`, or None. Checks tiers in order and moves a hit to the first tier."""
+        digest = self._digest(key)
+        with self._lock:
+            now = time.time()
+            for level, tier in enumerate(self._memory):
+                held = tier.lookup(digest)
+                if held is not None:
+                    if level > 0:
+                        tier.remove(digest)
+                        self._hold(digest, held)
+                    break
+            else:
+                held = self._load(key, digest, now)
+                if held is None:
+                    self.misses += 1
+                    return None
+                self._hold(digest, held)
+            held.usage.record_hit(now)
+            if self._disk is not None:
+                self._disk.record_hits([digest], now)
+            self.hits += 1
+            return held.kv.to(self.device)
+
+    def put(self, key: CacheKey, kv: ChunkKV, recompute_cost_s: float = 0.0) -> None:
+        """Store an entry (replacing one with the same key); `recompute_cost_s` feeds the value policy."""
+        digest = self._digest(key)
+        if kv.keys.shape != kv.values.shape or kv.keys.dim() != 4:
+            raise ValueError(f"keys {tuple(kv.keys.shape)} and values {tuple(kv.values.shape)} must both be "
+                             "[layers, kv_heads, tokens, head_dim]")
+        if kv.keys.dtype != DTYPES.get(key.dtype):
+            raise ValueError(f"key says dtype {key.dtype!r} but the tensors are {kv.keys.dtype}")
+        with self._lock:
+            now = time.time()
+            for tier in self._memory:
+                tier.remove(digest)
+            held = Held(key, kv, EntryStats(kv.nbytes(), now, now, cost_s=recompute_cost_s))
+            if self._disk is not None:
+                self._write(held, make_room=True)
+            self._hold(digest, held)
+
+    def __contains__(self, key: object) -> bool:
+        if not isinstance(key, CacheKey):
+            return False
+        digest = self._digest(key)
+        with self._lock:
+            if any(digest in tier.entries for tier in self._memory):
+                return True
+            return self._disk is not None and self._disk.contains(digest)
+
+    def stats(self) -> dict:
+        """Per tier: entries, bytes, budget, hits, misses, evictions; overall hit rate; per entry: size, hits, age."""
+        with self._lock:
+            now = time.time()
+            tiers = {tier.name: tier.summary() for tier in self._memory}
+            entries = [_entry_row(d, tier.name, h.usage, now) for tier in self._memory for d, h in tier.entries.items()]
+            if self._disk is not None:
+                self._disk.refresh()
+                tiers["disk"] = self._disk.summary()
+                entries += [_entry_row(d, "disk", u, now) for d, u in self._disk.usage.items()]
+            lookups = self.hits + self.misses
+            return {"model": self.model, "root": str(self._disk.root) if self._disk else None,
+                    "eviction": self.policy.name, "tiers": tiers, "hits": self.hits, "misses": self.misses,
+                    "hit_rate": self.hits / lookups if lookups else 0.0, "entries": entries}
+
+    def clear(self) -> None:
+        """Drop every entry from every tier (and the disk folder's files, keeping the folder)."""
+        with self._lock:
+            for tier in self._memory:
+                tier.entries.clear()
+                tier.bytes = 0
+            if self._disk is not None:
+                self._disk.clear()
+
+    # -- internals ----------------------------------------------------------------------------
+    def _digest(self, key: CacheKey) -> str:
+        if key.model != self.model:
+            raise ValueError(f"key for model {key.model!r} asked of the store of model {self.model!r}")
+        return key.digest()
+
+    def _hold(self, digest: str, held: Held) -> None:
+        """Place an entry in the first memory tier; what overflows moves down a tier, and from the
+        last memory tier to disk if it is not there already and disk has room."""
+        pending = [(digest, held)]
+        for tier in self._memory:
+            pending = [spilled for item in pending for spilled in tier.insert(*item)]
+        if self._disk is not None:
+            for _, spilled in pending:
+                self._write(spilled, make_room=False)
+
+    def _write(self, held: Held, make_room: bool) -> None:
+        meta = {"dtype": held.key.dtype, "prefix_hash": held.key.prefix_hash, "chunk_hash": held.key.chunk_hash,
+                "start": str(int(held.kv.start)), "cost_s": repr(float(held.usage.cost_s))}
+        self._disk.write(held.key.digest(), held.kv.tensors(), meta, held.usage.cost_s, make_room=make_room)
+
+    def _load(self, key: CacheKey, digest: str, now: float) -> Held | None:
+        loaded = self._disk.load(digest) if self._disk is not None else None
+        if loaded is None:
+            return None
+        tensors, meta = loaded
+        try:
+            kv = ChunkKV.from_tensors(tensors, int(meta["start"]))
+        except (KeyError, ValueError) as exc:
+            self._disk.drop(digest, CorruptEntry("format", f"not a chunk KV entry ({exc!r})"))
+            return None
+        known = self._disk.usage.get(digest)
+        usage = EntryStats(kv.nbytes(), known.created, now, known.cost_s, known.hits, known.frequency_at(now)) \
+            if known else EntryStats(kv.nbytes(), now, now)
+        return Held(key, kv, usage)
+
+
+def _entry_row(digest: str, tier: str, usage: EntryStats, now: float) -> dict:
+    return {"digest": digest, "tier": tier, "bytes": usage.nbytes, "hits": usage.hits, "cost_s": usage.cost_s,
+            "age_s": round(now - usage.created, 3), "idle_s": round(now - usage.last_used, 3)}

@@ -53,27 +53,22 @@ def open_bright(path: Path, hub_repo: str | None, domain: str, long_documents: b
     domain = domain.replace("-", "_")
     corpus_config = "long_documents" if long_documents else "documents"
     name = f"bright-{domain}" + ("-long" if long_documents else "")
-    examples_path = find_jsonl(path / "examples", domain) if path.is_dir() else None
+    local_domains = sorted({p.name.split(".")[0] for p in (path / "examples").glob("*.jsonl*")}) if path.is_dir() else []
+    examples_path = find_jsonl(path / "examples", domain) if local_domains else None
+    if local_domains and examples_path is None:
+        raise InputError(path / "examples" / f"{domain}.jsonl", f"no BRIGHT examples for domain {domain!r}",
+                         hint=f"domains here: {', '.join(local_domains)}")
 
     if examples_path is not None:
-        corpus_path = find_jsonl(path / corpus_config, domain)
-        if corpus_path is None:
-            raise InputError(path / corpus_config / f"{domain}.jsonl", f"BRIGHT {corpus_config} file not found")
         example_records = ((examples_path, line, r) for line, r in iter_jsonl(examples_path, "queries", bad))
-
-        def corpus_records():
-            return ((corpus_path, line, r) for line, r in iter_jsonl(corpus_path, "corpus", bad))
-
-        corpus_name, queries_where, fingerprint = corpus_path, examples_path, files_fingerprint([corpus_path])
+        queries_where = examples_path
     else:
         repo = str(path) if path.is_dir() else hub_repo
         if repo is None:
             raise InputError(path, f"no BRIGHT examples for domain {domain!r} here",
                              hint=f"expected examples/{domain}.jsonl in a local folder, or a hub id like xlangai/BRIGHT")
         examples = HubSplit(repo, "examples", domain)
-        corpus = HubSplit(repo, corpus_config, domain)
-        example_records, corpus_records = examples.records(), corpus.records
-        corpus_name, queries_where, fingerprint = corpus.where, examples.where, corpus.fingerprint
+        example_records, queries_where = examples.records(), examples.where
 
     queries = collect_queries(example_records, example_to_query, bad)
     if not queries:
@@ -81,7 +76,24 @@ def open_bright(path: Path, hub_repo: str | None, domain: str, long_documents: b
     gold_key = "gold_ids_long" if long_documents else "gold_ids"
     judgements = {q.id: {doc_id: 1 for doc_id in q.metadata[gold_key]} for q in queries.values()
                   if q.metadata[gold_key]}
+    if not judgements and long_documents:
+        raise InputError(queries_where, f"no query of domain {domain!r} has gold_ids_long",
+                         hint="BRIGHT has long documents only for the StackExchange domains and pony; "
+                              "set [dataset] long_documents = false")
     kept, qrels, dropped = pair_queries(queries, judgements, {}, bad, limit, queries_where)
+
+    if examples_path is not None:
+        corpus_path = find_jsonl(path / corpus_config, domain)
+        if corpus_path is None:
+            raise InputError(path / corpus_config / f"{domain}.jsonl", f"BRIGHT {corpus_config} file not found")
+
+        def corpus_records():
+            return ((corpus_path, line, r) for line, r in iter_jsonl(corpus_path, "corpus", bad))
+
+        corpus_name, fingerprint = corpus_path, files_fingerprint([corpus_path])
+    else:
+        corpus = HubSplit(repo, corpus_config, domain)
+        corpus_records, corpus_name, fingerprint = corpus.records, corpus.where, corpus.fingerprint
 
     def documents():
         return stream_documents(corpus_records, _bright_document, bad, corpus_name)

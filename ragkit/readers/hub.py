@@ -1,12 +1,14 @@
 """Hugging Face hub datasets through `datasets`, offline from the local cache when the hub is unreachable.
 
-Rows are handed on as records named `hf://<repo>/<config>/<split>` with 1-based row numbers,
-so a bad row reads like a bad line in a local file.
+Rows are handed on as records named `hf://<repo>/<config>/<split>` (`<folder>/<config>/<split>`
+for a local copy of a hub repo) with 1-based row numbers, so a bad row reads like a bad line
+in a local file.
 """
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from ragkit.errors import InputError
@@ -25,7 +27,8 @@ class HubSplit:
     """One split of one hub dataset, loaded once (memory-mapped Arrow) and iterable many times."""
 
     def __init__(self, repo: str, config: str | None, split: str):
-        self.where = f"hf://{repo}/{config or 'default'}/{split}"
+        prefix = "" if Path(repo).is_dir() else "hf://"
+        self.where = f"{prefix}{repo}/{config or 'default'}/{split}"
         try:
             import datasets
 

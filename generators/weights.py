@@ -55,7 +55,11 @@ def convert_gguf(gguf: Path) -> Path:
     config = AutoConfig.for_model(**{k: v for k, v in loaded.config.to_dict().items()
                                      if k not in ("quantization_config",)})
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(loaded.state_dict(), strict=False)
+    missing, unexpected = plain.load_state_dict(loaded.state_dict(), strict=False)
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    if set(missing) - tied or unexpected:
+        raise InputError(gguf, f"GGUF tensors do not match {type(plain).__name__} (missing {sorted(set(missing) - tied)[:3]}, "
+                         f"unexpected {unexpected[:3]})")
     plain.tie_weights()
     with publish_dir(target) as tmp:
         plain.save_pretrained(tmp)
@@ -84,3 +88,17 @@ def load_tokenizer(spec: str):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(resolve_model_dir(spec)))
+
+
+def model_fingerprint(model) -> str:
+    """Identity of a loaded decoder for the KV cache: its config, weight files (size, mtime) and dtype.
+
+    Two folders holding the same model give different fingerprints; that only costs a re-encode,
+    while equal fingerprints for different weights would silently reuse a wrong cache.
+    """
+    folder = Path(model.source)
+    parts = [(folder / "config.json").read_text(encoding="utf-8"), str(model.dtype)]
+    for file in sorted(folder.glob("*.safetensors")):
+        stat = file.stat()
+        parts.append(f"{file.name}:{stat.st_size}:{int(stat.st_mtime)}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]

@@ -1,0 +1,28 @@
+"""Move cached RoPE keys to new positions.
+
+A key stored post-RoPE at position p is R(p)k; R is a block rotation, so R(p + Δ)k = R(Δ)·R(p)k.
+Re-positioning is therefore one more rotation by Δ, computed in fp32 from the model's raw
+`inv_freq` (never from cos/sin tables that already carry an attention scaling such as YaRN's).
+Layout is rotate-half (coordinate i pairs with i + D/2), as in Llama, Mistral and Qwen2.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def rerotate(keys: torch.Tensor, delta: int | torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """keys [..., T, D] post-RoPE; delta: one shift or one per token [T]. Returns keys at p + delta."""
+    delta = torch.as_tensor(delta, dtype=torch.float64, device=keys.device)
+    if delta.ndim == 0 and float(delta) == 0.0:
+        return keys
+    angles = delta.reshape(-1, 1) * inv_freq.to(device=keys.device, dtype=torch.float64)  # [T or 1, D/2]
+    angles = torch.cat([angles, angles], dim=-1)
+    cos, sin = angles.cos().float(), angles.sin().float()
+    k32 = keys.float()
+    return (k32 * cos + rotate_half(k32) * sin).to(keys.dtype)

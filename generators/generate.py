@@ -1,0 +1,86 @@
+"""Decoding after a prefill: greedy or sampled, stop tokens, token budget, streaming, batches.
+
+The prefill (full or with reused KV) leaves the prompt in an explicit `KVCache`; decoding
+appends one slot per step at the next position. A batch shares slots: row b's prompt may be
+shorter, its padding slots carry position -1 and are never attended to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from generators.model import Decoder, KVCache
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int = 0
+
+
+def pick(logits: torch.Tensor, sampling: Sampling, rng: torch.Generator | None) -> torch.Tensor:
+    """Next token per row of logits [B, V]: argmax, or a nucleus sample at the temperature."""
+    if sampling.temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
+    if sampling.top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > sampling.top_p  # keep the smallest set reaching top_p
+        sorted_probs[outside] = 0.0
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs.cpu(), 1, generator=rng)[:, 0].to(logits.device)
+
+
+@torch.inference_mode()
+def decode(model: Decoder, cache: KVCache, logits: torch.Tensor, next_positions: torch.Tensor,
+           max_new_tokens: int, stop_ids: frozenset[int] = frozenset(), sampling: Sampling = Sampling(),
+           on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
+    """Generate from the prefill's last logits [B, V]; next_positions [B] is each row's next position.
+
+    Returns each row's tokens, without the stop token. on_token(row, token) streams them.
+    """
+    rng = torch.Generator().manual_seed(sampling.seed) if sampling.temperature > 0 else None
+    batch = logits.shape[0]
+    outputs: list[list[int]] = [[] for _ in range(batch)]
+    done = [False] * batch
+    positions = next_positions.clone().to(model.device)
+    for step in range(max_new_tokens):
+        tokens = pick(logits, sampling, rng)
+        for row, token in enumerate(tokens.tolist()):
+            if done[row]:
+                continue
+            if token in stop_ids:
+                done[row] = True
+                continue
+            outputs[row].append(token)
+            if on_token is not None:
+                on_token(row, token)
+        if all(done) or step == max_new_tokens - 1:
+            break
+        slot = torch.tensor([cache.length], device=model.device)
+        logits = model.forward(tokens[:, None], positions[:, None], cache, slot)[:, -1]
+        positions = positions + 1
+    return outputs
+
+
+@torch.inference_mode()
+def prefill_batch(model: Decoder, prompts: list[list[int]], extra: int) -> tuple[KVCache, torch.Tensor, torch.Tensor]:
+    """Full prefill of several prompts in one forward (right-padded); returns cache, last logits [B, V]
+    and each row's next position [B]."""
+    lengths = [len(p) for p in prompts]
+    width = max(lengths)
+    tokens = torch.zeros(len(prompts), width, dtype=torch.long)
+    positions = torch.full((len(prompts), width), -1, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        tokens[row, : len(prompt)] = torch.tensor(prompt)
+        positions[row, : len(prompt)] = torch.arange(len(prompt))
+    cache = model.new_cache(len(prompts), width + extra)
+    slots = torch.arange(width, device=model.device)
+    logits = model.forward(tokens.to(model.device), positions.to(model.device), cache, slots,
+                           logits_rows=slice(None))
+    last = torch.tensor(lengths, device=model.device) - 1
+    return cache, logits[torch.arange(len(prompts)), last], torch.tensor(lengths, device=model.device)

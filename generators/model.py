@@ -1,0 +1,343 @@
+"""A Llama-family decoder whose KV cache, positions and attention mask are explicit.
+
+Supported: LlamaForCausalLM (Llama 2/3, SmolLM), MistralForCausalLM and Qwen2ForCausalLM (q/k/v bias).
+Every forward names the rows it computes: their hidden states, absolute RoPE positions and the cache
+slots their keys and values go to. Full prefill, decoding and partial recomputation of a reused
+cache are therefore one code path, and a recomputed row attends with an exact causal mask
+(key position <= query position) whatever rows around it were reused.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from chunk_cache.rope import rotate_half
+from ragkit.errors import InputError
+
+# architecture -> whether q/k/v projections carry a bias
+ARCHITECTURES = {"LlamaForCausalLM": False, "MistralForCausalLM": False, "Qwen2ForCausalLM": True}
+# RoPE types whose rotation depends on position only; `dynamic` and `longrope` change frequencies
+# with the sequence length, so a cached key could not be moved by a rotation.
+ROPE_TYPES = ["default", "linear", "llama3", "yarn"]
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    architecture: str
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    ffn_dim: int
+    norm_eps: float
+    qkv_bias: bool
+    tie_embeddings: bool
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> tuple["ModelArgs", dict]:
+        path = folder / "config.json"
+        config = json.loads(path.read_text(encoding="utf-8"))
+        arch = (config.get("architectures") or ["?"])[0]
+        if arch not in ARCHITECTURES:
+            raise InputError(path, f"unsupported architecture {arch!r}",
+                             hint=f"supported: {', '.join(ARCHITECTURES)}")
+        dim, n_heads = config["hidden_size"], config["num_attention_heads"]
+        args = cls(
+            architecture=arch,
+            vocab_size=config["vocab_size"],
+            dim=dim,
+            n_layers=config["num_hidden_layers"],
+            n_heads=n_heads,
+            n_kv_heads=config.get("num_key_value_heads") or n_heads,
+            head_dim=config.get("head_dim") or dim // n_heads,
+            ffn_dim=config["intermediate_size"],
+            norm_eps=config.get("rms_norm_eps", 1e-6),
+            qkv_bias=ARCHITECTURES[arch] or bool(config.get("attention_bias", False)),
+            tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+        )
+        return args, config
+
+
+def rope_frequencies(config: dict, head_dim: int, source: Path | str = "config.json") -> tuple[torch.Tensor, float]:
+    """(inv_freq [D/2] fp32, attention_scaling) for the model's RoPE; refuses length-dependent scalings."""
+    params = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    params.setdefault("rope_theta", config.get("rope_theta", 10000.0))
+    rope_type = params.get("rope_type") or params.get("type") or "default"
+    if rope_type not in ROPE_TYPES:
+        raise InputError(source, f"RoPE type {rope_type!r} changes frequencies with sequence length, so cached "
+                         "keys cannot be re-positioned", hint=f"supported: {', '.join(ROPE_TYPES)}")
+    base = float(params["rope_theta"])
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    if rope_type == "default":
+        return inv_freq.float(), 1.0
+    if rope_type == "linear":
+        return (inv_freq / float(params["factor"])).float(), 1.0
+    # llama3 and yarn: transformers owns the exact formulas; both depend on position only.
+    from transformers import PretrainedConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    hf_config = PretrainedConfig(**config)
+    hf_config.rope_parameters = params
+    inv, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, "cpu")
+    return inv.float(), float(scaling)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=args.qkv_bias)
+        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(args.dim, args.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(args.dim, args.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(args.ffn_dim, args.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.self_attn = Attention(args)
+        self.mlp = MLP(args)
+        self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
+
+
+@dataclass
+class KVCache:
+    """Preallocated keys and values of every layer (gpt-fast style), post-RoPE.
+
+    `positions[b, t]` is the RoPE position slot t was computed at (-1: empty or padding); a query
+    attends to slot t iff 0 <= positions[b, t] <= its own position. `context` marks APE's parallel
+    context slots (attended with a temperature), None outside APE.
+    """
+
+    keys: torch.Tensor  # [L, B, H_kv, capacity, D]
+    values: torch.Tensor  # [L, B, H_kv, capacity, D]
+    positions: torch.Tensor  # [B, capacity] int64
+    length: int = 0
+    context: torch.Tensor | None = None  # [capacity] bool
+
+    @classmethod
+    def empty(cls, args: ModelArgs, batch: int, capacity: int, dtype: torch.dtype, device) -> "KVCache":
+        shape = (args.n_layers, batch, args.n_kv_heads, capacity, args.head_dim)
+        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device),
+                   torch.full((batch, capacity), -1, dtype=torch.long, device=device))
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[3]
+
+    def ensure_capacity(self, needed: int) -> None:
+        """Grow (by doubling) so that `needed` slots fit; decoding calls it before each step."""
+        if needed <= self.capacity:
+            return
+        extra = max(needed, 2 * self.capacity) - self.capacity
+        pad = list(self.keys.shape)
+        pad[3] = extra
+        self.keys = torch.cat([self.keys, self.keys.new_zeros(pad)], dim=3)
+        self.values = torch.cat([self.values, self.values.new_zeros(pad)], dim=3)
+        self.positions = torch.cat([self.positions, self.positions.new_full((self.positions.shape[0], extra), -1)], 1)
+        if self.context is not None:
+            self.context = torch.cat([self.context, self.context.new_zeros(extra)])
+
+
+class Decoder(nn.Module):
+    def __init__(self, args: ModelArgs, inv_freq: torch.Tensor, attention_scaling: float = 1.0):
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)  # [D/2] fp32, raw (no attention scaling)
+        self.attention_scaling = attention_scaling
+        self.softmax_scale = args.head_dim ** -0.5
+        # APE (temperature T, scale S) for queries over cache slots marked `context`; set per request.
+        self.ape: tuple[float, float] | None = None
+        self.source = ""  # the folder the weights came from (for the cache fingerprint)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    def new_cache(self, batch: int, capacity: int) -> KVCache:
+        return KVCache.empty(self.args, batch, capacity, self.dtype, self.device)
+
+    # --- pieces of one layer --------------------------------------------------------------
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [B, 1, S, D] for positions [B, S], computed in fp32 like transformers."""
+        angles = positions[..., None].float() * self.inv_freq  # [B, S, D/2]
+        angles = torch.cat([angles, angles], dim=-1)
+        cos = (angles.cos() * self.attention_scaling).to(self.dtype)
+        sin = (angles.sin() * self.attention_scaling).to(self.dtype)
+        return cos[:, None], sin[:, None]
+
+    def qkv(self, i: int, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
+        """Layer i's q [B, H, S, D], k [B, H_kv, S, D] (both rotated) and v [B, H_kv, S, D]."""
+        attn, args = self.layers[i].self_attn, self.args
+        h = self.layers[i].input_layernorm(x)
+        B, S, _ = h.shape
+        q = attn.q_proj(h).view(B, S, args.n_heads, args.head_dim).transpose(1, 2)
+        k = attn.k_proj(h).view(B, S, args.n_kv_heads, args.head_dim).transpose(1, 2)
+        v = attn.v_proj(h).view(B, S, args.n_kv_heads, args.head_dim).transpose(1, 2)
+        cos, sin = rope
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v
+
+    def finish(self, i: int, x: torch.Tensor, q: torch.Tensor, cache: KVCache, positions: torch.Tensor,
+               causal: bool = False) -> torch.Tensor:
+        """Attention of queries q (rows at `positions` [B, S]) over the cache, then the MLP."""
+        layer = self.layers[i]
+        keys, values = cache.keys[i, :, :, : cache.length], cache.values[i, :, :, : cache.length]
+        if causal:
+            out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=self.softmax_scale,
+                                                 enable_gqa=True)
+        elif self.ape is not None and cache.context is not None:
+            out = ape_attention(q, keys, values, cache.positions[:, : cache.length], positions,
+                                cache.context[: cache.length], self.ape, self.softmax_scale)
+        else:
+            out = masked_attention(q, keys, values, cache.positions[:, : cache.length], positions, self.softmax_scale)
+        B, _, S, _ = q.shape
+        x = x + layer.self_attn.o_proj(out.transpose(1, 2).reshape(B, S, -1))
+        return x + layer.mlp(layer.post_attention_layernorm(x))
+
+    def layer(self, i: int, x: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, cache: KVCache,
+              rope, causal: bool = False) -> torch.Tensor:
+        q, k, v = self.qkv(i, x, rope)
+        cache.keys[i, :, :, slots] = k
+        cache.values[i, :, :, slots] = v
+        return self.finish(i, x, q, cache, positions, causal)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(x)).float()
+
+    # --- whole forwards -----------------------------------------------------------------
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, slots: torch.Tensor,
+                logits_rows: slice | torch.Tensor = slice(-1, None)) -> torch.Tensor:
+        """Compute rows `tokens` [B, S] at `positions` [B, S] into cache `slots` [S]; logits [B, S', V] of
+        `logits_rows`. The cache must already hold every other slot the rows attend to."""
+        end = int(slots.max()) + 1
+        cache.ensure_capacity(end)
+        cache.positions[:, slots] = positions
+        cache.length = max(cache.length, end)
+        # Rows that fill the cache from slot 0 in order may use SDPA's causal kernel.
+        causal = cache.length == tokens.shape[1] and bool((slots == torch.arange(end, device=slots.device)).all()) \
+            and bool((positions == torch.arange(end, device=positions.device)).all())
+        x = self.embed_tokens(tokens)
+        rope = self.rope(positions)
+        for i in range(self.args.n_layers):
+            x = self.layer(i, x, positions, slots, cache, rope, causal)
+        return self.logits(x[:, logits_rows])
+
+
+# Query rows per attention call: each block only reads the keys up to its last row's position,
+# so an explicit mask costs about what a causal kernel does instead of reading every key.
+QUERY_BLOCK = 512
+
+
+def masked_attention(q, keys, values, key_positions, query_positions, scale):
+    """Exact causal attention by position: q [B, H, S, D] over keys/values [B, H_kv, T, D].
+
+    key_positions [B, T] (-1 = empty), query_positions [B, S]; returns [B, H, S, D].
+    """
+    S = q.shape[2]
+    outs = []
+    for start in range(0, S, QUERY_BLOCK):
+        qpos = query_positions[:, start: start + QUERY_BLOCK]
+        # Keys are laid out in position order except for padding, so the slots a block needs end
+        # at the last slot whose position is <= the block's largest query position.
+        allowed = (key_positions[:, None, :] >= 0) & (key_positions[:, None, :] <= qpos[:, :, None])  # [B, s, T]
+        reach = int(allowed.any(dim=(0, 1)).nonzero().max()) + 1 if bool(allowed.any()) else 1
+        mask = allowed[:, None, :, :reach]
+        mask = mask | ~mask.any(-1, keepdim=True)  # padding rows see everything rather than produce NaN
+        outs.append(F.scaled_dot_product_attention(q[:, :, start: start + QUERY_BLOCK], keys[:, :, :reach],
+                                                   values[:, :, :reach], attn_mask=mask, scale=scale,
+                                                   enable_gqa=True))
+    return torch.cat(outs, dim=2)
+
+
+def ape_attention(q, keys, values, key_positions, query_positions, context, ape: tuple[float, float], scale):
+    """APE: softmax over context keys at temperature T and over the other visible keys, merged by
+    log-sum-exp with the context part weighted by Z_c^(S*T). T = S = 1 is ordinary attention."""
+    temperature, ape_scale = ape
+    groups = q.shape[1] // keys.shape[1]
+    k = keys.repeat_interleave(groups, dim=1).float()
+    v = values.repeat_interleave(groups, dim=1).float()
+    scores = (q.float() @ k.transpose(-1, -2)) * scale  # [B, H, S, T]
+    visible = (key_positions[:, None, :] >= 0) & (key_positions[:, None, :] <= query_positions[:, :, None])
+    visible = visible[:, None]  # [B, 1, S, T]
+    ctx = visible & context[None, None, None, :]
+    other = visible & ~context[None, None, None, :]
+    neg = torch.finfo(torch.float32).min
+    ctx_scores = torch.where(ctx, scores / temperature, neg)
+    other_scores = torch.where(other, scores, neg)
+    lse_ctx = torch.logsumexp(ctx_scores, -1, keepdim=True)  # ln Z_c
+    lse_other = torch.logsumexp(other_scores, -1, keepdim=True)  # ln Z_o
+    weight_ctx = ape_scale * temperature * lse_ctx
+    has_ctx = ctx.any(-1, keepdim=True)
+    weight_ctx = torch.where(has_ctx, weight_ctx, neg)
+    norm = torch.logaddexp(weight_ctx, lse_other)
+    probs = torch.where(ctx, torch.exp(ctx_scores - lse_ctx + weight_ctx - norm), 0.0) \
+        + torch.where(other, torch.exp(other_scores - norm), 0.0)
+    return (probs @ v).to(q.dtype)
+
+
+def load_decoder(folder: Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Decoder:
+    """Build the decoder from a local Hugging Face folder (config.json + safetensors)."""
+    from safetensors.torch import load_file
+
+    args, config = ModelArgs.from_folder(folder)
+    inv_freq, scaling = rope_frequencies(config, args.head_dim, folder / "config.json")
+    with torch.device("meta"):
+        model = Decoder(args, inv_freq, scaling)
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise InputError(folder, "no *.safetensors weights in the model folder")
+    state = {}
+    for file in files:
+        for name, tensor in load_file(str(file)).items():
+            state[name.removeprefix("model.")] = tensor
+    if args.tie_embeddings or "lm_head.weight" not in state:
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    state = {name: t.to(dtype) for name, t in state.items() if not name.endswith("rotary_emb.inv_freq")}
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if missing or unexpected:
+        raise InputError(folder, f"weights do not match the {args.architecture} layout "
+                         f"(missing: {missing[:3]}, unexpected: {unexpected[:3]})")
+    model.inv_freq = inv_freq
+    model.source = str(folder)
+    return model.to(device).eval().requires_grad_(False)

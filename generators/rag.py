@@ -1,0 +1,180 @@
+"""Answer a question from retrieved chunks, reusing each chunk's stored KV (the pipeline's generator).
+
+Settings arrive as plain dicts (the asdict() of ragkit.config's GeneratorConfig and CacheConfig)
+so that this component does not depend on the config module.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+from chunk_cache.assembly import CHUNK, assemble, encode_chunk, encode_prefix
+from chunk_cache.reuse import MODES, ReuseSettings, prefill
+from chunk_cache.store import CacheKey, ChunkKV, KVStore
+from generators.generate import Sampling, decode
+from generators.model import Decoder, load_decoder
+from generators.prompt import ChatPrompt
+from generators.weights import load_tokenizer, model_fingerprint, resolve_model_dir
+from ragkit.errors import ConfigError
+from ragkit.types import Chunk, token_hash
+
+
+@dataclass
+class Answer:
+    text: str
+    chunk_ids: list[str]
+    ttft_s: float
+    total_s: float
+    mode: str
+    cache_hits: int
+    context_tokens: int
+    recomputed_tokens: int
+    tokens: list[int]
+
+
+def pick_device(setting: str) -> tuple[str, torch.dtype]:
+    """`auto`: CUDA in bf16 when present, else CPU in fp32."""
+    if setting == "auto":
+        setting = "cuda" if torch.cuda.is_available() else "cpu"
+    if setting.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("generator.device", "CUDA is not available on this machine", allowed=["auto", "cpu"])
+    if setting != "cpu" and not setting.startswith("cuda"):
+        raise ConfigError("generator.device", f"unknown device {setting!r}", allowed=["auto", "cpu", "cuda"])
+    return setting, (torch.bfloat16 if setting.startswith("cuda") else torch.float32)
+
+
+class RagGenerator:
+    def __init__(self, generator: dict, cache: dict, store: KVStore | None = None):
+        if cache.get("mode") not in MODES:
+            raise ConfigError("cache.mode", f"unknown value {cache.get('mode')!r}", allowed=MODES)
+        device, dtype = pick_device(generator.get("device", "auto"))
+        folder = resolve_model_dir(generator["model"])
+        self.model: Decoder = load_decoder(folder, device, dtype)
+        self.prompt = ChatPrompt(load_tokenizer(str(folder)), generator["system_prompt"])
+        self.max_new_tokens = int(generator["max_new_tokens"])
+        self.sampling = Sampling(float(generator.get("temperature", 0.0)), float(generator.get("top_p", 1.0)))
+        self.settings = ReuseSettings(mode=cache["mode"], ratio=cache["ratio"], full_layers=cache["full_layers"],
+                                      ape_temperature=cache["ape_temperature"], ape_scale=cache["ape_scale"],
+                                      craft_alpha=cache["craft_alpha"])
+        self.fingerprint = model_fingerprint(self.model)
+        self.dtype_name = str(dtype).removeprefix("torch.")
+        self.store = store if store is not None else KVStore(
+            Path(cache["dir"]) if cache.get("dir") else None, self.fingerprint, device=device,
+            device_bytes=cache["device_bytes"], host_bytes=cache["host_bytes"], disk_bytes=cache["disk_bytes"],
+            eviction=cache["eviction"])
+        self.head_hash = token_hash(self.prompt.head_ids)
+        self._prefix_kv: ChunkKV | None = None
+
+    # --- cache keys and entries ------------------------------------------------------------
+
+    def key(self, prefix_hash: str, chunk_ids: Iterable[int]) -> CacheKey:
+        return CacheKey(self.fingerprint, self.dtype_name, prefix_hash, token_hash(chunk_ids))
+
+    def prefix_kv(self) -> ChunkKV:
+        """The shared prefix's KV: stored like a chunk encoded behind nothing."""
+        if self._prefix_kv is None:
+            key = self.key(token_hash([]), self.prompt.head_ids)
+            kv = self.store.get(key)
+            if kv is None:
+                kv = encode_prefix(self.model, self.prompt.head_ids)
+                self.store.put(key, kv)
+            self._prefix_kv = kv
+        return self._prefix_kv
+
+    @torch.inference_mode()
+    def encode(self, chunk_ids: tuple[int, ...]) -> ChunkKV:
+        """Encode one chunk behind the shared prefix and store it."""
+        start = time.perf_counter()
+        kv = encode_chunk(self.model, self.prefix_kv(), chunk_ids)
+        self.store.put(self.key(self.head_hash, chunk_ids), kv, recompute_cost_s=time.perf_counter() - start)
+        return kv
+
+    def warm(self, chunks: Iterable[Chunk], progress: bool = True) -> int:
+        """Encode and store every chunk not yet cached; returns how many were computed."""
+        from tqdm import tqdm
+
+        computed = 0
+        seen: set[str] = set()
+        for chunk in tqdm(list(chunks), desc="warming KV cache", unit="chunk", disable=not progress):
+            key = self.key(self.head_hash, chunk.token_ids)
+            if key.chunk_hash in seen or key in self.store:
+                continue
+            seen.add(key.chunk_hash)
+            self.encode(tuple(chunk.token_ids))
+            computed += 1
+        return computed
+
+    # --- answering -------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def prefill(self, question: str, chunks: list[Chunk], mode: str | None = None, extra: int | None = None):
+        """Look up, assemble and prefill one prompt. Returns (logits [V], cache, next position, stats dict)."""
+        settings = self.settings if mode is None else ReuseSettings(**{**self.settings.__dict__, "mode": mode})
+        segments = self.prompt.segments(question, chunks)
+        entries: dict[int, ChunkKV] = {}
+        exact: set[int] = set()
+        misses: list[int] = []
+        if settings.mode != "full":
+            entries[0], exact = self.prefix_kv(), {0}
+            before: list[int] = list(segments[0].token_ids)
+            leading = True
+            for index, seg in enumerate(segments[1:], start=1):
+                if seg.kind == CHUNK:
+                    here = token_hash(before)
+                    kv = self.store.get(self.key(here, seg.token_ids)) if leading else None
+                    if kv is not None:  # encoded behind exactly the tokens now before it
+                        entries[index] = kv
+                        exact.add(index)
+                    elif settings.mode == "prefix":
+                        leading = False
+                    else:
+                        leading = False
+                        kv = self.store.get(self.key(self.head_hash, seg.token_ids))
+                        if kv is None and settings.mode == "ape":  # APE cannot compute a chunk in place
+                            kv = self.encode(seg.token_ids)
+                        if kv is None:
+                            misses.append(index)
+                        else:
+                            entries[index] = kv
+                before.extend(seg.token_ids)
+        extra = self.max_new_tokens + 1 if extra is None else extra
+        layout, cache = assemble(self.model, segments, entries, exact, extra, parallel=settings.mode == "ape")
+        result = prefill(self.model, layout, cache, segments, settings)
+        next_position = int(layout.positions[-1]) + 1
+        stats = {"cache_hits": sum(1 for i in entries if i != 0), "context_tokens": result.context,
+                 "recomputed_tokens": result.recomputed_context, "misses": [segments[i] for i in misses],
+                 "mode": settings.mode}
+        return result.logits, cache, next_position, stats
+
+    def answer(self, question: str, chunks: list[Chunk], on_token: Callable[[str], None] | None = None,
+               mode: str | None = None) -> Answer:
+        start = time.perf_counter()
+        logits, cache, next_position, stats = self.prefill(question, chunks, mode)
+        ttft = time.perf_counter() - start
+        stream = None
+        if on_token is not None:
+            tokenizer = self.prompt.tokenizer
+
+            def stream(_row: int, token: int) -> None:
+                on_token(tokenizer.decode([token]))
+
+        tokens = decode(self.model, cache, logits[None], torch.tensor([next_position]), self.max_new_tokens,
+                        self.prompt.stop_ids, self.sampling, stream)[0]
+        total = time.perf_counter() - start
+        for seg in stats["misses"]:  # store what this request computed, for the next one
+            self.encode(seg.token_ids)
+        return Answer(text=self.prompt.tokenizer.decode(tokens, skip_special_tokens=True).strip(),
+                      chunk_ids=[c.id for c in chunks], ttft_s=ttft, total_s=total, mode=stats["mode"],
+                      cache_hits=stats["cache_hits"], context_tokens=stats["context_tokens"],
+                      recomputed_tokens=stats["recomputed_tokens"], tokens=tokens)
+
+    def answer_batch(self, questions: list[str], chunks: list[list[Chunk]]) -> list[Answer]:
+        """One answer per question; prompts differ in their chunks, so each is assembled on its own."""
+        if len(questions) != len(chunks):
+            raise ValueError("answer_batch needs one chunk list per question")
+        return [self.answer(q, c) for q, c in zip(questions, chunks)]

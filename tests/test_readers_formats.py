@@ -191,10 +191,11 @@ def test_bright_through_datasets_from_a_local_hub_style_folder(tmp_path):
 
 # --- CoIR --------------------------------------------------------------------------------------------------------
 
-def test_coir_local_folder_is_beir(tmp_path):
-    dataset = open_as("coir", make_beir(tmp_path), task="cosqa")
+def test_coir_local_folder_is_beir_without_titles(tmp_path):
+    dataset = open_as("coir", make_beir(tmp_path), task="cosqa", title=False)
     assert dataset.name == "coir-cosqa" and [q.id for q in dataset.queries] == ["q1", "q2"]
-    assert len(list(dataset.documents())) == 3
+    assert [(d.id, d.title) for d in dataset.documents()] == [("d1", ""), ("d2", ""), ("3", "")]
+    assert next(open_as("coir", tmp_path, task="cosqa").documents()).title == "Cats"
 
 
 class FakeHub:

@@ -6,7 +6,9 @@ used on their own (`read_qrels_tsv`, `read_qrels_trec`, `read_musique`).
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from typing import Callable, Iterator
 
 from ragkit.config import DATASET_FORMATS, DatasetConfig
 from ragkit.errors import ConfigError, InputError
@@ -19,6 +21,7 @@ from ragkit.readers.lines import BadLines
 from ragkit.readers.musique import read_musique
 from ragkit.readers.qrels import read_qrels_trec, read_qrels_tsv
 from ragkit.readers.textdir import open_textdir
+from ragkit.types import Document
 
 
 def open_dataset(cfg: DatasetConfig, path: Path, skip_bad_lines: bool = False) -> Dataset:
@@ -26,9 +29,15 @@ def open_dataset(cfg: DatasetConfig, path: Path, skip_bad_lines: bool = False) -
 
     For bright and coir, a `path` that does not exist locally is read as a Hugging Face
     dataset id taken from `cfg.path` (e.g. `xlangai/BRIGHT`, `CoIR-Retrieval`).
+    With `cfg.title` false the documents come without titles, so nothing indexes them.
     """
-    path = Path(path)
-    bad = BadLines(skip_bad_lines)
+    dataset = _open(cfg, Path(path), BadLines(skip_bad_lines))
+    if not cfg.title:
+        dataset.documents = _without_titles(dataset.documents)
+    return dataset
+
+
+def _open(cfg: DatasetConfig, path: Path, bad: BadLines) -> Dataset:
     limit = cfg.limit_queries
     if cfg.format in ("beir", "jsonl", "textdir"):
         if not path.exists():
@@ -41,6 +50,11 @@ def open_dataset(cfg: DatasetConfig, path: Path, skip_bad_lines: bool = False) -
     if cfg.format == "coir":
         return open_coir(path, repo, cfg.task, cfg.split, bad, limit)
     raise ConfigError("dataset.format", f"unknown value {cfg.format!r}", allowed=DATASET_FORMATS)
+
+
+def _without_titles(documents: Callable[[], Iterator[Document]]) -> Callable[[], Iterator[Document]]:
+    """`title = false` (the CoIR protocol): retrievers index only the text, so titles are dropped here."""
+    return lambda: (dataclasses.replace(doc, title="") if doc.title else doc for doc in documents())
 
 
 __all__ = ["BadLines", "Dataset", "open_dataset", "read_musique", "read_qrels_trec", "read_qrels_tsv"]

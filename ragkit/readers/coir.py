@@ -2,7 +2,7 @@
 `<org>/<task>-queries-corpus` (splits `corpus`, `queries`) and `<org>/<task>-qrels` (split = cfg.split).
 
 As in CoIR's own loader, only queries judged in the split are kept. Titles stay on the
-documents; the CoIR protocol does not index them (`title = false` in coir configs).
+documents; `open_dataset` drops them when `title = false` (coir configs), as CoIR indexes text only.
 """
 
 from __future__ import annotations

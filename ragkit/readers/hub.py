@@ -38,7 +38,8 @@ class HubSplit:
         except Exception as exc:  # noqa: BLE001
             raise InputError(self.where, f"cannot load from the Hugging Face hub or its local cache "
                                          f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})",
-                             hint="download it once with network access (it is then cached), "
+                             hint="download it once with network access (it is then cached; "
+                                  "HF_HUB_OFFLINE=1 reads the cache without network retries), "
                                   "or point [dataset] path to a local folder") from None
 
     @property

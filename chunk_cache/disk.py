@@ -24,7 +24,6 @@ import logging
 import os
 import re
 import shutil
-import time
 from pathlib import Path
 from typing import Iterator
 
@@ -33,7 +32,7 @@ from filelock import FileLock
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from chunk_cache.eviction import EntryStats, EvictionPolicy, choose_victims
+from chunk_cache.eviction import EntryStats, EvictionPolicy, choose_victims, tick
 from ragkit.errors import IndexMismatchError, InputError
 from ragkit.storage import _alive, atomic_write_bytes, atomic_write_json
 
@@ -224,7 +223,7 @@ class DiskTier:
     def _reconcile(self) -> None:
         """Make the journal list exactly the entry files present; remove temp files of dead writers."""
         present: dict[str, os.stat_result] = {}
-        for path in _entry_files(self.root):
+        for path in entry_files(self.root):
             match = _TMP_RE.match(path.name)
             if match:
                 if not _alive(int(match.group(1))):
@@ -251,7 +250,7 @@ class DiskTier:
         if len(data) > (self.budget if make_room else self.budget - self.bytes):
             return False
         atomic_write_bytes(self.path(digest), data)
-        now = time.time()
+        now = tick()
         with self._lock:
             self._sync()
             if meta.get("dtype") and meta["dtype"] not in self._dtypes:
@@ -345,7 +344,7 @@ def read_manifest(root: Path) -> dict | None:
 
 def clear_files(root: Path) -> int:
     """Remove the entries and the journal of a cache folder (caller holds its lock); returns entries removed."""
-    removed = sum(1 for p in _entry_files(root) if p.name.endswith(SUFFIX))
+    removed = sum(1 for p in entry_files(root) if p.name.endswith(SUFFIX))
     with contextlib.suppress(FileNotFoundError):
         (root / JOURNAL).unlink()
     shutil.rmtree(root / ENTRIES, ignore_errors=True)
@@ -362,7 +361,7 @@ def _refuse_foreign_folder(root: Path) -> None:
                              hint="set cache.dir to a new or empty folder")
 
 
-def _entry_files(root: Path) -> Iterator[Path]:
+def entry_files(root: Path) -> Iterator[Path]:
     entries = root / ENTRIES
     if not entries.is_dir():
         return

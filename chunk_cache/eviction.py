@@ -9,12 +9,21 @@ cheap to recompute goes first.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Protocol
 
 from ragkit.errors import ConfigError
 
 HALF_LIFE_S = 3600.0
+_last_tick = 0.0
+
+
+def tick() -> float:
+    """Wall-clock seconds, strictly increasing within the process, so LRU order has no ties."""
+    global _last_tick
+    _last_tick = max(time.time(), _last_tick + 1e-6)
+    return _last_tick
 
 
 @dataclass

@@ -12,14 +12,16 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 
-from chunk_cache.disk import CorruptEntry, DiskTier
-from chunk_cache.eviction import EntryStats, EvictionPolicy, choose_victims, make_policy
+from chunk_cache.disk import (ENTRIES, LOCK, MANIFEST, SUFFIX, CorruptEntry, DiskTier, clear_files, entry_files,
+                              read_manifest)
+from chunk_cache.eviction import EntryStats, EvictionPolicy, choose_victims, make_policy, tick
+from ragkit.errors import IndexMismatchError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -113,7 +115,7 @@ class MemoryTier:
         self.entries[digest] = Held(held.key, held.kv.to(self.device, pin=self.pin), held.usage)
         self.bytes += held.usage.nbytes
         usage = {d: h.usage for d, h in self.entries.items()}
-        victims = choose_victims(usage, self.bytes - self.budget, self.policy, time.time(), keep=[digest])
+        victims = choose_victims(usage, self.bytes - self.budget, self.policy, tick(), keep=[digest])
         self.evictions += len(victims)
         return [(d, self.remove(d)) for d in victims]
 
@@ -147,7 +149,7 @@ class KVStore:
         """The entry on `device`, or None. Checks tiers in order and moves a hit to the first tier."""
         digest = self._digest(key)
         with self._lock:
-            now = time.time()
+            now = tick()
             for level, tier in enumerate(self._memory):
                 held = tier.lookup(digest)
                 if held is not None:
@@ -176,7 +178,7 @@ class KVStore:
         if kv.keys.dtype != DTYPES.get(key.dtype):
             raise ValueError(f"key says dtype {key.dtype!r} but the tensors are {kv.keys.dtype}")
         with self._lock:
-            now = time.time()
+            now = tick()
             for tier in self._memory:
                 tier.remove(digest)
             held = Held(key, kv, EntryStats(kv.nbytes(), now, now, cost_s=recompute_cost_s))
@@ -196,7 +198,7 @@ class KVStore:
     def stats(self) -> dict:
         """Per tier: entries, bytes, budget, hits, misses, evictions; overall hit rate; per entry: size, hits, age."""
         with self._lock:
-            now = time.time()
+            now = tick()
             tiers = {tier.name: tier.summary() for tier in self._memory}
             entries = [_entry_row(d, tier.name, h.usage, now) for tier in self._memory for d, h in tier.entries.items()]
             if self._disk is not None:
@@ -257,3 +259,40 @@ class KVStore:
 def _entry_row(digest: str, tier: str, usage: EntryStats, now: float) -> dict:
     return {"digest": digest, "tier": tier, "bytes": usage.nbytes, "hits": usage.hits, "cost_s": usage.cost_s,
             "age_s": round(now - usage.created, 3), "idle_s": round(now - usage.last_used, 3)}
+
+
+def cache_stats(root: Path, budget: int = 20 << 30, verify: bool = False, top: int = 10) -> dict | None:
+    """What a cache folder holds (None if there is none), read without knowing the model: entries,
+    bytes, hits, ages and the most used entries; `verify` checks every entry and drops bad ones."""
+    root = Path(root)
+    manifest = read_manifest(root) if root.is_dir() else None
+    if manifest is None:
+        return None
+    disk = DiskTier(root, manifest["model"], budget, make_policy("lru"))
+    now = tick()
+    rows = sorted((_entry_row(d, "disk", u, now) for d, u in disk.usage.items()), key=lambda r: (-r["hits"], r["digest"]))
+    ages = [r["age_s"] for r in rows]
+    info = {"dir": str(root), "model": manifest["model"], "dtypes": manifest.get("dtypes", []),
+            "entries": len(rows), "bytes": disk.bytes, "budget": budget, "hits": sum(r["hits"] for r in rows),
+            "newest_age_s": min(ages, default=None), "oldest_age_s": max(ages, default=None), "top": rows[:top]}
+    if verify:
+        good = sum(disk.load(digest) is not None for digest in list(disk.usage))
+        info["verified"] = {"ok": good, "dropped": dict(disk.dropped)}
+    return info
+
+
+def clear_cache(root: Path) -> dict | None:
+    """Delete a cache folder's entries, journal and manifest, whatever model wrote it; None if there is
+    no cache there. A folder that holds something else is refused, never emptied."""
+    root = Path(root)
+    if not root.is_dir() or not ((root / MANIFEST).exists() or (root / ENTRIES).is_dir()):
+        return None
+    with FileLock(str(root / LOCK)):
+        try:
+            read_manifest(root)
+        except IndexMismatchError:
+            if not (root / ENTRIES).is_dir():
+                raise
+        sizes = [p.stat().st_size for p in entry_files(root) if p.name.endswith(SUFFIX)]
+        clear_files(root)
+    return {"dir": str(root), "entries": len(sizes), "bytes": sum(sizes)}

@@ -204,6 +204,94 @@ def compare(
         typer.echo(f"tasks run by only one side (not compared): {', '.join(unmatched)}", err=True)
 
 
+def _cache_dir(config: Path, overrides: Optional[List[str]]):
+    from ragkit.config import load_config, parse_overrides
+
+    cfg = load_config(config, parse_overrides(overrides or []))
+    return Path(cfg.cache.dir), cfg.cache
+
+
+def _size(nbytes: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if nbytes < 1024 or unit == "GB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+
+
+def _age(seconds: float) -> str:
+    for unit, span in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= span:
+            return f"{seconds / span:.1f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+@cache_app.command("warm")
+@user_errors
+def cache_warm(
+    config: Path = ConfigArg,
+    top: Optional[int] = typer.Option(None, "--top", min=1, help="Only the N chunks retrieved most often for the "
+                                      "config's queries (default: every chunk of the corpus)."),
+    overrides: Optional[List[str]] = SetOpt,
+    quiet: bool = QuietOpt,
+) -> None:
+    """Precompute chunk KV caches into cache.dir, so later answers reuse them."""
+    pipe = _pipeline(config, overrides, quiet)
+    warmed = pipe.warm_cache(top=top)
+    typer.echo(f"warmed {warmed} chunks -> {pipe.config.cache.dir}")
+
+
+@cache_app.command("stats")
+@user_errors
+def cache_stats(
+    config: Path = ConfigArg,
+    verify: bool = typer.Option(False, "--verify", help="Also read every entry and check its checksum; "
+                                "bad entries are deleted (they are recomputed on next use)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the statistics as JSON."),
+    overrides: Optional[List[str]] = SetOpt,
+) -> None:
+    """Show what cache.dir holds: model, entries, size against the budget, hits, ages, most used entries."""
+    from chunk_cache.store import cache_stats as read_stats
+
+    root, cache = _cache_dir(config, overrides)
+    info = read_stats(root, budget=cache.disk_bytes, verify=verify)
+    if as_json:
+        json.dump(info, sys.stdout, indent=2, sort_keys=True)
+        sys.stdout.write("\n")
+        return
+    if info is None:
+        typer.echo(f"no KV cache at {root}")
+        return
+    typer.echo(f"KV cache {info['dir']}  model {info['model']}  dtypes {', '.join(info['dtypes']) or '-'}")
+    share = info["bytes"] / info["budget"] if info["budget"] else 0.0
+    typer.echo(f"entries {info['entries']}  size {_size(info['bytes'])} of {_size(info['budget'])} ({share:.1%})  "
+               f"hits {info['hits']}")
+    if info["entries"]:
+        typer.echo(f"newest {_age(info['newest_age_s'])} old, oldest {_age(info['oldest_age_s'])} old")
+        typer.echo(f"{'entry':<16} {'hits':>6} {'size':>10} {'age':>8} {'recompute':>10}")
+        for row in info["top"]:
+            typer.echo(f"{row['digest'][:16]:<16} {row['hits']:>6} {_size(row['bytes']):>10} "
+                       f"{_age(row['age_s']):>8} {row['cost_s']:>9.3f}s")
+    if verify:
+        dropped = info["verified"]["dropped"]
+        reasons = ", ".join(f"{n} {kind}" for kind, n in sorted(dropped.items()))
+        typer.echo(f"verified: {info['verified']['ok']} ok, {sum(dropped.values())} dropped"
+                   + (f" ({reasons})" if reasons else ""))
+
+
+@cache_app.command("clear")
+@user_errors
+def cache_clear(config: Path = ConfigArg, overrides: Optional[List[str]] = SetOpt) -> None:
+    """Delete every entry in cache.dir (any model's); other files in that folder are left alone."""
+    from chunk_cache.store import clear_cache
+
+    root, _ = _cache_dir(config, overrides)
+    removed = clear_cache(root)
+    if removed is None:
+        typer.echo(f"no KV cache at {root}")
+    else:
+        typer.echo(f"removed {removed['entries']} entries ({_size(removed['bytes'])}) from {root}")
+
+
 def main() -> None:
     app()
 

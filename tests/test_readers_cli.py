@@ -63,3 +63,12 @@ def test_bad_input_exits_2_with_file_and_line(tmp_path, case):
     assert len(lines) == 1 and lines[0].startswith(f"error: {path}{expected}")
     assert not (tmp_path / "index").exists()  # nothing half-written
 
+
+
+def test_skip_bad_lines_counts_and_indexes_the_rest(tmp_path):
+    root = make_beir(tmp_path / "data")
+    (root / "corpus.jsonl").write_text(json.dumps(DOCS[0]) + "\n{oops\n" + json.dumps(DOCS[1]) + "\n")
+    result = run_index(tmp_path, root, "--skip-bad-lines")
+    assert result.exit_code == 0, result.output
+    assert "skipped 1 bad lines: corpus 1" in result.stderr
+    assert "indexed 2 documents" in result.stdout

@@ -1,0 +1,203 @@
+"""KV reuse: RoPE re-rotation, exact masks, and each mode against full prefill on SmolLM2."""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from chunk_cache.rope import rerotate
+from chunk_cache.store import KVStore
+from generators import model as model_module
+from generators.model import ape_attention, masked_attention, rope_frequencies
+from ragkit.config import CacheConfig, GeneratorConfig
+from ragkit.errors import ConfigError, IndexMismatchError
+from ragkit.types import Chunk, token_hash
+
+torch.set_num_threads(1)
+DATA = Path(__file__).resolve().parents[1] / "data" / "musique" / "musique_s.json.gz"
+
+
+def _rotate(x, positions, inv_freq, scaling):
+    """Reference RoPE: x [T, D] at positions [T], rotate-half layout."""
+    angles = positions[:, None].double() * inv_freq.double()
+    angles = torch.cat([angles, angles], -1)
+    half = x.shape[-1] // 2
+    rot = torch.cat([-x[..., half:], x[..., :half]], -1)
+    return (x.double() * angles.cos() + rot.double() * angles.sin()) * scaling
+
+
+@pytest.mark.parametrize("params", [
+    {"rope_type": "default", "rope_theta": 100000.0},
+    {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
+    {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 256},
+    {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 256},
+])
+def test_rerotation_equals_encoding_at_the_new_position(params):
+    config = {"rope_parameters": params, "max_position_embeddings": 4096, "hidden_size": 64,
+              "num_attention_heads": 1, "head_dim": 64}
+    inv_freq, scaling = rope_frequencies(config, 64)
+    keys = torch.randn(7, 64, generator=torch.Generator().manual_seed(0))
+    old = torch.arange(30, 37)
+    for delta in (777, -25, 3000):
+        stored = _rotate(keys, old, inv_freq, scaling).float()
+        moved = rerotate(stored, delta, inv_freq)
+        expected = _rotate(keys, old + delta, inv_freq, scaling).float()
+        assert (moved - expected).abs().max() <= 1e-5 * expected.abs().max()
+    assert scaling != 1.0 or params["rope_type"] != "yarn"  # yarn's mscale is applied once, not twice
+
+
+def _reference_attention(q, k, v, key_pos, query_pos, scale):
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    out = torch.zeros_like(q)
+    for s in range(q.shape[2]):
+        allowed = (key_pos[0] >= 0) & (key_pos[0] <= query_pos[0, s])
+        scores = (q[0, :, s, None] @ k[0, :, allowed].transpose(-1, -2)) * scale  # [H, 1, n]
+        out[0, :, s] = (scores.softmax(-1) @ v[0, :, allowed])[:, 0]
+    return out
+
+
+def test_masked_attention_is_exactly_causal_for_scattered_rows(monkeypatch):
+    monkeypatch.setattr(model_module, "QUERY_BLOCK", 8)  # several query blocks with different key reach
+    g = torch.Generator().manual_seed(0)
+    T = 60
+    k, v = torch.randn(1, 2, T, 16, generator=g), torch.randn(1, 2, T, 16, generator=g)
+    key_pos = torch.arange(T)[None].clone()
+    key_pos[0, 40:45] = -1  # empty slots
+    rows = torch.tensor([3, 4, 17, 18, 19, 33, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59])
+    q = torch.randn(1, 6, len(rows), 16, generator=g)
+    got = masked_attention(q, k, v, key_pos, rows[None], 0.25)
+    assert torch.allclose(got, _reference_attention(q, k, v, key_pos, rows[None], 0.25), atol=1e-5)
+
+
+def test_ape_attention_at_t_s_one_is_ordinary_attention_and_reweights_otherwise():
+    g = torch.Generator().manual_seed(1)
+    T = 30
+    k, v = torch.randn(1, 1, T, 8, generator=g), torch.randn(1, 1, T, 8, generator=g)
+    key_pos = torch.arange(T)[None]
+    context = torch.zeros(T, dtype=torch.bool)
+    context[5:20] = True
+    q = torch.randn(1, 2, 4, 8, generator=g)
+    query_pos = torch.tensor([[26, 27, 28, 29]])
+    plain = masked_attention(q, k, v, key_pos, query_pos, 0.3)
+    assert torch.allclose(ape_attention(q, k, v, key_pos, query_pos, context, (1.0, 1.0), 0.3), plain, atol=1e-5)
+    assert not torch.allclose(ape_attention(q, k, v, key_pos, query_pos, context, (0.9, 0.9), 0.3), plain, atol=1e-3)
+
+
+# --- modes on the real model -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def rag():
+    from generators.rag import RagGenerator
+
+    cache = dataclasses.asdict(CacheConfig())
+    cache["dir"] = ""
+    generator = dataclasses.asdict(GeneratorConfig())
+    generator["max_new_tokens"] = 8
+    return RagGenerator(generator, cache)
+
+
+@pytest.fixture(scope="module")
+def sample(rag):
+    example = json.loads(gzip.open(DATA).read())[0]
+    chunks = []
+    for i, ctx in enumerate(example["ctxs"][:3]):
+        ids = rag.prompt.chunk_ids(ctx["text"])[:48]
+        chunks.append(Chunk(id=f"m0#{i}", doc_id="m0", text="", token_ids=ids, span=(0, 0),
+                            content_hash=token_hash(ids)))
+    rag.warm(chunks, progress=False)
+    return example["question"], chunks
+
+
+def _logits(rag, question, chunks, mode, **settings):
+    saved = rag.settings
+    rag.settings = dataclasses.replace(saved, **settings)
+    try:
+        logits, _cache, _pos, stats = rag.prefill(question, chunks, mode=mode)
+    finally:
+        rag.settings = saved
+    return logits, stats
+
+
+@pytest.mark.slow
+def test_prefix_reuse_is_exact_and_reuses_only_the_leading_chunk(rag, sample):
+    full, _ = _logits(rag, *sample, "full")
+    prefix, stats = _logits(rag, *sample, "prefix")
+    assert (full - prefix).abs().max() < 1e-3
+    assert stats["cache_hits"] == 1
+    assert stats["recomputed_tokens"] == 2 * 48
+
+
+@pytest.mark.slow
+def test_blend_at_ratio_one_reproduces_full_prefill(rag, sample):
+    full, _ = _logits(rag, *sample, "full")
+    blend, stats = _logits(rag, *sample, "blend", ratio=1.0)
+    assert (full - blend).abs().max() < 1e-3
+    assert stats["recomputed_tokens"] == 2 * 48  # every non-exact chunk row; the leading chunk is exact
+    rag.settings = dataclasses.replace(rag.settings, ratio=1.0)
+    try:
+        assert rag.answer(*sample, mode="blend").tokens == rag.answer(*sample, mode="full").tokens
+    finally:
+        rag.settings = dataclasses.replace(rag.settings, ratio=CacheConfig().ratio)
+
+
+@pytest.mark.slow
+def test_blend_without_full_layers_or_picks_is_naive_and_partial_blend_moves_toward_full(rag, sample):
+    full, _ = _logits(rag, *sample, "full")
+    naive, naive_stats = _logits(rag, *sample, "naive")
+    blend0, _ = _logits(rag, *sample, "blend", ratio=0.0, full_layers=0)
+    assert (naive - blend0).abs().max() < 1e-4
+    assert naive_stats["recomputed_tokens"] == 0 and naive_stats["cache_hits"] == 3
+    assert (naive - full).abs().max() > 1e-2  # reuse without recompute is not exact
+    blend, stats = _logits(rag, *sample, "blend", ratio=0.5)
+    assert stats["recomputed_tokens"] == 48  # half of the two non-leading chunks
+    kl = lambda p, q: float((p.log_softmax(-1).exp() * (p.log_softmax(-1) - q.log_softmax(-1))).sum())  # noqa: E731
+    assert kl(full, blend) < kl(full, naive)
+
+
+@pytest.mark.slow
+def test_craft_and_ape_run_and_report_their_recompute(rag, sample):
+    craft, stats = _logits(rag, *sample, "craft")
+    assert 0 < stats["recomputed_tokens"] < 2 * 48  # the leading chunk (exact) never; the others partly
+    ape, ape_stats = _logits(rag, *sample, "ape")
+    assert ape_stats["recomputed_tokens"] == 0 and torch.isfinite(ape).all()
+    answer = rag.answer(*sample, mode="ape")
+    assert answer.mode == "ape" and len(answer.tokens) <= 8
+
+
+@pytest.mark.slow
+def test_uncached_chunk_is_computed_then_stored(rag, sample):
+    question, chunks = sample
+    ids = rag.prompt.chunk_ids("An uncached passage about the river Exe and Exeter College, Oxford.")
+    fresh = Chunk(id="new#0", doc_id="new", text="", token_ids=ids, span=(0, 0), content_hash=token_hash(ids))
+    first = rag.answer(question, chunks + [fresh], mode="naive")
+    assert first.cache_hits == 3 and first.recomputed_tokens == len(ids)
+    again = rag.answer(question, chunks + [fresh], mode="naive")
+    assert again.cache_hits == 4 and again.recomputed_tokens == 0
+
+
+def test_unknown_mode_is_a_config_error():
+    from generators.rag import RagGenerator
+
+    cache = dataclasses.asdict(CacheConfig())
+    cache["mode"] = "magic"
+    with pytest.raises(ConfigError, match="cache.mode"):
+        RagGenerator(dataclasses.asdict(GeneratorConfig()), cache)
+
+
+@pytest.mark.slow
+def test_cache_folder_of_another_model_is_refused(tmp_path):
+    from generators.rag import RagGenerator
+
+    KVStore(tmp_path / "kv", "some-other-model")
+    cache = dataclasses.asdict(CacheConfig())
+    cache["dir"] = str(tmp_path / "kv")
+    with pytest.raises(IndexMismatchError, match="written for model"):
+        RagGenerator(dataclasses.asdict(GeneratorConfig()), cache)

@@ -46,7 +46,7 @@ def test_jsonl_folder_with_qrels_pairs_like_beir(tmp_path):
 def test_jsonl_errors(tmp_path):
     with pytest.raises(InputError, match="corpus file not found"):
         open_as("jsonl", tmp_path)
-    corpus = write_lines(tmp_path / "c.jsonl", [json.dumps({"id": "a", "text": "x"}), json.dumps({"id": "a", "text": "y"})])
+    corpus = write_lines(tmp_path / "c.jsonl", [json.dumps({"id": "a", "text": t}) for t in ("x", "y")])
     with pytest.raises(InputError, match=r"c\.jsonl:2: duplicate document id 'a'"):
         list(open_as("jsonl", corpus).documents())
     empty = write_lines(tmp_path / "e.jsonl", [])
@@ -226,7 +226,8 @@ def test_coir_hub_pair_keeps_judged_queries(monkeypatch):
     assert [d.id for d in dataset.documents()] == ["d1", "d2", "3"]
     qrels.append({"query-id": "q1", "corpus-id": "d2", "score": "1"})
     with pytest.raises(InputError, match=r"hf://CoIR-Retrieval/cosqa-qrels/default/test:3: relevance grade '1'"):
-        open_dataset(DatasetConfig(format="coir", path="hf://CoIR-Retrieval/cosqa-queries-corpus"), Path("/nonexistent/x"))
+        open_dataset(DatasetConfig(format="coir", path="hf://CoIR-Retrieval/cosqa-queries-corpus"),
+                     Path("/nonexistent/x"))
 
 
 def test_coir_needs_task_or_full_id(tmp_path):

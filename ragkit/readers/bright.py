@@ -53,7 +53,8 @@ def open_bright(path: Path, hub_repo: str | None, domain: str, long_documents: b
     domain = domain.replace("-", "_")
     corpus_config = "long_documents" if long_documents else "documents"
     name = f"bright-{domain}" + ("-long" if long_documents else "")
-    local_domains = sorted({p.name.split(".")[0] for p in (path / "examples").glob("*.jsonl*")}) if path.is_dir() else []
+    local_files = (path / "examples").glob("*.jsonl*") if path.is_dir() else []
+    local_domains = sorted({p.name.split(".")[0] for p in local_files})
     examples_path = find_jsonl(path / "examples", domain) if local_domains else None
     if local_domains and examples_path is None:
         raise InputError(path / "examples" / f"{domain}.jsonl", f"no BRIGHT examples for domain {domain!r}",
@@ -66,7 +67,8 @@ def open_bright(path: Path, hub_repo: str | None, domain: str, long_documents: b
         repo = str(path) if path.is_dir() else hub_repo
         if repo is None:
             raise InputError(path, f"no BRIGHT examples for domain {domain!r} here",
-                             hint=f"expected examples/{domain}.jsonl in a local folder, or a hub id like xlangai/BRIGHT")
+                             hint=f"expected examples/{domain}.jsonl in a local folder, "
+                                  "or a hub id like xlangai/BRIGHT")
         examples = HubSplit(repo, "examples", domain)
         example_records, queries_where = examples.records(), examples.where
 

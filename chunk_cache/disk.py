@@ -24,6 +24,7 @@ import logging
 import os
 import re
 import shutil
+import weakref
 from pathlib import Path
 from typing import Iterator
 
@@ -43,6 +44,7 @@ JOURNAL = "journal.jsonl"
 ENTRIES = "entries"
 LOCK = ".lock"
 SUFFIX = ".safetensors"
+HIT_BATCH = 64  # queued hit records that trigger a journal write
 DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
 _TMP_RE = re.compile(r"^\.[0-9a-f]{64}\.safetensors\.tmp-(\d+)-[0-9a-f]+$")
 # Anything a damaged file can make the reader or checksum raise.
@@ -115,6 +117,7 @@ class DiskTier:
         self._offset = 0  # bytes of the journal already applied to `usage`
         self._records = 0  # records in the journal, for compaction
         self._dtypes: list[str] = []
+        self._pending: list[dict] = []  # hit records not yet in the journal
         if self.root.exists() and not self.root.is_dir():
             raise InputError(self.root, "the KV cache folder is a file", hint="set cache.dir to a folder")
         self.root.mkdir(parents=True, exist_ok=True)
@@ -124,6 +127,7 @@ class DiskTier:
             self._open_manifest()
             self._sync()
             self._reconcile()
+        weakref.finalize(self, _append_records, self._lock, self.root / JOURNAL, self._pending)
 
     # -- paths and the manifest ---------------------------------------------------------------
     def path(self, digest: str) -> Path:
@@ -192,7 +196,9 @@ class DiskTier:
             self.bytes -= self.usage.pop(digest).nbytes
 
     def _append(self, records: list[dict]) -> None:
-        """Append and apply records (file lock held, journal synced)."""
+        """Append and apply queued hits and `records` (file lock held, journal synced)."""
+        records = self._pending + records
+        self._pending.clear()
         if not records:
             return
         journal = self.root / JOURNAL
@@ -302,18 +308,23 @@ class DiskTier:
                 self._append([{"op": "del", "d": digest}])
 
     def record_hits(self, digests: list[str], now: float) -> None:
-        with self._lock:
-            self._sync()
-            self._append([{"op": "hit", "d": d, "t": now} for d in digests if d in self.usage])
+        """Queue hit records; they reach the journal with the next write, refresh, batch or exit.
+        (Taking the file lock costs ~1 ms, too much for every memory hit.)"""
+        self._pending.extend({"op": "hit", "d": d, "t": now} for d in digests if d in self.usage)
+        if len(self._pending) >= HIT_BATCH:
+            self.refresh()
 
     def refresh(self) -> None:
+        """Catch up with other processes' records and publish queued hits."""
         with self._lock:
             self._sync()
+            self._append([])
 
     def clear(self) -> int:
         """Delete every entry and the journal, keep this model's manifest; returns the entries removed."""
         with self._lock:
             removed = clear_files(self.root)
+            self._pending.clear()
             self._sync()
             self._dtypes = []
             self._open_manifest()
@@ -322,6 +333,20 @@ class DiskTier:
     def summary(self) -> dict:
         return {"entries": len(self.usage), "bytes": self.bytes, "budget": self.budget, "hits": self.hits,
                 "misses": self.misses, "evictions": self.evictions, "dropped": dict(self.dropped)}
+
+
+def _append_records(lock: FileLock, journal: Path, records: list[dict]) -> None:
+    """Write queued records of a tier that is being garbage-collected or of an exiting process."""
+    if not records:
+        return
+    payload = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records).encode()
+    records.clear()
+    with contextlib.suppress(OSError), lock, open(journal, "ab+") as fh:
+        if fh.tell() > 0:
+            fh.seek(-1, os.SEEK_END)
+            if fh.read(1) != b"\n":
+                payload = b"\n" + payload
+        fh.write(payload)
 
 
 def read_manifest(root: Path) -> dict | None:

@@ -210,6 +210,12 @@ class KVStore:
                     "eviction": self.policy.name, "tiers": tiers, "hits": self.hits, "misses": self.misses,
                     "hit_rate": self.hits / lookups if lookups else 0.0, "entries": entries}
 
+    def flush(self) -> None:
+        """Publish queued hit counts to the disk journal now (done anyway on writes and at exit)."""
+        if self._disk is not None:
+            with self._lock:
+                self._disk.refresh()
+
     def clear(self) -> None:
         """Drop every entry from every tier (and the disk folder's files, keeping the folder)."""
         with self._lock:

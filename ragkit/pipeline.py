@@ -9,6 +9,7 @@ The CLI is a thin shell over this class:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import random
 import time
@@ -24,7 +25,9 @@ from ragkit.readers import Dataset, open_dataset
 from ragkit.storage import atomic_write_json, publish_dir, recover_dir
 from ragkit.types import Chunk, Hit, Query, Run, rank_hits
 
-INDEX_FORMAT = 1
+# 2: the manifest lists a sha256 per file, checked on every load.
+INDEX_FORMAT = 2
+MANIFEST = "manifest.json"
 
 
 class Pipeline:
@@ -57,7 +60,7 @@ class Pipeline:
         spec = self.config.chunking.tokenizer
         return load_tokenizer(self.config.generator.model if spec == "generator" else spec)
 
-    def _bar(self, iterable, **kwargs):
+    def _bar(self, iterable=None, **kwargs):
         return tqdm(iterable, disable=not self.progress, dynamic_ncols=True, **kwargs)
 
     # -- indexing ---------------------------------------------------------------------------
@@ -85,7 +88,8 @@ class Pipeline:
                 built.append(retriever)
             manifest = self._manifest(len({c.doc_id for c in chunks}), len(chunks))
             manifest["build_s"] = round(time.perf_counter() - started, 3)
-            atomic_write_json(tmp / "manifest.json", manifest)
+            manifest["files"] = _file_checksums(tmp)
+            atomic_write_json(tmp / MANIFEST, manifest)
         self._retrievers = built
         self._chunks = {c.id: c for c in chunks}
         return {"documents": manifest["documents"], "chunks": len(chunks), "path": str(target),
@@ -118,6 +122,7 @@ class Pipeline:
         if manifest.get("config_hash") != self.config.fingerprint():
             raise IndexMismatchError(f"{folder}: index was built with other dataset/chunking/retriever "
                                      f"settings; {rebuild}")
+        _verify_checksums(folder, manifest.get("files"), rebuild)
         return manifest
 
     def _load_index(self) -> None:
@@ -171,7 +176,7 @@ class Pipeline:
         """Document-level run: chunk hits folded to their documents by max score (MaxP)."""
         r = self.config.retrieval
         rankings: dict[str, list[Hit]] = {}
-        bar = self._bar(total=len(queries), desc="retrieving", unit="q") if self.progress else None
+        bar = self._bar(total=len(queries), desc="retrieving", unit="q")
         for start in range(0, len(queries), batch_size):
             batch = queries[start:start + batch_size]
             hits = self.retrieve_batch([q.text for q in batch], max(r.chunk_k, r.k))
@@ -182,10 +187,8 @@ class Pipeline:
                     if hit.score > best.get(doc_id, float("-inf")):
                         best[doc_id] = hit.score
                 rankings[query.id] = rank_hits(best, r.k)
-            if bar is not None:
-                bar.update(len(batch))
-        if bar is not None:
-            bar.close()
+            bar.update(len(batch))
+        bar.close()
         return Run(rankings, name=self.config.name)
 
     # -- evaluation -------------------------------------------------------------------------
@@ -199,6 +202,8 @@ class Pipeline:
         from eval.retrieval import score_run
         from eval.runs import make_results, write_run
 
+        if self.config.tasks:
+            return self._evaluate_suite()
         cfg = self.config
         qrels = self.dataset.qrels
         if qrels is None:
@@ -225,6 +230,20 @@ class Pipeline:
         run_dir = cfg.run_dir()
         write_run(run_dir, run, results, config_dict)
         return {**results, "run_dir": str(run_dir)}
+
+    def _evaluate_suite(self) -> dict[str, Any]:
+        """Evaluate each task of `tasks` into runs/<name>/<task>/; runs/<name>/suite.json holds their average."""
+        from eval.runs import suite_summary
+
+        results, skipped = [], {}
+        for task_config in self.config.task_configs():
+            task = Pipeline(task_config, progress=self.progress, skip_bad_lines=self.skip_bad_lines)
+            results.append(task.evaluate())
+            if task.dataset.skipped.total:
+                skipped[task_config.task] = task.dataset.skipped.summary()
+        summary = suite_summary(self.config.name, results)
+        atomic_write_json(self.config.run_dir() / "suite.json", summary)
+        return {**summary, "aggregate": summary["average"], "skipped": skipped, "run_dir": str(self.config.run_dir())}
 
     # -- generation -------------------------------------------------------------------------
     @property
@@ -263,6 +282,33 @@ def _write_chunks(path: Path, chunks: list[Chunk]) -> None:
             fh.write(json.dumps({"id": c.id, "doc_id": c.doc_id, "text": c.text, "title": c.title,
                                  "token_ids": list(c.token_ids), "span": list(c.span), "hash": c.content_hash,
                                  "metadata": dict(c.metadata)}, ensure_ascii=False) + "\n")
+
+
+def _file_checksums(folder: Path) -> dict[str, str]:
+    """sha256 of every file under `folder` (the manifest itself excepted), by relative path."""
+    return {path.relative_to(folder).as_posix(): _sha256(path)
+            for path in sorted(folder.rglob("*")) if path.is_file() and path != folder / MANIFEST}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _verify_checksums(folder: Path, files: Any, rebuild: str) -> None:
+    """A file changed, truncated or removed since `ragkit index` wrote it is never read."""
+    if not isinstance(files, dict) or not files:
+        raise IndexMismatchError(f"{folder / MANIFEST}: no file checksums in the index manifest; {rebuild}")
+    for name, expected in files.items():
+        path = folder / name
+        if not path.is_file():
+            raise IndexMismatchError(f"{path}: missing from the index; {rebuild}")
+        if _sha256(path) != expected:
+            raise IndexMismatchError(f"{path}: checksum mismatch, the file changed after `ragkit index` "
+                                     f"wrote it; {rebuild}")
 
 
 def _read_chunks(path: Path) -> Iterator[Chunk]:

@@ -125,6 +125,18 @@ def make_results(name: str, protocol: str, aggregate: dict[str, float], per_quer
     }
 
 
+def suite_summary(name: str, task_results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-task aggregates and their unweighted mean, as the BEIR/BRIGHT/CoIR tables average tasks.
+
+    The average covers only metrics every task reports, so that it never mixes task sets.
+    """
+    tasks = {str(r.get("task") or r["name"]): dict(r["aggregate"]) for r in task_results}
+    first = next(iter(tasks.values()), {})
+    shared = [m for m in first if all(m in a for a in tasks.values())]
+    average = {m: sum(a[m] for a in tasks.values()) / len(tasks) for m in shared}
+    return {"name": name, "tasks": tasks, "average": average}
+
+
 def write_run(run_dir: Path, run: Run, results: dict[str, Any], config: dict[str, Any]) -> None:
     """Write run.trec, results.json and config.json, replacing `run_dir` as one step."""
     missing = [key for key in REQUIRED_KEYS if key not in results]

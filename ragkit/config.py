@@ -8,6 +8,7 @@ CLI overrides use the same dotted keys: `--set retrieval.k=50`.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -108,22 +109,35 @@ class Config:
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # A suite: one table per task, each overriding [dataset] keys, plus an optional `name` for its
+    # folder (default: domain, task or the dataset folder's name), e.g. `[[tasks]]` `domain = "biology"`.
+    # Each task is indexed to indexes/<name>/<task>/ and evaluated to runs/<name>/<task>/.
+    tasks: list[dict[str, Any]] = field(default_factory=list)
     # Folder the config was read from; dataset paths resolve against it.
     base_dir: str = field(default=".", metadata={"internal": True})
+    # Set on each per-task config of a suite: the task's folder name.
+    task: str = field(default="", metadata={"internal": True})
 
     def dataset_path(self) -> Path:
         path = Path(self.dataset.path)
         return path if path.is_absolute() else Path(self.base_dir) / path
 
     def index_dir(self) -> Path:
-        return Path(self.retrieval.index_dir or f"indexes/{self.name}")
+        base = Path(self.retrieval.index_dir or f"indexes/{self.name}")
+        return base / self.task if self.task else base
 
     def run_dir(self) -> Path:
-        return Path(self.eval.runs_dir) / self.name
+        base = Path(self.eval.runs_dir) / self.name
+        return base / self.task if self.task else base
+
+    def task_configs(self) -> list["Config"]:
+        """One single-task config per entry of `tasks` (empty when this is not a suite)."""
+        return [_task_config(self, i, spec) for i, spec in enumerate(self.tasks)]
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data.pop("base_dir")
+        data.pop("task")
         return data
 
     def fingerprint(self) -> str:
@@ -203,7 +217,28 @@ def _fill(section_obj: Any, values: dict[str, Any], prefix: str, source: str | N
         setattr(section_obj, key, _coerce(dotted, value, hints[key], source))
 
 
+def _task_config(cfg: Config, position: int, spec: Any, source: str | None = None) -> Config:
+    key = f"tasks[{position}]"
+    if not isinstance(spec, dict):
+        raise ConfigError(key, 'each task is a table of [dataset] keys, e.g. { domain = "biology" }', source=source)
+    sub = copy.deepcopy(cfg)
+    sub.tasks = []
+    _fill(sub.dataset, {k: v for k, v in spec.items() if k != "name"}, f"{key}.", source)
+    sub.task = str(spec.get("name") or sub.dataset.domain or sub.dataset.task or Path(sub.dataset.path).name)
+    if not sub.task or sub.task in (".", "..") or "/" in sub.task or "\\" in sub.task:
+        raise ConfigError(f"{key}.name", f"needs a folder name without slashes, got {sub.task!r}", source=source)
+    _check(sub, source)
+    return sub
+
+
 def _check(cfg: Config, source: str | None) -> None:
+    labels: dict[str, int] = {}
+    for position, spec in enumerate(cfg.tasks):
+        label = _task_config(cfg, position, spec, source).task
+        if label in labels:
+            raise ConfigError(f"tasks[{position}]", f"task folder {label!r} is also tasks[{labels[label]}]; "
+                              "give one of them a distinct `name`", source=source)
+        labels[label] = position
     for key, allowed in _CHOICES.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)

@@ -292,6 +292,29 @@ def cache_clear(config: Path = ConfigArg, overrides: Optional[List[str]] = SetOp
         typer.echo(f"removed {removed['entries']} entries ({_size(removed['bytes'])}) from {root}")
 
 
+@bench_app.command("retrieval")
+@user_errors
+def bench_retrieval(
+    as_json: bool = typer.Option(False, "--json", help="Print the results object as JSON on stdout."),
+    quick: bool = typer.Option(False, "--quick", help="Smoke run: 300 SciFact documents, 30 queries, 20k-chunk "
+                               "scale set."),
+    scale: Optional[int] = typer.Option(None, "--scale", min=1, help="Chunks in the scale set (default 200,000)."),
+    reference_queries: int = typer.Option(100, "--reference-queries", min=1, help="Queries timed for rank-bm25 "
+                                          "(it scores every document in Python)."),
+) -> None:
+    """BM25 vs raw bm25s / rank-bm25, dense exact vs HNSW vs IVF-PQ vs raw FAISS, on SciFact and a 200k scale set."""
+    from retrievers.bench import format_report, run_retrieval_bench
+
+    docs, queries, default_scale = (300, 30, 20_000) if quick else (0, 0, 200_000)
+    result = run_retrieval_bench(docs, queries, scale or default_scale, min(reference_queries, queries or 10**9),
+                                 log=lambda msg: typer.echo(msg, err=True))
+    if as_json:
+        json.dump(result, sys.stdout, indent=2, sort_keys=True)
+        sys.stdout.write("\n")
+    else:
+        typer.echo(format_report(result))
+
+
 def main() -> None:
     app()
 

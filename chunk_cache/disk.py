@@ -118,6 +118,7 @@ class DiskTier:
         self._records = 0  # records in the journal, for compaction
         self._dtypes: list[str] = []
         self._pending: list[dict] = []  # hit records not yet in the journal
+        self._early_hits: dict[str, list[float]] = {}  # hit times of entries whose put record is not seen yet
         if self.root.exists() and not self.root.is_dir():
             raise InputError(self.root, "the KV cache folder is a file", hint="set cache.dir to a folder")
         self.root.mkdir(parents=True, exist_ok=True)
@@ -166,6 +167,7 @@ class DiskTier:
         identity = (stat.st_dev, stat.st_ino) if stat else None
         if identity != self._journal_id or (stat and stat.st_size < self._offset):
             self.usage.clear()
+            self._early_hits.clear()
             self.bytes, self._offset, self._records, self._journal_id = 0, 0, 0, identity
         if stat is None or stat.st_size == self._offset:
             return
@@ -185,13 +187,20 @@ class DiskTier:
             return
         if op == "put":
             old = self.usage.get(digest)
-            self.bytes += int(record["n"]) - (old.nbytes if old else 0)
-            self.usage[digest] = EntryStats(nbytes=int(record["n"]), created=float(record["t"]),
-                                            last_used=float(record.get("u", record["t"])),
-                                            cost_s=float(record.get("c", 0.0)), hits=int(record.get("h", 0)),
-                                            frequency=float(record.get("f", 1.0)))
-        elif op == "hit" and digest in self.usage:
-            self.usage[digest].record_hit(float(record["t"]))
+            stats = EntryStats(nbytes=int(record["n"]), created=float(record["t"]),
+                               last_used=float(record.get("u", record["t"])), cost_s=float(record.get("c", 0.0)),
+                               hits=int(record.get("h", 0)), frequency=float(record.get("f", 1.0)))
+            if old is not None and "h" not in record:  # the same content put again keeps its history
+                stats.created, stats.hits, stats.frequency = old.created, old.hits, old.frequency
+            for t in self._early_hits.pop(digest, ()):
+                stats.record_hit(t)
+            self.bytes += stats.nbytes - (old.nbytes if old else 0)
+            self.usage[digest] = stats
+        elif op == "hit":
+            if digest in self.usage:
+                self.usage[digest].record_hit(float(record["t"]))
+            else:  # a reader can load a file before its writer's put record lands
+                self._early_hits.setdefault(digest, []).append(float(record["t"]))
         elif op == "del" and digest in self.usage:
             self.bytes -= self.usage.pop(digest).nbytes
 
@@ -223,6 +232,7 @@ class DiskTier:
                     "h": s.hits, "f": s.frequency} for d, s in self.usage.items()]
         payload = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records).encode()
         atomic_write_bytes(self.root / JOURNAL, payload)
+        self._early_hits.clear()
         stat = (self.root / JOURNAL).stat()
         self._journal_id, self._offset, self._records = (stat.st_dev, stat.st_ino), stat.st_size, len(records)
 
@@ -249,7 +259,8 @@ class DiskTier:
         """Publish an entry file, then evict others if over budget; without `make_room`, write only an
         entry that is missing and fits as is. Returns whether the entry is on disk."""
         if not make_room:
-            self.refresh()
+            if digest not in self.usage:  # our view may be stale; a demotion is worth a look
+                self.refresh()
             if digest in self.usage:
                 return True
         data = encode_entry(tensors, {**meta, "model": self.model, "key": digest})
@@ -310,7 +321,7 @@ class DiskTier:
     def record_hits(self, digests: list[str], now: float) -> None:
         """Queue hit records; they reach the journal with the next write, refresh, batch or exit.
         (Taking the file lock costs ~1 ms, too much for every memory hit.)"""
-        self._pending.extend({"op": "hit", "d": d, "t": now} for d in digests if d in self.usage)
+        self._pending.extend({"op": "hit", "d": d, "t": now} for d in digests)
         if len(self._pending) >= HIT_BATCH:
             self.refresh()
 

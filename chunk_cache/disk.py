@@ -88,17 +88,13 @@ def read_entry(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
             raise CorruptEntry("format", f"{meta.get('format')!r} version {meta.get('version')!r}")
         if meta.get("sha256") != checksum(tensors, meta):
             raise CorruptEntry("checksum", "the stored sha256 does not match the contents")
+        if "keys" not in tensors or "values" not in tensors or not meta.get("start", "").isdigit():
+            raise CorruptEntry("format", "no keys, values or start")
     except FileNotFoundError:
         raise
     except _UNREADABLE as exc:
         raise CorruptEntry("unreadable", f"{type(exc).__name__}: {exc}") from None
     return tensors, meta
-
-
-def read_header(path: Path) -> dict[str, str]:
-    """An entry's metadata without touching its tensors (no checksum)."""
-    with safe_open(str(path), framework="pt", device="cpu") as fh:
-        return fh.metadata() or {}
 
 
 class DiskTier:
@@ -283,30 +279,30 @@ class DiskTier:
 
     def load(self, digest: str) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
         """A verified entry, or None (missing, or damaged / foreign and now deleted)."""
-        path = self.path(digest)
+        entry = self._verified(digest)
+        if entry is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return entry
+
+    def contains(self, digest: str) -> bool:
+        """Whether `load` would succeed: reads and verifies the entry (~1 ms per MB), drops a bad one."""
+        return self._verified(digest) is not None
+
+    def _verified(self, digest: str) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
         try:
-            tensors, meta = read_entry(path)
+            tensors, meta = read_entry(self.path(digest))
             if meta.get("model") != self.model:
                 raise CorruptEntry("model", f"written for model {meta.get('model')!r}, not {self.model!r}")
             if meta.get("key") != digest:
                 raise CorruptEntry("key", f"holds key {meta.get('key')!r}")
         except FileNotFoundError:
-            self.misses += 1
             return None
         except CorruptEntry as exc:
             self.drop(digest, exc)
-            self.misses += 1
             return None
-        self.hits += 1
         return tensors, meta
-
-    def contains(self, digest: str) -> bool:
-        """Cheap check (header only, no checksum): a file for this key and model exists."""
-        try:
-            meta = read_header(self.path(digest))
-        except _UNREADABLE:
-            return False
-        return meta.get("model") == self.model and meta.get("key") == digest
 
     def drop(self, digest: str, reason: CorruptEntry) -> None:
         log.warning("dropping KV cache entry %s (%s); it will be recomputed", self.path(digest), reason)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
-from chunk_cache.disk import (ENTRIES, LOCK, MANIFEST, SUFFIX, CorruptEntry, DiskTier, clear_files, entry_files,
+from chunk_cache.disk import (ENTRIES, LOCK, MANIFEST, SUFFIX, DiskTier, clear_files, entry_files,
                               read_manifest)
 from chunk_cache.eviction import EntryStats, EvictionPolicy, choose_victims, make_policy, tick
 from ragkit.errors import IndexMismatchError
@@ -251,11 +251,7 @@ class KVStore:
         if loaded is None:
             return None
         tensors, meta = loaded
-        try:
-            kv = ChunkKV.from_tensors(tensors, int(meta["start"]))
-        except (KeyError, ValueError) as exc:
-            self._disk.drop(digest, CorruptEntry("format", f"not a chunk KV entry ({exc!r})"))
-            return None
+        kv = ChunkKV.from_tensors(tensors, int(meta["start"]))
         known = self._disk.usage.get(digest)
         usage = EntryStats(kv.nbytes(), known.created, now, known.cost_s, known.hits, known.frequency_at(now)) \
             if known else EntryStats(kv.nbytes(), now, now)

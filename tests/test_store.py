@@ -272,13 +272,17 @@ def test_an_entry_filed_under_another_key_is_dropped(tmp_path):
     assert fresh.stats()["tiers"]["disk"]["dropped"] == {"key": 1}
 
 
-def test_contains_checks_the_header_without_loading(tmp_path):
+def test_contains_means_get_would_succeed(tmp_path):
     root = tmp_path / "kv"
     KVStore(root, MODEL).put(make_key(1), make_kv(1))
+    KVStore(root, MODEL).put(make_key(2), make_kv(2))
     assert make_key(1) in KVStore(root, MODEL)
-    entry_path(root, make_key(1)).write_bytes(b"junk")
-    assert make_key(1) not in KVStore(root, MODEL)
-    assert "abc" not in KVStore(root, MODEL)
+    flip_byte(entry_path(root, make_key(1)), 3)  # warming skips what is `in` the store: it must be valid
+    store = KVStore(root, MODEL)
+    assert make_key(1) not in store and make_key(2) in store
+    assert not entry_path(root, make_key(1)).exists()
+    assert store.stats()["hits"] == 0  # a membership test is not a use
+    assert "abc" not in store
 
 
 # -- the folder: manifest, journal, reconciliation -------------------------------------------------

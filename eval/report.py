@@ -115,9 +115,9 @@ def build_leaderboard(entries: list[RunEntry], metric: str = "ndcg@10", baseline
     if not tasks:
         known = sorted({m for e in entries for m in e.results["aggregate"]})
         raise RagkitError(f"no run reports metric '{metric}'; metrics found: {', '.join(known)}")
-    names = sorted({e.name for e in entries})
+    names = sorted({e.name for e in entries if e.task in tasks and metric in e.results["aggregate"]})
     if baseline is not None and baseline not in names:
-        raise RagkitError(f"baseline '{baseline}' is not a run name; runs: {', '.join(names)}")
+        raise RagkitError(f"baseline '{baseline}' is not a run reporting '{metric}'; runs: {', '.join(names)}")
     baseline = baseline or names[0]
     by_key = {(e.name, e.task): e for e in entries}
 

@@ -100,7 +100,9 @@ def test_report_and_compare_name_missing_or_unknown_things(tmp_path):
     runs = tmp_path / "runs"
     write_synthetic_runs(runs)
     result = runner.invoke(app, ["report", str(runs), "--baseline", "bm26"])
-    assert result.exit_code == 2 and "baseline 'bm26' is not a run name" in result.output
+    assert result.exit_code == 2 and "baseline 'bm26' is not a run reporting 'ndcg@10'" in result.output
+    result = runner.invoke(app, ["report", str(runs), "--baseline", "musique-full"])  # has no ndcg@10
+    assert result.exit_code == 2 and "musique-full" in result.output
     result = runner.invoke(app, ["report", str(runs), "--metric", "ndcg@20"])
     assert result.exit_code == 2 and "no run reports metric 'ndcg@20'" in result.output
     result = runner.invoke(app, ["compare", str(runs / "hybrid"), str(runs / "musique-full")])

@@ -6,6 +6,7 @@ so that this component does not depend on the config module.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,9 +113,11 @@ class RagGenerator:
     # --- answering -------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def prefill(self, question: str, chunks: list[Chunk], mode: str | None = None, extra: int | None = None):
-        """Look up, assemble and prefill one prompt. Returns (logits [V], cache, next position, stats dict)."""
-        settings = self.settings if mode is None else ReuseSettings(**{**self.settings.__dict__, "mode": mode})
+    def prefill(self, question: str, chunks: list[Chunk], mode: str | None = None, extra: int | None = None,
+                **overrides):
+        """Look up, assemble and prefill one prompt under the configured settings, or `mode` and other
+        ReuseSettings fields overridden. Returns (logits [V], cache, next position, stats dict)."""
+        settings = dataclasses.replace(self.settings, **overrides, **({"mode": mode} if mode else {}))
         segments = self.prompt.segments(question, chunks)
         entries: dict[int, ChunkKV] = {}
         exact: set[int] = set()

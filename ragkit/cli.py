@@ -112,10 +112,21 @@ def evaluate(
     Builds the index first when indexes/<name>/ does not exist yet."""
     pipe = _pipeline(config, overrides, quiet, skip_bad_lines)
     results = pipe.evaluate()
-    _report_skips(pipe)
+    if "tasks" in results:  # a suite: one row per task, then their average
+        for task, summary in results["skipped"].items():
+            typer.echo(f"warning: {task}: {summary}", err=True)
+    else:
+        _report_skips(pipe)
     if as_json:
         json.dump(results, sys.stdout, indent=2, sort_keys=True)
         sys.stdout.write("\n")
+    elif "tasks" in results:
+        names = list(results["average"])
+        width = max(len("average"), *(len(t) for t in results["tasks"]))
+        typer.echo(f"{'task':<{width}}  " + "  ".join(f"{n:>10}" for n in names))
+        for task, aggregate in [*results["tasks"].items(), ("average", results["average"])]:
+            typer.echo(f"{task:<{width}}  " + "  ".join(f"{aggregate[n]:>10.4f}" for n in names))
+        typer.echo(f"runs written under {results['run_dir']}/")
     else:
         metrics = results["aggregate"]
         typer.echo("  ".join(f"{name} {value:.4f}" for name, value in metrics.items()))
@@ -290,6 +301,51 @@ def cache_clear(config: Path = ConfigArg, overrides: Optional[List[str]] = SetOp
         typer.echo(f"no KV cache at {root}")
     else:
         typer.echo(f"removed {removed['entries']} entries ({_size(removed['bytes'])}) from {root}")
+
+
+@bench_app.command("cache")
+@user_errors
+def bench_cache(
+    config: Path = typer.Argument(Path("configs/musique-blend.toml"), help="Generator + cache settings."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results object as JSON on stdout."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="MuSiQue questions for workload (a); all 150 "
+                                        "by default (a full-prefill TTFT is ~30 s per question on one CPU core)."),
+    chunks: int = typer.Option(10, "--chunks", min=1, help="Passages per question in workload (a)."),
+    sweep_questions: int = typer.Option(2, "--sweep-questions", min=0, help="Questions per point of the 5/10/20 "
+                                        "x 256-token sweep (0 skips it)."),
+    requests: int = typer.Option(40, "--requests", min=0, help="Requests in workload (b) (0 skips it)."),
+    overrides: Optional[List[str]] = SetOpt,
+) -> None:
+    """Reuse modes side by side: TTFT, recompute, agreement with full prefill; (b) recurring SciFact chunks."""
+    import dataclasses
+
+    from eval.answers import exact_match, token_f1
+    from generators import bench
+    from ragkit.config import load_config, parse_overrides
+
+    cfg = load_config(config, parse_overrides(overrides or []))
+    log = (lambda msg: typer.echo(msg, err=True))
+    retrieval_requests = None
+    if requests:
+        from ragkit.pipeline import Pipeline
+
+        pipe = Pipeline.from_config(Path(__file__).resolve().parents[1] / "configs" / "scifact-bm25.toml",
+                                    progress=False)
+        queries = pipe.queries()[:max(10, requests // 2)]
+        order = bench.request_stream(len(queries), requests)
+        hits = pipe.retrieve_batch([q.text for q in queries], 5)
+        retrieval_requests = [(queries[i].text, [pipe.chunk(h.id) for h in hits[i]]) for i in order]
+    result = bench.run_bench(
+        dataclasses.asdict(cfg.generator), dataclasses.asdict(cfg.cache),
+        Path(__file__).resolve().parents[1] / "data" / "musique" / "musique_s.json.gz", limit,
+        ["full", "prefix", "naive", "ape", "blend", "craft", "blend@0.05"], chunks, (5, 10, 20) if sweep_questions else (), 256,
+        sweep_questions, retrieval_requests, cfg.cache.host_bytes,
+        lambda pred, golds: (exact_match(pred, golds), token_f1(pred, golds)), log)
+    if as_json:
+        json.dump(result, sys.stdout, indent=2, sort_keys=True)
+        sys.stdout.write("\n")
+    else:
+        typer.echo(bench.format_report(result))
 
 
 @bench_app.command("retrieval")

@@ -201,3 +201,34 @@ def test_cache_folder_of_another_model_is_refused(tmp_path):
     cache["dir"] = str(tmp_path / "kv")
     with pytest.raises(IndexMismatchError, match="written for model"):
         RagGenerator(dataclasses.asdict(GeneratorConfig()), cache)
+
+
+@pytest.mark.slow
+def test_bench_pieces_report_consistent_figures(rag, sample):
+    from generators import bench
+
+    question, chunks = sample
+    items = [(question, chunks[:2], ["Exeter College"]), ("Who wrote it?", chunks[1:], ["Thomas Nabbes"])]
+    modes = bench.compare_modes(rag, items, ["naive", "blend", "blend@1.0"], lambda p, g: (0.0, 0.5))
+    assert list(modes) == ["full", "naive", "blend", "blend@1.0"]
+    assert modes["full"]["token_agreement"] == 1.0 and modes["full"]["speedup_vs_full"] == 1.0
+    assert modes["blend@1.0"]["token_agreement"] == 1.0 and modes["blend@1.0"]["first_token_kl"] < 1e-6
+    assert modes["naive"]["recompute_share"] == 0.0 and modes["full"]["recompute_share"] == 1.0
+    assert all(r["f1"] == 0.5 and r["questions"] == 2 for r in modes.values())
+    disk = bench.disk_load_speedup(rag, chunks[:1], repeats=1)
+    assert disk["load_s_median"] > 0 and disk["chunk_bytes_mean"] > 0
+
+    def make_rag(mode, eviction, cap):
+        rag.settings = dataclasses.replace(rag.settings, mode=mode)
+        rag.store = KVStore(None, rag.fingerprint, host_bytes=cap, eviction=eviction)
+        rag._prefix_kv = None
+        return rag
+
+    saved = rag.settings, rag.store
+    try:
+        stream = [items[i][:2] for i in bench.request_stream(2, 4)]
+        served = bench.retrieval_workload(make_rag, stream, 1 << 30, lambda _m: None)
+    finally:
+        (rag.settings, rag.store), rag._prefix_kv = saved, None
+    assert served["full"]["chunk_hit_rate"] == 0.0 and served["full"]["throughput_vs_full"] == 1.0
+    assert served["blend+lru"]["chunk_hit_rate"] > 0  # chunks recur across the stream

@@ -1,0 +1,287 @@
+"""`ragkit bench cache`: every reuse mode measured side by side in one run.
+
+Workload (a): MuSiQue questions with their passages as chunks, cache warm. For each mode, time to
+first token (TTFT), context rows recomputed, first-token KL(full || mode), teacher-forced agreement
+with full's greedy answer, and the mode's own answer scored against the gold answers. Modes are
+interleaved per question after a warm-up, so machine load hits them alike.
+Workload (b): retrieved chunks that recur across a request stream, a capped cache, LRU vs value
+eviction; hit rate, bytes and end-to-end throughput against full and prefix.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from chunk_cache.store import KVStore
+from ragkit.types import Chunk, token_hash
+
+Scorer = Callable[[str, list[str]], tuple[float, float]]  # (prediction, golds) -> (EM, F1)
+
+
+def load_musique(path: Path, limit: int | None) -> list[dict]:
+    examples = json.loads(gzip.open(path).read())
+    return examples[:limit] if limit else examples
+
+
+def passage_chunks(rag, example: dict, n_chunks: int, max_tokens: int | None, qid: str) -> list[Chunk]:
+    """The example's passages as chunks: whole (max_tokens None) or cut into max_tokens pieces, first n."""
+    chunks = []
+    for p, ctx in enumerate(example["ctxs"]):
+        ids = rag.prompt.chunk_ids(ctx["text"])
+        step = max_tokens or len(ids)
+        for start in range(0, len(ids), step):
+            piece = ids[start: start + step]
+            chunks.append(Chunk(id=f"{qid}/p{p}#{start // step}", doc_id=f"{qid}/p{p}", text="", token_ids=piece,
+                                span=(0, 0), content_hash=token_hash(piece), title=ctx.get("title", "")))
+    return chunks[:n_chunks]
+
+
+def kl_divergence(reference: torch.Tensor, other: torch.Tensor) -> float:
+    p, q = reference.float().log_softmax(-1), other.float().log_softmax(-1)
+    return float((p.exp() * (p - q)).sum())
+
+
+def variant_settings(variant: str) -> dict:
+    """'blend' -> {'mode': 'blend'}; 'blend@0.05' -> the blend mode at ratio 0.05 (a tuning point)."""
+    mode, _, ratio = variant.partition("@")
+    return {"mode": mode, **({"ratio": float(ratio)} if ratio else {})}
+
+
+@torch.inference_mode()
+def measure(rag, question: str, chunks: list[Chunk], variant: str, reference: list[int] | None):
+    """One timed prefill under `variant`, then (untimed) teacher forcing on `reference` and greedy decoding."""
+    from generators.generate import decode
+
+    start = time.perf_counter()
+    logits, cache, next_position, stats = rag.prefill(question, chunks, **variant_settings(variant))
+    ttft = time.perf_counter() - start
+    prompt_len = cache.length
+    matches = 0
+    if reference:
+        predicted = [int(logits.argmax())]
+        if len(reference) > 1:
+            rows = torch.tensor([reference[:-1]], device=rag.model.device)
+            slots = torch.arange(prompt_len, prompt_len + rows.shape[1], device=rag.model.device)
+            forced = rag.model.forward(rows, (next_position + slots - prompt_len)[None], cache, slots,
+                                       logits_rows=slice(None))[0]
+            predicted += forced.argmax(-1).tolist()
+        matches = sum(int(a == b) for a, b in zip(predicted, reference))
+        cache.length = prompt_len  # rewind: decoding overwrites the forced rows
+    tokens = decode(rag.model, cache, logits[None], torch.tensor([next_position]), rag.max_new_tokens,
+                    rag.prompt.stop_ids)[0]
+    return {"ttft_s": ttft, "logits": logits, "tokens": tokens, "matches": matches,
+            "text": rag.prompt.tokenizer.decode(tokens, skip_special_tokens=True).strip(),
+            "recomputed": stats["recomputed_tokens"], "context": stats["context_tokens"]}
+
+
+def compare_modes(rag, items: list[tuple[str, list[Chunk], list[str]]], modes: list[str], scorer: Scorer | None,
+                  progress: Callable[[str], None] = lambda _m: None) -> dict:
+    """Per mode: TTFT median/p90, speedups, recompute share, first-token KL, agreement, EM/F1."""
+    modes = ["full"] + [m for m in modes if m != "full"]
+    rag.warm(items[0][1], progress=False)
+    measure(rag, items[0][0], items[0][1], "full", None)  # warm-up: allocator, kernels, page cache
+    for mode in modes[1:]:
+        measure(rag, items[0][0], items[0][1], mode, None)
+    rows = {m: [] for m in modes}
+    for n, (question, chunks, golds) in enumerate(items):
+        rag.warm(chunks, progress=False)  # per question, so a capped host tier still holds them all
+        full = measure(rag, question, chunks, "full", None)
+        reference = full["tokens"] + ([_stop(rag)] if len(full["tokens"]) < rag.max_new_tokens else [])
+        full["matches"] = len(reference)
+        full["reference"] = len(reference)
+        rows["full"].append(full)
+        rotated = modes[1:][n % (len(modes) - 1):] + modes[1:][: n % (len(modes) - 1)]  # interleave
+        for mode in rotated:
+            result = measure(rag, question, chunks, mode, reference)
+            result["kl"] = kl_divergence(full["logits"], result["logits"])
+            result["reference"] = len(reference)
+            rows[mode].append(result)
+        for mode in modes:
+            rows[mode][-1]["golds"] = golds
+        progress(f"question {n + 1}/{len(items)}: " + "  ".join(
+            f"{m} {rows[m][-1]['ttft_s']:.2f}s" for m in modes))
+    return summarise(rows, scorer)
+
+
+def _stop(rag) -> int:
+    eos = rag.prompt.tokenizer.eos_token_id
+    return eos if eos in rag.prompt.stop_ids else min(rag.prompt.stop_ids)
+
+
+def summarise(rows: dict[str, list[dict]], scorer: Scorer | None) -> dict:
+    medians = {m: statistics.median(r["ttft_s"] for r in rs) for m, rs in rows.items()}
+    out = {}
+    for mode, results in rows.items():
+        ttfts = sorted(r["ttft_s"] for r in results)
+        entry = {
+            "ttft_median_s": medians[mode],
+            "ttft_p90_s": ttfts[min(len(ttfts) - 1, math.ceil(0.9 * len(ttfts)) - 1)],
+            "speedup_vs_full": medians["full"] / medians[mode],
+            "speedup_vs_prefix": medians["prefix"] / medians[mode] if "prefix" in medians else None,
+            "recompute_share": sum(r["recomputed"] for r in results) / max(1, sum(r["context"] for r in results)),
+            "context_tokens_mean": statistics.mean(r["context"] for r in results),
+            "recomputed_tokens_mean": statistics.mean(r["recomputed"] for r in results),
+            "token_agreement": sum(r["matches"] for r in results) / max(1, sum(r["reference"] for r in results)),
+            "first_token_kl": statistics.mean(r.get("kl", 0.0) for r in results),
+            "questions": len(results),
+        }
+        if scorer is not None:
+            scores = [scorer(r["text"], r["golds"]) for r in results]
+            entry["em"] = statistics.mean(s[0] for s in scores)
+            entry["f1"] = statistics.mean(s[1] for s in scores)
+        out[mode] = entry
+    return out
+
+
+def disk_load_speedup(rag, chunks: list[Chunk], repeats: int = 3) -> dict:
+    """Seconds to encode a chunk (prefill behind the prefix) vs to read its KV back from a disk cache
+    opened fresh (no memory tier holds it; files may sit in the OS page cache)."""
+    from chunk_cache.assembly import encode_chunk
+
+    with tempfile.TemporaryDirectory() as tmp:
+        writer = KVStore(Path(tmp), rag.fingerprint, host_bytes=0)
+        encode_s, load_s = [], []
+        prefix = rag.prefix_kv()
+        for chunk in chunks:
+            start = time.perf_counter()
+            with torch.inference_mode():
+                kv = encode_chunk(rag.model, prefix, chunk.token_ids)
+            encode_s.append(time.perf_counter() - start)
+            writer.put(rag.key(rag.head_hash, chunk.token_ids), kv)
+        for _ in range(repeats):
+            reader = KVStore(Path(tmp), rag.fingerprint, host_bytes=0)
+            for chunk in chunks:
+                start = time.perf_counter()
+                kv = reader.get(rag.key(rag.head_hash, chunk.token_ids))
+                load_s.append(time.perf_counter() - start)
+                assert kv is not None
+        tokens = statistics.mean(len(c.token_ids) for c in chunks)
+    return {"encode_s_median": statistics.median(encode_s), "load_s_median": statistics.median(load_s),
+            "speedup": statistics.median(encode_s) / statistics.median(load_s), "chunk_tokens_mean": tokens,
+            "chunk_bytes_mean": kv.nbytes()}
+
+
+def sweep(rag, examples: list[dict], modes: list[str], counts: tuple[int, ...], tokens: int, questions: int,
+          progress: Callable[[str], None]) -> dict:
+    """TTFT and quality per mode at several chunk counts of `tokens`-token chunks."""
+    out = {}
+    for count in counts:
+        items = [(ex["question"], passage_chunks(rag, ex, count, tokens, f"s{i}"), ex["answers"])
+                 for i, ex in enumerate(examples[:questions])]
+        progress(f"sweep: {count} chunks x {tokens} tokens")
+        result = compare_modes(rag, items, modes, None, progress)
+        out[f"{count}x{tokens}"] = {m: {k: v for k, v in r.items() if k in (
+            "ttft_median_s", "speedup_vs_full", "speedup_vs_prefix", "token_agreement", "first_token_kl",
+            "recompute_share", "context_tokens_mean")} for m, r in result.items()}
+    return out
+
+
+def request_stream(n_queries: int, n_requests: int, seed: int = 0) -> list[int]:
+    """Query indices drawn Zipf-like (weight 1/rank), so popular questions and their chunks recur."""
+    rng = random.Random(seed)
+    weights = [1.0 / (rank + 1) for rank in range(n_queries)]
+    return rng.choices(range(n_queries), weights=weights, k=n_requests)
+
+
+def retrieval_workload(make_rag: Callable[[str, str, int], object], requests: list[tuple[str, list[Chunk]]],
+                       cap_bytes: int, progress: Callable[[str], None]) -> dict:
+    """Serve the same request stream under full, prefix, and blend with LRU and value eviction."""
+    out = {}
+    variants = [("full", "lru"), ("prefix", "lru"), ("blend", "lru"), ("blend", "value")]
+    for mode, eviction in variants:
+        rag = make_rag(mode, eviction, cap_bytes)
+        start = time.perf_counter()
+        ttfts, hits, lookups = [], 0, 0
+        for question, chunks in requests:
+            answer = rag.answer(question, chunks)
+            ttfts.append(answer.ttft_s)
+            hits += answer.cache_hits
+            lookups += len(chunks)
+        elapsed = time.perf_counter() - start
+        stats = rag.store.stats()
+        name = mode if mode != "blend" else f"blend+{eviction}"
+        out[name] = {"requests": len(requests), "seconds": elapsed, "throughput_rps": len(requests) / elapsed,
+                     "ttft_median_s": statistics.median(ttfts),
+                     "chunk_hit_rate": hits / lookups if mode != "full" else 0.0,
+                     "cache_bytes": sum(t.get("bytes", 0) for t in stats["tiers"].values()),
+                     "cap_bytes": cap_bytes}
+        progress(f"workload b: {name}: {out[name]['throughput_rps']:.3f} req/s, hit rate "
+                 f"{out[name]['chunk_hit_rate']:.2f}")
+    for name, entry in out.items():
+        entry["throughput_vs_full"] = entry["throughput_rps"] / out["full"]["throughput_rps"]
+        entry["throughput_vs_prefix"] = entry["throughput_rps"] / out["prefix"]["throughput_rps"]
+    return out
+
+
+def musique_workload(rag, examples: list[dict], modes: list[str], n_chunks: int, scorer: Scorer,
+                     progress: Callable[[str], None]) -> dict:
+    items = [(ex["question"], passage_chunks(rag, ex, n_chunks, None, f"q{i}"), ex["answers"])
+             for i, ex in enumerate(examples)]
+    return compare_modes(rag, items, modes, scorer, progress)
+
+
+
+def run_bench(generator: dict, cache: dict, musique: Path, limit: int | None, modes: list[str], n_chunks: int,
+              sweep_counts: tuple[int, ...], sweep_tokens: int, sweep_questions: int,
+              retrieval_requests: list[tuple[str, list[Chunk]]] | None, retrieval_cap_bytes: int,
+              scorer: Scorer, progress: Callable[[str], None]) -> dict:
+    """Both workloads; settings are the generator and cache config dicts (the cache is memory-only here)."""
+    from generators.rag import RagGenerator
+
+    torch.set_num_threads(1)  # faster than 2 on the shared 2-core machine (see BENCHMARKS.md)
+    memory_only = {**cache, "dir": "", "host_bytes": max(cache["host_bytes"], 2 << 30)}
+    rag = RagGenerator(generator, memory_only)
+    examples = load_musique(musique, limit)
+    result = {"settings": {"model": generator["model"], "ratio": cache["ratio"], "full_layers": cache["full_layers"],
+                           "ape": [cache["ape_temperature"], cache["ape_scale"]], "craft_alpha": cache["craft_alpha"],
+                           "max_new_tokens": generator["max_new_tokens"], "questions": len(examples),
+                           "chunks": n_chunks, "threads": torch.get_num_threads(), "device": str(rag.model.device),
+                           "dtype": rag.dtype_name}}
+    progress(f"workload a: {len(examples)} MuSiQue questions x {n_chunks} passages")
+    result["modes"] = musique_workload(rag, examples, modes, n_chunks, scorer, progress)
+    result["disk"] = disk_load_speedup(rag, passage_chunks(rag, examples[0], 3, None, "disk"))
+    result["disk_load_speedup_vs_recompute"] = result["disk"]["speedup"]
+    if sweep_counts:
+        result["sweep"] = sweep(rag, examples, modes, sweep_counts, sweep_tokens, sweep_questions, progress)
+    if retrieval_requests:
+        def make_rag(mode: str, eviction: str, cap: int):
+            return RagGenerator({**generator}, {**cache, "dir": "", "mode": mode, "eviction": eviction,
+                                                "host_bytes": cap})
+
+        result["retrieval"] = retrieval_workload(make_rag, retrieval_requests, retrieval_cap_bytes, progress)
+    return result
+
+
+def format_report(result: dict) -> str:
+    lines = [f"workload a: MuSiQue, {result['settings']['questions']} questions x {result['settings']['chunks']} "
+             f"passages, {result['settings']['device']} {result['settings']['dtype']}, "
+             f"{result['settings']['threads']} thread(s)",
+             f"{'mode':<11}{'TTFT med':>10}{'p90':>9}{'vs full':>9}{'vs prefix':>10}{'recomp':>8}{'agree':>7}"
+             f"{'KL1':>8}{'EM':>6}{'F1':>6}"]
+    for mode, r in result["modes"].items():
+        lines.append(f"{mode:<11}{r['ttft_median_s']:>9.3f}s{r['ttft_p90_s']:>8.3f}s{r['speedup_vs_full']:>8.2f}x"
+                     f"{(r['speedup_vs_prefix'] or 0):>9.2f}x{r['recompute_share']:>8.3f}{r['token_agreement']:>7.3f}"
+                     f"{r['first_token_kl']:>8.4f}{r.get('em', 0):>6.3f}{r.get('f1', 0):>6.3f}")
+    d = result["disk"]
+    lines.append(f"disk load vs recompute: {d['load_s_median'] * 1000:.1f} ms vs {d['encode_s_median'] * 1000:.1f} ms "
+                 f"per {d['chunk_tokens_mean']:.0f}-token chunk -> {d['speedup']:.1f}x")
+    for size, modes in result.get("sweep", {}).items():
+        lines.append(f"sweep {size}: " + "  ".join(
+            f"{m} {r['speedup_vs_full']:.1f}x/{r['token_agreement']:.2f}/{r['first_token_kl']:.3f}"
+            for m, r in modes.items()) + "   (speedup vs full / agreement / KL1)")
+    for name, r in result.get("retrieval", {}).items():
+        lines.append(f"workload b {name:<12} {r['throughput_rps']:.3f} req/s ({r['throughput_vs_full']:.2f}x full, "
+                     f"{r['throughput_vs_prefix']:.2f}x prefix)  hit rate {r['chunk_hit_rate']:.2f}  "
+                     f"cache {r['cache_bytes'] / 2**20:.0f} MiB of {r['cap_bytes'] / 2**20:.0f} MiB  "
+                     f"TTFT median {r['ttft_median_s']:.2f}s")
+    return "\n".join(lines)

@@ -275,7 +275,8 @@ def format_report(report: dict) -> str:
     """The headline figures as a short table."""
     sci, big, dense = report["scifact"], report["scale_bm25"], report["scale_dense"]
     lines = ["SciFact nDCG@10: " + "  ".join(f"{k} {v:.4f}" for k, v in sci["ndcg_at_10"].items()), ""]
-    lines.append(f"{'BM25 (docs/s | QPS)':<28}{'SciFact':>22}{f'scale ({big['chunks']})':>26}")
+    scale_title = f"scale ({big['chunks']})"
+    lines.append(f"{'BM25 (docs/s | QPS)':<28}{'SciFact':>22}{scale_title:>26}")
     for name in ("ragkit_bm25s", "raw_bm25s", "ragkit_rank_bm25", "raw_rank_bm25"):
         cells = []
         for part in (sci["bm25"], big):

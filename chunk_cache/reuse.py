@@ -117,11 +117,14 @@ def _craft_rows(layout: Layout, segments: list[Segment], alpha: float) -> torch.
             continue
         if not layout.reused[s] or layout.exact[s]:
             continue
-        stats = layout.extras[index]
+        stats = layout.extras.get(index, {})
+        # An entry stored without statistics (by prefix mode) counts as fully context-dependent.
+        cci = float(stats["cci"]) if "cci" in stats else 1.0
+        inter = stats["inter"] if "inter" in stats else torch.zeros(e - s)
         beta = prefix_rows / max(s, 1)  # share of the present context the chunk was encoded with
-        cfo = min(1.0, max(0.0, alpha * float(stats["cci"]) * (1.0 - beta)))
+        cfo = min(1.0, max(0.0, alpha * cci * (1.0 - beta)))
         n = math.ceil(cfo * (e - s))
         if n:
-            rows[s + stats["inter"].topk(n).indices] = True
+            rows[s + inter.topk(n).indices] = True
     return rows
 

@@ -121,29 +121,32 @@ class RagGenerator:
         segments = self.prompt.segments(question, chunks)
         entries: dict[int, ChunkKV] = {}
         exact: set[int] = set()
-        misses: list[int] = []
+        misses: list[int] = []  # chunks computed in place, to encode and store afterwards
+        prefix_misses: list[tuple[int, CacheKey]] = []  # prefix mode: chunks to store under their exact key
         if settings.mode != "full":
             entries[0], exact = self.prefix_kv(), {0}
             before: list[int] = list(segments[0].token_ids)
             leading = True
             for index, seg in enumerate(segments[1:], start=1):
                 if seg.kind == CHUNK:
-                    here = token_hash(before)
-                    kv = self.store.get(self.key(here, seg.token_ids)) if leading else None
+                    exact_key = self.key(token_hash(before), seg.token_ids)
+                    kv = self.store.get(exact_key) if leading else None
                     if kv is not None:  # encoded behind exactly the tokens now before it
                         entries[index] = kv
                         exact.add(index)
                     elif settings.mode == "prefix":
-                        leading = False
+                        prefix_misses.append((index, exact_key))
                     else:
-                        leading = False
-                        kv = self.store.get(self.key(self.head_hash, seg.token_ids))
+                        shared_key = self.key(self.head_hash, seg.token_ids)
+                        if not leading or shared_key != exact_key:
+                            kv = self.store.get(shared_key)
                         if kv is None and settings.mode == "ape":  # APE cannot compute a chunk in place
                             kv = self.encode(seg.token_ids)
                         if kv is None:
                             misses.append(index)
                         else:
                             entries[index] = kv
+                    leading = leading and index in exact
                 before.extend(seg.token_ids)
         extra = self.max_new_tokens + 1 if extra is None else extra
         layout, cache = assemble(self.model, segments, entries, exact, extra, parallel=settings.mode == "ape")
@@ -151,7 +154,7 @@ class RagGenerator:
         next_position = int(layout.positions[-1]) + 1
         stats = {"cache_hits": sum(1 for i in entries if i != 0), "context_tokens": result.context,
                  "recomputed_tokens": result.recomputed_context, "misses": [segments[i] for i in misses],
-                 "mode": settings.mode}
+                 "prefix_misses": [(layout.spans[i], key) for i, key in prefix_misses], "mode": settings.mode}
         return result.logits, cache, next_position, stats
 
     def answer(self, question: str, chunks: list[Chunk], on_token: Callable[[str], None] | None = None,
@@ -171,6 +174,8 @@ class RagGenerator:
         total = time.perf_counter() - start
         for seg in stats["misses"]:  # store what this request computed, for the next one
             self.encode(seg.token_ids)
+        for (s, e), key in stats["prefix_misses"]:  # as prefix caches do: the computed rows, exact behind this prefix
+            self.store.put(key, ChunkKV(cache.keys[:, 0, :, s:e].clone(), cache.values[:, 0, :, s:e].clone(), start=s))
         return Answer(text=self.prompt.tokenizer.decode(tokens, skip_special_tokens=True).strip(),
                       chunk_ids=[c.id for c in chunks], ttft_s=ttft, total_s=total, mode=stats["mode"],
                       cache_hits=stats["cache_hits"], context_tokens=stats["context_tokens"],

@@ -314,6 +314,7 @@ def bench_cache(
     sweep_questions: int = typer.Option(2, "--sweep-questions", min=0, help="Questions per point of the 5/10/20 "
                                         "x 256-token sweep (0 skips it)."),
     requests: int = typer.Option(40, "--requests", min=0, help="Requests in workload (b) (0 skips it)."),
+    cap_mib: int = typer.Option(256, "--cap-mib", min=1, help="Host cache budget in workload (b), MiB."),
     overrides: Optional[List[str]] = SetOpt,
 ) -> None:
     """Reuse modes side by side: TTFT, recompute, agreement with full prefill; (b) recurring SciFact chunks."""
@@ -339,7 +340,7 @@ def bench_cache(
         dataclasses.asdict(cfg.generator), dataclasses.asdict(cfg.cache),
         Path(__file__).resolve().parents[1] / "data" / "musique" / "musique_s.json.gz", limit,
         ["full", "prefix", "naive", "ape", "blend", "craft", "blend@0.05"], chunks, (5, 10, 20) if sweep_questions else (), 256,
-        sweep_questions, retrieval_requests, cfg.cache.host_bytes,
+        sweep_questions, retrieval_requests, cap_mib << 20,
         lambda pred, golds: (exact_match(pred, golds), token_f1(pred, golds)), log)
     if as_json:
         json.dump(result, sys.stdout, indent=2, sort_keys=True)

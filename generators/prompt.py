@@ -20,7 +20,11 @@ class ChatPrompt:
         self.tokenizer = tokenizer
         messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": _SLOT}]
         if getattr(tokenizer, "chat_template", None):
-            rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            try:
+                rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            except Exception:  # templates without a system role (Mistral) raise; fold it into the user turn
+                messages = [{"role": "user", "content": f"{system_prompt}\n\n{_SLOT}"}]
+                rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         else:
             rendered = f"{system_prompt}\n\n{_SLOT}\nAnswer:"
         head, tail = rendered.split(_SLOT)

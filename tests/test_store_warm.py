@@ -1,0 +1,167 @@
+"""`ragkit cache warm/stats/clear` end to end, and SIGKILL of `ragkit cache warm` at random moments.
+
+A tiny random Llama with SmolLM2's tokenizer stands in for the generator, so a warm of a few dozen
+chunks takes about a second and 20 killed runs fit in a test; the store does not care what the
+tensors mean.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import random
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from chunk_cache.disk import MANIFEST, DiskTier, read_entry
+from chunk_cache.eviction import LRUPolicy
+from chunk_cache.store import CacheKey, KVStore, clear_cache
+from ragkit.cli import app
+from tests.test_pipeline import make_beir, make_config
+
+pytestmark = pytest.mark.slow
+runner = CliRunner()
+torch.set_num_threads(1)  # no OpenMP thread pool in this process, so forked children cannot inherit a broken one
+DOCS = [(f"d{i}", f"Topic {i}", f"Document {i} says that item {i} relates to item {i * 7 % 40} in study {i % 5}.")
+        for i in range(40)]
+TRIALS = 20
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A config over 40 one-chunk documents, a tiny random Llama, and its cache folder."""
+    import transformers
+
+    from generators.weights import resolve_model_dir
+
+    folder = tmp_path_factory.mktemp("warm")
+    tokenizer_dir = resolve_model_dir("smollm2")
+    config = transformers.LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                                      tie_word_embeddings=True)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(folder / "model")
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (tokenizer_dir / name).exists():
+            shutil.copy(tokenizer_dir / name, folder / "model" / name)
+    make_beir(folder / "data", docs=DOCS)
+    cfg = make_config(folder, extra=f'[generator]\nmodel = "{folder / "model"}"\ndevice = "cpu"\n'
+                                    f'[cache]\ndir = "{folder / "kv"}"\n')
+    assert runner.invoke(app, ["index", str(cfg), "-q"]).exit_code == 0
+    return cfg, folder / "kv"
+
+
+def warm(cfg: Path, *extra: str):
+    return runner.invoke(app, ["cache", "warm", str(cfg), "-q", *extra])
+
+
+def stats(cfg: Path, *extra: str) -> dict:
+    result = runner.invoke(app, ["cache", "stats", str(cfg), "--json", *extra])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def entry_files(root: Path) -> list[Path]:
+    return sorted(root.rglob("*.safetensors"))
+
+
+def test_warm_stats_repair_mismatch_and_clear(tiny):
+    cfg, root = tiny
+    clear_cache(root)
+    result = warm(cfg)
+    assert result.exit_code == 0 and f"warmed {len(DOCS)} chunks" in result.stdout
+    info = stats(cfg)
+    assert info["entries"] == len(DOCS) + 1  # every chunk and the shared prefix
+    assert warm(cfg).stdout.startswith("warmed 0 chunks")
+    assert "entries 41" in runner.invoke(app, ["cache", "stats", str(cfg)]).stdout
+
+    # A tampered entry and one written by another model are both found and recomputed.
+    files = entry_files(root)
+    data = bytearray(files[3].read_bytes())
+    data[-100] ^= 0xFF
+    files[3].write_bytes(bytes(data))
+    digest = files[7].name.removesuffix(".safetensors")
+    foreign = DiskTier(root.parent / "foreign", "another-model", 1 << 30, LRUPolicy())
+    foreign.write(digest, {"keys": torch.zeros(2, 2, 3, 8), "values": torch.zeros(2, 2, 3, 8)}, {"start": "0"}, 0.0)
+    os.replace(foreign.path(digest), files[7])
+    assert warm(cfg).stdout.startswith("warmed 2 chunks")
+    verified = stats(cfg, "--verify")["verified"]
+    assert verified == {"ok": len(DOCS) + 1, "dropped": {}}
+
+    # A folder written for another model: one clear error, no traceback, until it is cleared.
+    manifest = json.loads((root / MANIFEST).read_text())
+    (root / MANIFEST).write_text(json.dumps({**manifest, "model": "another-model"}))
+    result = warm(cfg)
+    assert result.exit_code == 2
+    assert "another-model" in result.stderr and "cache.dir" in result.stderr and "ragkit cache clear" in result.stderr
+    assert "Traceback" not in result.output
+    cleared = runner.invoke(app, ["cache", "clear", str(cfg)])
+    assert cleared.exit_code == 0 and f"removed {len(DOCS) + 1} entries" in cleared.stdout
+    assert not entry_files(root)
+    assert warm(cfg).stdout.startswith(f"warmed {len(DOCS)} chunks")
+
+
+def run_cli_warm(cfg: str) -> None:
+    """A forked child: exactly what `ragkit cache warm CONFIG -q` runs."""
+    app(["cache", "warm", cfg, "-q"], standalone_mode=False)
+
+
+def test_sigkill_during_cache_warm_leaves_only_complete_entries(tiny, tmp_path):
+    cfg, root = tiny
+    ctx = multiprocessing.get_context("fork")  # no torch import per run: 20 runs stay cheap
+
+    def run(kill_after: float | None) -> None:
+        child = ctx.Process(target=run_cli_warm, args=(str(cfg),), daemon=True)
+        child.start()
+        if kill_after is not None:
+            time.sleep(kill_after)
+            os.kill(child.pid, signal.SIGKILL)
+        child.join(120)
+        if child.exitcode is None:
+            os.kill(child.pid, signal.SIGKILL)
+            pytest.fail("`ragkit cache warm` did not finish within 120 s")
+        assert child.exitcode in ((0, -signal.SIGKILL) if kill_after is not None else (0,))
+
+    # A complete reference warm: its entries are what every surviving entry must equal.
+    clear_cache(root)
+    started = time.perf_counter()
+    run(None)
+    full_s = time.perf_counter() - started
+    reference = tmp_path / "reference"
+    shutil.copytree(root, reference)
+    model = json.loads((root / MANIFEST).read_text())["model"]
+    expected = {}  # file name -> (key, reference tensors)
+    for path in entry_files(reference):
+        tensors, meta = read_entry(path)
+        expected[path.name] = (CacheKey(model, meta["dtype"], meta["prefix_hash"], meta["chunk_hash"]), tensors)
+    assert len(expected) == len(DOCS) + 1
+
+    rng = random.Random(7)
+    partial = 0
+    for trial in range(TRIALS):
+        if trial % 4 == 0:
+            clear_cache(root)  # start over now and then, so there is always work left to interrupt
+        run(rng.uniform(0.0, full_s))
+        store = KVStore(root, model, host_bytes=0)
+        files = entry_files(root)
+        partial += 0 < len(files) < len(expected)
+        assert not list(root.rglob("*.tmp-*"))
+        for path in files:
+            key, want = expected[path.name]
+            got = store.get(key)
+            assert got is not None, f"trial {trial}: {path.name} is on disk but does not load"
+            assert got.tensors().keys() == want.keys()
+            assert all(torch.equal(t, want[name]) for name, t in got.tensors().items())
+        assert store.stats()["tiers"]["disk"]["dropped"] == {}
+    assert partial >= 3, "too few kills landed while entries were being written"
+    print(f"{TRIALS} kills of `ragkit cache warm` (a full run takes {full_s:.2f}s), {partial} mid-warm")
+
+    run(None)  # a later warm completes the cache
+    assert stats(cfg, "--verify")["verified"] == {"ok": len(expected), "dropped": {}}

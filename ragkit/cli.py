@@ -349,6 +349,28 @@ def bench_cache(
         typer.echo(bench.format_report(result))
 
 
+@bench_app.command("store")
+@user_errors
+def bench_store(
+    as_json: bool = typer.Option(False, "--json", help="Print the results object as JSON on stdout."),
+    tokens: Optional[List[int]] = typer.Option(None, "--tokens", min=1, help="Entry length in tokens (repeatable; "
+                                               "default 128, 512 and 2048)."),
+    entries: int = typer.Option(4, "--entries", min=1, help="Entries per length."),
+) -> None:
+    """KV store costs per entry: put, verified disk get, sha256, plain file read, host hit (synthetic KV)."""
+    import torch
+
+    from chunk_cache import bench
+
+    torch.set_num_threads(1)
+    result = bench.run(tokens=tuple(tokens or (128, 512, 2048)), entries=entries)
+    if as_json:
+        json.dump(result, sys.stdout, indent=2, sort_keys=True)
+        sys.stdout.write("\n")
+    else:
+        typer.echo(bench.format_report(result))
+
+
 @bench_app.command("retrieval")
 @user_errors
 def bench_retrieval(

@@ -208,15 +208,19 @@ class DiskTier:
             return
         journal = self.root / JOURNAL
         payload = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records).encode()
-        with open(journal, "ab") as fh:
-            if fh.tell() > self._offset:  # a torn line of a dead writer: end it so ours parse
-                payload = b"\n" + payload
-                self._records += 1
-            fh.write(payload)
-            fh.flush()
-            stat = os.fstat(fh.fileno())
         for record in records:
             self._apply(record)
+        try:
+            with open(journal, "ab") as fh:
+                if fh.tell() > self._offset:  # a torn line of a dead writer: end it so ours parse
+                    payload = b"\n" + payload
+                    self._records += 1
+                fh.write(payload)
+                fh.flush()
+                stat = os.fstat(fh.fileno())
+        except OSError as exc:  # e.g. a full disk: statistics are lost, entries are not
+            log.warning("could not append to the KV cache journal %s: %s", journal, exc)
+            return
         self._journal_id, self._offset = (stat.st_dev, stat.st_ino), stat.st_size
         self._records += len(records)
         if self._records > 1000 + 4 * len(self.usage):
@@ -262,7 +266,11 @@ class DiskTier:
         data = encode_entry(tensors, {**meta, "model": self.model, "key": digest})
         if len(data) > (self.budget if make_room else self.budget - self.bytes):
             return False
-        atomic_write_bytes(self.path(digest), data)
+        try:
+            atomic_write_bytes(self.path(digest), data)
+        except OSError as exc:  # a full disk, or the folder cleared under us: the entry stays in memory
+            log.warning("could not write KV cache entry %s: %s", self.path(digest), exc)
+            return False
         now = tick()
         with self._lock:
             self._sync()

@@ -215,6 +215,23 @@ def test_host_eviction_demotes_to_disk_an_entry_the_disk_lost(tmp_path):
     assert same(KVStore(root, MODEL).get(make_key(0)), make_kv(0))
 
 
+def test_a_failed_disk_write_keeps_the_entry_in_memory(tmp_path, monkeypatch, caplog):
+    import errno
+
+    import chunk_cache.disk
+
+    def full_disk(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    store = KVStore(tmp_path / "kv", MODEL)
+    monkeypatch.setattr(chunk_cache.disk, "atomic_write_bytes", full_disk)
+    store.put(make_key(1), make_kv(1))
+    assert same(store.get(make_key(1)), make_kv(1))
+    assert "No space left" in caplog.text
+    monkeypatch.undo()
+    assert KVStore(tmp_path / "kv", MODEL).get(make_key(1)) is None
+
+
 # -- integrity ------------------------------------------------------------------------------------
 def flip_byte(path: Path, offset_from_end: int) -> None:
     data = bytearray(path.read_bytes())

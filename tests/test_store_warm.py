@@ -31,6 +31,8 @@ runner = CliRunner()
 torch.set_num_threads(1)  # no OpenMP thread pool in this process, so forked children cannot inherit a broken one
 DOCS = [(f"d{i}", f"Topic {i}", f"Document {i} says that item {i} relates to item {i * 7 % 40} in study {i % 5}.")
         for i in range(40)]
+QUERIES = [("q1", "item 3 relates"), ("q2", "study 4 item 9"), ("q3", "topic 12 document")]
+QRELS = [("q1", "d3", 1), ("q2", "d9", 1), ("q3", "d12", 1)]
 TRIALS = 20
 
 
@@ -51,7 +53,7 @@ def tiny(tmp_path_factory):
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         if (tokenizer_dir / name).exists():
             shutil.copy(tokenizer_dir / name, folder / "model" / name)
-    make_beir(folder / "data", docs=DOCS)
+    make_beir(folder / "data", docs=DOCS, queries=QUERIES, qrels=QRELS)
     cfg = make_config(folder, extra=f'[generator]\nmodel = "{folder / "model"}"\ndevice = "cpu"\n'
                                     f'[cache]\ndir = "{folder / "kv"}"\n')
     assert runner.invoke(app, ["index", str(cfg), "-q"]).exit_code == 0
@@ -75,8 +77,10 @@ def entry_files(root: Path) -> list[Path]:
 def test_warm_stats_repair_mismatch_and_clear(tiny):
     cfg, root = tiny
     clear_cache(root)
-    result = warm(cfg)
-    assert result.exit_code == 0 and f"warmed {len(DOCS)} chunks" in result.stdout
+    result = warm(cfg, "--top", "3")  # the 3 chunks retrieved most often for the config's queries
+    assert result.exit_code == 0 and result.stdout.startswith("warmed 3 chunks")
+    assert stats(cfg)["entries"] == 3 + 1
+    assert warm(cfg).stdout.startswith(f"warmed {len(DOCS) - 3} chunks")
     info = stats(cfg)
     assert info["entries"] == len(DOCS) + 1  # every chunk and the shared prefix
     assert warm(cfg).stdout.startswith("warmed 0 chunks")

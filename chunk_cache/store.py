@@ -272,7 +272,8 @@ def cache_stats(root: Path, budget: int = 20 << 30, verify: bool = False, top: i
         return None
     disk = DiskTier(root, manifest["model"], budget, make_policy("lru"))
     now = tick()
-    rows = sorted((_entry_row(d, "disk", u, now) for d, u in disk.usage.items()), key=lambda r: (-r["hits"], r["digest"]))
+    rows = sorted((_entry_row(d, "disk", u, now) for d, u in disk.usage.items()),
+                  key=lambda r: (-r["hits"], r["digest"]))
     ages = [r["age_s"] for r in rows]
     info = {"dir": str(root), "model": manifest["model"], "dtypes": manifest.get("dtypes", []),
             "entries": len(rows), "bytes": disk.bytes, "budget": budget, "hits": sum(r["hits"] for r in rows),

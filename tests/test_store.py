@@ -372,10 +372,12 @@ def test_torn_journal_line_and_unlisted_files_are_reconciled(tmp_path):
     store.put(make_key(1), make_kv(1))
     with open(root / JOURNAL, "ab") as fh:
         fh.write(b'{"op":"put","d":"ab')  # a writer died mid-line
-    entry_path(root, make_key(1)).parent.joinpath(f".{make_key(1).digest()}.safetensors.tmp-999999999-ab12").write_bytes(b"x")
+    dead_writer_tmp = f".{make_key(1).digest()}.safetensors.tmp-999999999-ab12"  # pid 999999999 is not alive
+    entry_path(root, make_key(1)).parent.joinpath(dead_writer_tmp).write_bytes(b"x")
     fresh = KVStore(root, MODEL)
     fresh.put(make_key(2), make_kv(2))
-    assert {e["digest"] for e in KVStore(root, MODEL).stats()["entries"]} == {make_key(1).digest(), make_key(2).digest()}
+    listed = {e["digest"] for e in KVStore(root, MODEL).stats()["entries"]}
+    assert listed == {make_key(1).digest(), make_key(2).digest()}
     assert not list(root.rglob("*.tmp-*"))
     lines = (root / JOURNAL).read_bytes().split(b"\n")
     assert b'{"op":"put","d":"ab' in lines  # the torn line stands alone; every other line parses

@@ -61,8 +61,8 @@ def run_workers(tmp_path: Path, ranges: list[tuple[int, int]], disk_bytes: int, 
     # fork: separate processes (own file locks and descriptors) without paying a torch import each
     ctx = multiprocessing.get_context("fork")
     start_together = ctx.Barrier(len(ranges))
-    procs = [ctx.Process(target=warm_and_read, args=(str(tmp_path / "kv"), first, last, disk_bytes, eviction, start_together,
-                                                     str(tmp_path / f"result{i}.json")))
+    procs = [ctx.Process(target=warm_and_read, args=(str(tmp_path / "kv"), first, last, disk_bytes, eviction,
+                                                     start_together, str(tmp_path / f"result{i}.json")))
              for i, (first, last) in enumerate(ranges)]
     for proc in procs:
         proc.start()

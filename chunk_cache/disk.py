@@ -115,12 +115,10 @@ class DiskTier:
         self._dtypes: list[str] = []
         self._pending: list[dict] = []  # hit records not yet in the journal
         self._early_hits: dict[str, list[float]] = {}  # hit times of entries whose put record is not seen yet
-        if self.root.exists() and not self.root.is_dir():
-            raise InputError(self.root, "the KV cache folder is a file", hint="set cache.dir to a folder")
+        _refuse_foreign_folder(self.root)
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = FileLock(str(self.root / LOCK))
         with self._lock:
-            _refuse_foreign_folder(self.root)
             self._open_manifest()
             self._sync()
             self._reconcile()
@@ -394,8 +392,11 @@ def clear_files(root: Path) -> int:
 
 
 def _refuse_foreign_folder(root: Path) -> None:
-    """Refuse to turn an unrelated, non-empty folder into a cache (and so to clear it later)."""
-    if not (root / MANIFEST).exists() and not (root / ENTRIES).exists():
+    """Refuse to turn a file or an unrelated, non-empty folder into a cache (and so to clear it later).
+    A lock file or a half-written manifest is another process creating the cache right now."""
+    if root.exists() and not root.is_dir():
+        raise InputError(root, "the KV cache folder is a file", hint="set cache.dir to a folder")
+    if root.is_dir() and not (root / MANIFEST).exists() and not (root / ENTRIES).exists():
         if any(p.name != LOCK and not p.name.startswith(f".{MANIFEST}.tmp-") for p in root.iterdir()):
             raise InputError(root, "is not empty and is not a ragkit KV cache (no manifest.json)",
                              hint="set cache.dir to a new or empty folder")

@@ -340,6 +340,7 @@ def test_bad_manifests_and_foreign_folders_are_refused(tmp_path):
     (foreign / "thesis.tex").write_text("x")
     with pytest.raises(InputError, match="not a ragkit KV cache"):
         KVStore(foreign, MODEL)
+    assert [p.name for p in foreign.iterdir()] == ["thesis.tex"]  # not even a lock file left behind
     with pytest.raises(InputError, match="is a file"):
         KVStore(foreign / "thesis.tex", MODEL)
     (foreign / MANIFEST).write_text(json.dumps({"name": "someone else's"}))

@@ -124,7 +124,7 @@ def test_host_tier_matches_a_reference_lru_under_random_traffic():
         assert resident == {make_key(m).digest() for m in reference}
 
 
-def test_value_policy_keeps_costly_frequent_entries_where_lru_would_not():
+def test_value_policy_keeps_a_costly_entry_that_lru_evicts():
     def run(policy: str) -> set[int]:
         store = KVStore(None, MODEL, host_bytes=3 * ENTRY_BYTES, eviction=policy)
         store.put(make_key(0), make_kv(0), recompute_cost_s=10.0)  # costly, used once
@@ -195,6 +195,30 @@ def test_disk_budget_evicts_files_least_recently_used_first(tmp_path):
     big = KVStore(root, MODEL, host_bytes=0, disk_bytes=10)
     big.put(make_key(9), make_kv(9, tokens=64))
     assert not entry_path(root, make_key(9)).exists()
+
+
+def test_disk_tier_matches_a_reference_lru_under_random_traffic(tmp_path):
+    rng = random.Random(1)
+    capacity = 4
+    file_bytes = len(entry_path_bytes(tmp_path))
+    store = KVStore(tmp_path / "kv", MODEL, host_bytes=0, disk_bytes=capacity * file_bytes)  # every get reads disk
+    reference: OrderedDict[int, None] = OrderedDict()
+    for _ in range(150):
+        n = rng.randrange(9)
+        if rng.random() < 0.4:
+            store.put(make_key(n), make_kv(n))
+            reference[n] = None
+            reference.move_to_end(n)
+            while len(reference) > capacity:
+                reference.popitem(last=False)
+        else:
+            got = store.get(make_key(n))
+            assert (got is not None) == (n in reference)
+            if n in reference:
+                assert same(got, make_kv(n))
+                reference.move_to_end(n)
+        on_disk = {m for m in range(9) if entry_path(tmp_path / "kv", make_key(m)).exists()}
+        assert on_disk == set(reference)
 
 
 def entry_path_bytes(tmp_path: Path) -> bytes:

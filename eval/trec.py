@@ -20,8 +20,13 @@ def read_trec_run(path: str | Path) -> Run:
     rankings: dict[str, list[Hit]] = {}
     seen: dict[str, set[str]] = {}
     tag = "ragkit"
-    with open(path, encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, 1):
+    with open(path, "rb") as fh:
+        for line_no, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise InputError(path, f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})",
+                                 line=line_no, hint="re-encode the run file as UTF-8") from None
             if not line.strip():
                 continue
             parts = line.split()

@@ -27,6 +27,9 @@ ARCHITECTURES = {"LlamaForCausalLM": False, "MistralForCausalLM": False, "Qwen2F
 ROPE_TYPES = ["default", "linear", "llama3", "yarn"]
 
 
+_REQUIRED_KEYS = ("hidden_size", "num_attention_heads", "vocab_size", "num_hidden_layers", "intermediate_size")
+
+
 @dataclass(frozen=True)
 class ModelArgs:
     architecture: str
@@ -44,11 +47,19 @@ class ModelArgs:
     @classmethod
     def from_folder(cls, folder: Path) -> tuple["ModelArgs", dict]:
         path = folder / "config.json"
-        config = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise InputError(path, f"not valid JSON ({exc})") from None
+        if not isinstance(config, dict):
+            raise InputError(path, "expected a JSON object")
         arch = (config.get("architectures") or ["?"])[0]
         if arch not in ARCHITECTURES:
             raise InputError(path, f"unsupported architecture {arch!r}",
                              hint=f"supported: {', '.join(ARCHITECTURES)}")
+        missing = [key for key in _REQUIRED_KEYS if key not in config]
+        if missing:
+            raise InputError(path, f"missing {', '.join(missing)} for a {arch} model")
         dim, n_heads = config["hidden_size"], config["num_attention_heads"]
         args = cls(
             architecture=arch,
@@ -218,28 +229,39 @@ class Decoder(nn.Module):
         return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v
 
     def finish(self, i: int, x: torch.Tensor, q: torch.Tensor, cache: KVCache, positions: torch.Tensor,
-               causal: bool = False) -> torch.Tensor:
-        """Attention of queries q (rows at `positions` [B, S]) over the cache, then the MLP."""
+               masks: "list[MaskBlock] | str | None" = None) -> torch.Tensor:
+        """Attention of queries q (rows at `positions` [B, S]) over the cache, then the MLP.
+
+        masks: CAUSAL (rows fill the cache from slot 0), the rows' precomputed `attention_masks`
+        (they depend on positions only, so one forward builds them once for all layers), or None.
+        """
         layer = self.layers[i]
         keys, values = cache.keys[i, :, :, : cache.length], cache.values[i, :, :, : cache.length]
-        if causal:
+        if masks == CAUSAL:
             out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=self.softmax_scale,
                                                  enable_gqa=True)
         elif self.ape is not None and cache.context is not None:
             out = ape_attention(q, keys, values, cache.positions[:, : cache.length], positions,
                                 cache.context[: cache.length], self.ape, self.softmax_scale)
         else:
-            out = masked_attention(q, keys, values, cache.positions[:, : cache.length], positions, self.softmax_scale)
+            masks = masks if masks is not None else attention_masks(cache.positions[:, : cache.length], positions)
+            out = masked_attention(q, keys, values, masks, self.softmax_scale)
         B, _, S, _ = q.shape
         x = x + layer.self_attn.o_proj(out.transpose(1, 2).reshape(B, S, -1))
         return x + layer.mlp(layer.post_attention_layernorm(x))
 
     def layer(self, i: int, x: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, cache: KVCache,
-              rope, causal: bool = False) -> torch.Tensor:
+              rope, masks: "list[MaskBlock] | str | None" = None) -> torch.Tensor:
         q, k, v = self.qkv(i, x, rope)
         cache.keys[i, :, :, slots] = k
         cache.values[i, :, :, slots] = v
-        return self.finish(i, x, q, cache, positions, causal)
+        return self.finish(i, x, q, cache, positions, masks)
+
+    def masks_for(self, cache: KVCache, positions: torch.Tensor) -> "list[MaskBlock] | None":
+        """Masks for rows at `positions` over the cache as it is laid out now (None under APE)."""
+        if self.ape is not None and cache.context is not None:
+            return None
+        return attention_masks(cache.positions[:, : cache.length], positions)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(x)).float()
@@ -257,36 +279,44 @@ class Decoder(nn.Module):
         # Rows that fill the cache from slot 0 in order may use SDPA's causal kernel.
         causal = cache.length == tokens.shape[1] and bool((slots == torch.arange(end, device=slots.device)).all()) \
             and bool((positions == torch.arange(end, device=positions.device)).all())
+        masks = CAUSAL if causal else self.masks_for(cache, positions)
         x = self.embed_tokens(tokens)
         rope = self.rope(positions)
         for i in range(self.args.n_layers):
-            x = self.layer(i, x, positions, slots, cache, rope, causal)
+            x = self.layer(i, x, positions, slots, cache, rope, masks)
         return self.logits(x[:, logits_rows])
 
 
 # Query rows per attention call: each block only reads the keys up to its last row's position,
 # so an explicit mask costs about what a causal kernel does instead of reading every key.
 QUERY_BLOCK = 512
+CAUSAL = "causal"
+MaskBlock = tuple[int, int, int, torch.Tensor]  # query rows [start, end), key slots [0, reach), mask [B, 1, s, reach]
 
 
-def masked_attention(q, keys, values, key_positions, query_positions, scale):
-    """Exact causal attention by position: q [B, H, S, D] over keys/values [B, H_kv, T, D].
+def attention_masks(key_positions: torch.Tensor, query_positions: torch.Tensor) -> list[MaskBlock]:
+    """Exact causal masks by position: a query sees slot t iff 0 <= key_positions[b, t] <= its position.
 
-    key_positions [B, T] (-1 = empty), query_positions [B, S]; returns [B, H, S, D].
+    key_positions [B, T] (-1 = empty), query_positions [B, S]; one entry per block of QUERY_BLOCK rows.
     """
-    S = q.shape[2]
-    outs = []
-    for start in range(0, S, QUERY_BLOCK):
+    blocks = []
+    for start in range(0, query_positions.shape[1], QUERY_BLOCK):
         qpos = query_positions[:, start: start + QUERY_BLOCK]
-        # Keys are laid out in position order except for padding, so the slots a block needs end
-        # at the last slot whose position is <= the block's largest query position.
         allowed = (key_positions[:, None, :] >= 0) & (key_positions[:, None, :] <= qpos[:, :, None])  # [B, s, T]
-        reach = int(allowed.any(dim=(0, 1)).nonzero().max()) + 1 if bool(allowed.any()) else 1
+        # Slots are in position order except for padding: the block needs keys up to the last allowed slot.
+        reachable = allowed.any(dim=(0, 1)).nonzero()
+        reach = int(reachable.max()) + 1 if len(reachable) else 1
         mask = allowed[:, None, :, :reach]
         mask = mask | ~mask.any(-1, keepdim=True)  # padding rows see everything rather than produce NaN
-        outs.append(F.scaled_dot_product_attention(q[:, :, start: start + QUERY_BLOCK], keys[:, :, :reach],
-                                                   values[:, :, :reach], attn_mask=mask, scale=scale,
-                                                   enable_gqa=True))
+        blocks.append((start, start + qpos.shape[1], reach, mask))
+    return blocks
+
+
+def masked_attention(q, keys, values, masks: list[MaskBlock], scale):
+    """q [B, H, S, D] over keys/values [B, H_kv, T, D] under `attention_masks`; returns [B, H, S, D]."""
+    outs = [F.scaled_dot_product_attention(q[:, :, start:end], keys[:, :, :reach], values[:, :, :reach],
+                                           attn_mask=mask, scale=scale, enable_gqa=True)
+            for start, end, reach, mask in masks]
     return torch.cat(outs, dim=2)
 
 

@@ -67,27 +67,33 @@ def convert_gguf(gguf: Path) -> Path:
     return target
 
 
-def resolve_model_dir(spec: str) -> Path:
+def resolve_model_dir(spec: str, key: str = "generator.model") -> Path:
     """A local Hugging Face folder for `spec`: a bundled name, a folder, or a .gguf file."""
     if spec in BUNDLED:
         return convert_gguf(bundled_gguf(spec))
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise ConfigError("generator.model", f"GGUF file not found: {path}")
+            raise ConfigError(key, f"GGUF file not found: {path}")
         return convert_gguf(path)
     if not path.is_dir():
-        raise ConfigError("generator.model", f"not a bundled model name or a local folder: {spec!r}",
+        raise ConfigError(key, f"not a bundled model name or a local folder: {spec!r}",
                           allowed=sorted(BUNDLED) + ["<local HF folder>", "<file.gguf>"])
     if not (path / "config.json").is_file():
         raise InputError(path, "no config.json: not a Hugging Face model folder")
     return path
 
 
-def load_tokenizer(spec: str):
+def load_tokenizer(spec: str, key: str = "generator.model"):
+    """The fast tokenizer of a model (`key` names the config key that chose it, for errors)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(resolve_model_dir(spec)))
+    folder = resolve_model_dir(spec, key)
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError, TypeError) as exc:
+        raise InputError(folder, f"no usable tokenizer in this folder ({str(exc).strip().splitlines()[0]})",
+                         hint=f"check {key}") from None
 
 
 def model_fingerprint(model) -> str:

@@ -19,8 +19,16 @@ SENTENCE_END = (".", "!", "?", "\n", ";", ":")
 def _sentence_breaks(text: str, offsets: Sequence[tuple[int, int]]) -> list[bool]:
     """breaks[i] is True when a chunk may end after token i (the token closes a sentence)."""
     breaks = []
+    last_visible, scanned = "", 0  # the last non-space character of text[:scanned]
     for i, (_start, end) in enumerate(offsets):
-        closing = text[:end].rstrip()[-1:] in SENTENCE_END if end else False
+        if end >= scanned:  # one pass over the text: slicing text[:end] per token was quadratic
+            visible = text[scanned:end].rstrip()
+            last_visible = visible[-1] if visible else last_visible
+            scanned = end
+            before_end = last_visible
+        else:
+            before_end = text[:end].rstrip()[-1:]
+        closing = before_end in SENTENCE_END if end else False
         next_starts_fresh = i + 1 == len(offsets) or text[end:end + 1].isspace() or text[end - 1:end] == "\n"
         breaks.append(closing and next_starts_fresh)
     return breaks

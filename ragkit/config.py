@@ -196,6 +196,9 @@ def _coerce(key: str, value: Any, typ: Any, source: str | None) -> Any:
             except json.JSONDecodeError:
                 value = [v.strip() for v in value.split(",") if v.strip()]
         if isinstance(value, list):
+            item = typ.__args__[0]
+            if item in (int, float, str):
+                return [_coerce(f"{key}[{i}]", v, item, source) for i, v in enumerate(value)]
             return value
     type_name = getattr(typ, "__name__", str(typ))
     raise ConfigError(key, f"expected {type_name}, got {value!r}", source=source)
@@ -232,6 +235,9 @@ def _task_config(cfg: Config, position: int, spec: Any, source: str | None = Non
 
 
 def _check(cfg: Config, source: str | None) -> None:
+    if not cfg.name or cfg.name in (".", "..") or "/" in cfg.name or "\\" in cfg.name:
+        raise ConfigError("name", f"needs a folder name without slashes (it names runs/<name> and "
+                          f"indexes/<name>), got {cfg.name!r}", source=source)
     labels: dict[str, int] = {}
     for position, spec in enumerate(cfg.tasks):
         label = _task_config(cfg, position, spec, source).task

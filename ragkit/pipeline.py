@@ -58,7 +58,9 @@ class Pipeline:
         from generators.weights import load_tokenizer
 
         spec = self.config.chunking.tokenizer
-        return load_tokenizer(self.config.generator.model if spec == "generator" else spec)
+        if spec == "generator":
+            return load_tokenizer(self.config.generator.model)
+        return load_tokenizer(spec, key="chunking.tokenizer")
 
     def _bar(self, iterable=None, **kwargs):
         return tqdm(iterable, disable=not self.progress, dynamic_ncols=True, **kwargs)
@@ -224,7 +226,9 @@ class Pipeline:
             timings={"index_load_or_build_s": round(t_index, 3), "search_s": round(t_search, 3),
                      "qps": round(len(queries) / t_search, 2) if t_search > 0 else None},
             counts={"queries": len(queries), "scored_queries": len(per_query),
-                    "retrievers": len(loaded), "chunks": len(self._chunks or {})},
+                    "retrievers": len(loaded), "chunks": len(self._chunks or {}),
+                    "unjudged_queries_dropped": self.dataset.dropped_queries,
+                    "bad_lines_skipped": self.dataset.skipped.total},
             index_config_hash=cfg.fingerprint(),
         )
         run_dir = cfg.run_dir()

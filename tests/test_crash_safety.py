@@ -10,14 +10,21 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from ragkit.cli import app
+from ragkit.pipeline import Pipeline
 from ragkit.storage import atomic_write_bytes, atomic_write_json, publish_dir, recover_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -164,3 +171,187 @@ def test_atomic_write_killed_mid_write_keeps_old_file(tmp_path):
     assert json.loads(path.read_text()) == {"v": 1}
     atomic_write_bytes(path, b"{}")
     assert path.read_bytes() == b"{}"
+
+
+# -- SIGKILL during `ragkit index` ---------------------------------------------------------------
+
+FORK_TRIALS = 22
+CLI_TRIALS = 2
+QUESTIONS = ["vitamin bone fracture", "w3 w17 w250", "coffee liver w9", "heart statin sleep"]
+
+
+def _write_corpus(root: Path, n_docs: int = 150) -> None:
+    rng = random.Random(6)
+    vocab = [f"w{i}" for i in range(300)] + "vitamin bone fracture heart statin sleep coffee liver".split()
+    (root / "qrels").mkdir(parents=True)
+    with open(root / "corpus.jsonl", "w") as fh:
+        for i in range(n_docs):
+            words = [rng.choice(vocab) for _ in range(rng.randint(30, 150))]
+            text = " ".join(words[: len(words) // 2]) + ". " + " ".join(words[len(words) // 2:]) + "."
+            fh.write(json.dumps({"_id": f"d{i}", "title": f"T{i}", "text": text}) + "\n")
+    with open(root / "queries.jsonl", "w") as fh:
+        for i, question in enumerate(QUESTIONS):
+            fh.write(json.dumps({"_id": f"q{i}", "text": question}) + "\n")
+    (root / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(
+        f"q{i}\td{i}\t1\n" for i in range(len(QUESTIONS))))
+
+
+def _config(tmp_path: Path, index_name: str) -> tuple[Path, Path]:
+    """(config file, its index folder); every config describes the same index."""
+    folder = tmp_path / "indexes" / index_name
+    path = tmp_path / f"{index_name}.toml"
+    path.write_text(f"""
+name = "crash"
+[dataset]
+format = "beir"
+path = "data"
+[chunking]
+size = 64
+overlap = 8
+[retrieval]
+index_dir = "{folder}"
+retrievers = [{{ type = "bm25" }}]
+""")
+    return path, folder
+
+
+def _rankings(config: Path) -> list:
+    """What a fresh process loads: the hits, with scores, for every question."""
+    return Pipeline.from_config(config, progress=False).retrieve_batch(QUESTIONS, k=20)
+
+
+def _temp_folders(folder: Path, pid: int | str = "") -> list[Path]:
+    return list(folder.parent.glob(f".{folder.name}.tmp-{pid}*"))
+
+
+class IndexChecker:
+    """Checks one index folder after a kill and counts what the kills left."""
+
+    def __init__(self, config: Path, folder: Path, reference: list):
+        self.config, self.folder, self.reference = config, folder, reference
+        self.found = {"complete": 0, "absent, rebuilt": 0}
+        self.mid_write = 0
+
+    def check_after_kill(self, rebuild) -> None:
+        if _temp_folders(self.folder):
+            self.mid_write += 1  # killed between publish_dir's start and its final rename
+        recover_dir(self.folder)
+        assert not list(self.folder.parent.glob(f".{self.folder.name}.*")), "a dead writer's folder is left"
+        if (self.folder / "manifest.json").exists():
+            # Every file's checksum is verified on load: a half-written file cannot pass.
+            assert _rankings(self.config) == self.reference
+            self.found["complete"] += 1
+        else:
+            assert not self.folder.exists(), f"partial index folder: {sorted(os.listdir(self.folder))}"
+            rebuild()
+            assert _rankings(self.config) == self.reference
+            self.found["absent, rebuilt"] += 1
+
+
+def _kill_cli_index(config: Path, folder: Path, delay: float | None) -> subprocess.Popen:
+    """Run the real `ragkit index` and SIGKILL it `delay` s after it starts writing (None: before)."""
+    process = subprocess.Popen([sys.executable, "-m", "ragkit.cli", "index", str(config), "--quiet"], cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    if delay is None:
+        time.sleep(0.5)
+    else:
+        deadline = time.monotonic() + 180
+        while not _temp_folders(folder, process.pid) and process.poll() is None:
+            assert time.monotonic() < deadline, "ragkit index never started writing"
+            time.sleep(0.002)
+        time.sleep(delay)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    return process
+
+
+def _fork_builder(pipe: Pipeline) -> int:
+    """A child process that rebuilds the index in a loop until it is killed (30 builds at most)."""
+    child = os.fork()
+    if child == 0:
+        try:
+            for _ in range(30):
+                pipe.index()
+        finally:
+            os._exit(0)
+    return child
+
+
+def _wait_for(condition, what: str, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.001)
+
+
+def _kill(child: int) -> None:
+    os.kill(child, signal.SIGKILL)
+    os.waitpid(child, 0)  # reaped: a zombie would still count as a live writer
+
+
+def test_sigkill_during_index_never_leaves_a_half_index(tmp_path):
+    """Kill index builds at random moments; every later load is complete, or absent and rebuilt."""
+    _write_corpus(tmp_path / "data")
+    config, folder = _config(tmp_path, "fork")
+    Pipeline.from_config(config, progress=False).index()
+    reference = _rankings(config)
+    rng = random.Random(1234)
+
+    # The real CLI runs in the background while the forked trials go on (its start-up takes seconds).
+    cli = [_config(tmp_path, f"cli{i}") for i in range(CLI_TRIALS)]
+    delays = [None] + [rng.uniform(0.0, 0.05) for _ in range(CLI_TRIALS - 1)]
+    killed: list = [None] * CLI_TRIALS
+
+    def cli_trial(i: int) -> None:
+        killed[i] = _kill_cli_index(*cli[i], delays[i])
+
+    threads = [threading.Thread(target=cli_trial, args=(i,)) for i in range(CLI_TRIALS)]
+    for thread in threads:
+        thread.start()
+
+    checker = IndexChecker(config, folder, reference)
+    rebuild = lambda: Pipeline.from_config(config, progress=False).index()  # noqa: E731
+    # Builders are forked from this process, so each trial costs no start-up; the tokenizer is
+    # loaded once (the test is about the writes). Some trials below kill the real CLI instead.
+    builder = Pipeline.from_config(config, progress=False)
+    tokenizer = builder._tokenizer()
+    builder._tokenizer = lambda: tokenizer
+    try:
+        # Time one whole write on this machine now, to spread the kills over a build.
+        child = _fork_builder(builder)
+        _wait_for(lambda: _temp_folders(folder, child), "the first write to start")
+        started = time.monotonic()
+        _wait_for(lambda: not _temp_folders(folder, child), "the first write to finish")
+        write_s = time.monotonic() - started
+        _kill(child)
+        checker.check_after_kill(rebuild)
+
+        for trial in range(FORK_TRIALS):
+            if trial % 4 == 3:
+                shutil.rmtree(folder)  # this kill may hit a first build
+            child = _fork_builder(builder)
+            if trial % 2:
+                # Aim inside the write: wait for the temp folder, then a random short delay.
+                _wait_for(lambda: _temp_folders(folder, child), "a write to start")
+                time.sleep(rng.uniform(0.0, write_s))
+            else:
+                time.sleep(rng.uniform(0.0, 2 * write_s + 0.3))
+            _kill(child)
+            checker.check_after_kill(rebuild)
+    finally:
+        for thread in threads:
+            thread.join(timeout=240)
+
+    assert sum(checker.found.values()) == FORK_TRIALS + 1
+    assert checker.mid_write >= FORK_TRIALS // 4, (checker.found, checker.mid_write)
+
+    runner = CliRunner()
+    for (cli_config, cli_folder), process in zip(cli, killed):
+        assert process is not None and process.returncode == -signal.SIGKILL, process and process.stderr.read()
+
+        def rebuild_with_cli(cli_config=cli_config):
+            result = runner.invoke(app, ["index", str(cli_config), "--quiet"])
+            assert result.exit_code == 0, result.output
+
+        IndexChecker(cli_config, cli_folder, reference).check_after_kill(rebuild=rebuild_with_cli)
+    print(f"index kills: {checker.found}, {checker.mid_write} mid-write; CLI kills: {CLI_TRIALS}")

@@ -3,7 +3,8 @@
 - metrics: every value lies in [0, 1]; a perfect run scores 1.0; recall@k grows with k;
 - RoPE re-rotation: by a then by b equals by a + b; by 0 is the identity; by -a undoes a;
   it preserves each rotated pair's length; a per-token shift equals shifting each token alone;
-- fusion: see the fusion section (RRF and weighted score fusion invariants).
+- fusion: see the fusion section (RRF and weighted score fusion invariants);
+- chunking: the one-pass sentence-break scan equals its direct definition.
 (Chunk span coverage is property-tested in tests/test_chunking.py.)
 """
 
@@ -16,6 +17,7 @@ from hypothesis import strategies as st
 
 from chunk_cache.rope import rerotate
 from eval.retrieval import score_run
+from ragkit.chunking import SENTENCE_END, _sentence_breaks
 from ragkit.types import Hit, Qrels, Run, rank_hits
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -136,3 +138,26 @@ def test_rerotate_matches_rope_at_the_new_position():
 
     for p, d in [(0, 5), (17, 300), (1000, -999), (3, 0)]:
         torch.testing.assert_close(rerotate(rope_at(raw, p), d, INV_FREQ), rope_at(raw, p + d), atol=1e-4, rtol=1e-4)
+
+
+# -- chunking -----------------------------------------------------------------------------------
+
+
+def _sentence_breaks_by_definition(text, offsets):
+    """The direct (quadratic) definition that ragkit.chunking computes in one pass."""
+    breaks = []
+    for i, (_start, end) in enumerate(offsets):
+        closing = text[:end].rstrip()[-1:] in SENTENCE_END if end else False
+        fresh = i + 1 == len(offsets) or text[end:end + 1].isspace() or text[end - 1:end] == "\n"
+        breaks.append(closing and fresh)
+    return breaks
+
+
+@FAST
+@given(text=st.text(alphabet=st.sampled_from(list("ab .!?;:\n\t")), max_size=80), data=st.data())
+def test_sentence_breaks_equal_their_definition(text, data):
+    ends = sorted(data.draw(st.lists(st.integers(0, len(text)), max_size=20)))
+    if data.draw(st.booleans()) and len(ends) > 2:
+        ends[1], ends[2] = ends[2], ends[1]  # out-of-order offsets take the direct path
+    offsets = [(max(0, e - 1), e) for e in ends]
+    assert _sentence_breaks(text, offsets) == _sentence_breaks_by_definition(text, offsets)

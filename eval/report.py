@@ -300,6 +300,7 @@ th, td { border: 1px solid #ccc; padding: 4px 10px; text-align: right; white-spa
 th:first-child, td:first-child { text-align: left; }
 th { background: #eef2f7; cursor: pointer; user-select: none; }
 th.sorted-asc::after { content: " \\2191"; } th.sorted-desc::after { content: " \\2193"; }
+#runs th, #runs td { text-align: left; }
 td.best { font-weight: bold; background: #e6f4ea; }
 .better { color: #137333; } .worse { color: #b3261e; }
 figure { display: inline-block; margin: 0 2em 1em 0; vertical-align: top; }

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Callable, List, Optional
@@ -53,6 +54,8 @@ def _pipeline(config: Path, overrides: Optional[List[str]], quiet: bool = False,
     from ragkit.config import parse_overrides
     from ragkit.pipeline import Pipeline
 
+    if quiet:  # also silences the bars of libraries underneath (sentence-transformers, datasets)
+        os.environ["TQDM_DISABLE"] = "1"
     return Pipeline.from_config(config, overrides=parse_overrides(overrides or []), progress=not quiet,
                                 skip_bad_lines=skip_bad_lines)
 

@@ -3,7 +3,9 @@
 - metrics: every value lies in [0, 1]; a perfect run scores 1.0; recall@k grows with k;
 - RoPE re-rotation: by a then by b equals by a + b; by 0 is the identity; by -a undoes a;
   it preserves each rotated pair's length; a per-token shift equals shifting each token alone;
-- fusion: see the fusion section (RRF and weighted score fusion invariants);
+- fusion (RRF and weighted): a ranking of the union whose top-k is a prefix; independent of the
+  retrievers' order; fusing a list with itself keeps it; min-max fusion ignores affine score
+  scales; RRF never ranks a document below one it beats in every list;
 - chunking: the one-pass sentence-break scan equals its direct definition.
 (Chunk span coverage is property-tested in tests/test_chunking.py.)
 """
@@ -17,6 +19,7 @@ from hypothesis import strategies as st
 
 from chunk_cache.rope import rerotate
 from eval.retrieval import score_run
+from retrievers.fusion import fuse
 from ragkit.chunking import SENTENCE_END, _sentence_breaks
 from ragkit.types import Hit, Qrels, Run, rank_hits
 
@@ -138,6 +141,74 @@ def test_rerotate_matches_rope_at_the_new_position():
 
     for p, d in [(0, 5), (17, 300), (1000, -999), (3, 0)]:
         torch.testing.assert_close(rerotate(rope_at(raw, p), d, INV_FREQ), rope_at(raw, p + d), atol=1e-4, rtol=1e-4)
+
+
+# -- fusion -------------------------------------------------------------------------------------
+
+fusion_ids = st.sampled_from([f"c{i}" for i in range(10)])
+# Integer scores make ties likely and keep affine rescaling exact in float64.
+result_list = st.dictionaries(fusion_ids, st.integers(-20, 20), max_size=10).map(rank_hits)
+result_lists = st.lists(result_list, min_size=1, max_size=4)
+fusion_method = st.sampled_from([("rrf", "minmax"), ("weighted", "minmax"), ("weighted", "zscore")])
+
+
+def _fused(lists, method, k=100, weights=None):
+    return fuse([[hits] for hits in lists], method[0], k=k, weights=weights, normalization=method[1])[0]
+
+
+@FAST
+@given(lists=result_lists, method=fusion_method, k=st.integers(1, 12))
+def test_fusion_is_a_ranking_of_the_union_and_k_is_a_prefix(lists, method, k):
+    full = _fused(lists, method)
+    assert {h.id for h in full} == {h.id for hits in lists for h in hits}
+    assert [h.rank for h in full] == list(range(1, len(full) + 1))
+    assert all((a.score, b.id) >= (b.score, a.id) for a, b in zip(full, full[1:]))  # score desc, then id asc
+    assert _fused(lists, method, k=k) == full[:k]
+
+
+@FAST
+@given(lists=result_lists, method=fusion_method, data=st.data())
+def test_fusion_ignores_the_order_of_retrievers(lists, method, data):
+    weights = data.draw(st.lists(st.floats(0.1, 3.0), min_size=len(lists), max_size=len(lists)))
+    order = data.draw(st.permutations(range(len(lists))))
+    fused = _fused(lists, method, weights=weights)
+    swapped = _fused([lists[i] for i in order], method, weights=[weights[i] for i in order])
+    assert {h.id: h.score for h in swapped} == pytest.approx({h.id: h.score for h in fused})
+    # Summing in another order may move a score by an ulp: only such near-ties may swap.
+    canonical = lambda hits: [h.id for h in sorted(hits, key=lambda h: (-round(h.score, 9), h.id))]  # noqa: E731
+    assert canonical(swapped) == canonical(fused)
+
+
+@FAST
+@given(hits=result_list, method=fusion_method, copies=st.integers(1, 3))
+def test_fusing_one_ranking_with_itself_keeps_its_order(hits, method, copies):
+    assert [h.id for h in _fused([hits] * copies, method)] == [h.id for h in hits]
+
+
+@FAST
+@given(lists=result_lists, scale=st.integers(1, 8), shift=st.integers(-50, 50), weight_scale=st.integers(1, 4))
+def test_minmax_fusion_ignores_affine_score_scales_and_weight_scale(lists, scale, shift, weight_scale):
+    method = ("weighted", "minmax")
+    rescaled = [rank_hits({h.id: scale * h.score + shift for h in hits}) for hits in lists]
+    weights = [1.0 + i for i in range(len(lists))]
+    expected = _fused(lists, method, weights=weights)
+    assert _fused(rescaled, method, weights=weights) == expected
+    fused = _fused(lists, method, weights=[weight_scale * w for w in weights])
+    assert [h.id for h in fused] == [h.id for h in expected]
+    assert all(-1e-9 <= h.score <= weight_scale * sum(weights) + 1e-9 for h in fused)
+
+
+@FAST
+@given(lists=result_lists.filter(lambda ls: any(ls)), data=st.data())
+def test_rrf_favours_a_document_that_is_ahead_everywhere(lists, data):
+    """d listed wherever e is, and ranked above it in each such list, never ends below e."""
+    union = sorted({h.id for hits in lists for h in hits})
+    d, e = data.draw(st.sampled_from(union)), data.draw(st.sampled_from(union))
+    rank = [{h.id: h.rank for h in hits} for hits in lists]
+    dominates = all((d in r) and (e not in r or r[d] <= r[e]) for r in rank if d in r or e in r)
+    scores = {h.id: h.score for h in _fused(lists, ("rrf", "minmax"))}
+    if dominates:
+        assert scores[d] >= scores[e]
 
 
 # -- chunking -----------------------------------------------------------------------------------

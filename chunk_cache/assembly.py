@@ -68,6 +68,7 @@ def encode_chunk(model, prefix: ChunkKV, chunk_ids: list[int] | tuple[int, ...])
     inter = torch.zeros(n_chunk)
     ratio_sum = 0.0
     causal = torch.ones(n_chunk, n_prefix + n_chunk, dtype=torch.bool, device=model.device).tril(n_prefix)
+    masks = model.masks_for(cache, positions)
     for i in range(model.args.n_layers):
         q, k, v = model.qkv(i, x, rope)
         cache.keys[i, :, :, slots] = k
@@ -79,7 +80,7 @@ def encode_chunk(model, prefix: ChunkKV, chunk_ids: list[int] | tuple[int, ...])
         mean_inter = outside.sum() / (n_chunk * max(n_prefix - 1, 1))
         mean_intra = inside / (n_chunk * (n_chunk + 1) / 2)
         ratio_sum += float(mean_inter / mean_intra)
-        x = model.finish(i, x, q, cache, positions)
+        x = model.finish(i, x, q, cache, positions, masks)
     cci = torch.sigmoid(torch.tensor([ratio_sum / model.args.n_layers]))
     return ChunkKV(keys=cache.keys[:, 0, :, n_prefix:].clone(), values=cache.values[:, 0, :, n_prefix:].clone(),
                    start=n_prefix, extras={"inter": inter / model.args.n_layers, "cci": cci})

@@ -80,10 +80,11 @@ def _blend(model, layout: Layout, cache, settings: ReuseSettings):
     cache.positions[0, slots] = positions[0]
     x = model.embed_tokens(layout.token_ids[idx][None].to(device))
     rope = model.rope(positions)
+    masks = model.masks_for(cache, positions)
     n_layers = model.args.n_layers
     check = min(settings.full_layers, n_layers)
     for i in range(check):
-        x = model.layer(i, x, positions, slots, cache, rope)
+        x = model.layer(i, x, positions, slots, cache, rope, masks)
     candidates = (layout.reused & ~layout.exact)[idx]  # reused rows among `idx`
     keep = ~candidates  # computed rows (separators, uncached chunks, question) always run
     if check < n_layers:
@@ -98,9 +99,10 @@ def _blend(model, layout: Layout, cache, settings: ReuseSettings):
         cache.values[check, :, :, slots] = v
         sel = keep.nonzero()[:, 0].to(device)
         x, positions, slots, rope = x[:, sel], positions[:, sel], slots[sel], (rope[0][:, :, sel], rope[1][:, :, sel])
-        x = model.finish(check, x, q[:, :, sel], cache, positions)
+        masks = model.masks_for(cache, positions)
+        x = model.finish(check, x, q[:, :, sel], cache, positions, masks)
         for i in range(check + 1, n_layers):
-            x = model.layer(i, x, positions, slots, cache, rope)
+            x = model.layer(i, x, positions, slots, cache, rope, masks)
     rows = torch.zeros(layout.size, dtype=torch.bool)
     rows[idx[keep]] = True
     return model.logits(x[:, -1:])[0, -1], rows

@@ -13,7 +13,7 @@ import torch
 from chunk_cache.rope import rerotate
 from chunk_cache.store import KVStore
 from generators import model as model_module
-from generators.model import ape_attention, masked_attention, rope_frequencies
+from generators.model import ape_attention, attention_masks, masked_attention, rope_frequencies
 from ragkit.config import CacheConfig, GeneratorConfig
 from ragkit.errors import ConfigError, IndexMismatchError
 from ragkit.types import Chunk, token_hash
@@ -72,7 +72,7 @@ def test_masked_attention_is_exactly_causal_for_scattered_rows(monkeypatch):
     key_pos[0, 40:45] = -1  # empty slots
     rows = torch.tensor([3, 4, 17, 18, 19, 33, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59])
     q = torch.randn(1, 6, len(rows), 16, generator=g)
-    got = masked_attention(q, k, v, key_pos, rows[None], 0.25)
+    got = masked_attention(q, k, v, attention_masks(key_pos, rows[None]), 0.25)
     assert torch.allclose(got, _reference_attention(q, k, v, key_pos, rows[None], 0.25), atol=1e-5)
 
 
@@ -85,7 +85,7 @@ def test_ape_attention_at_t_s_one_is_ordinary_attention_and_reweights_otherwise(
     context[5:20] = True
     q = torch.randn(1, 2, 4, 8, generator=g)
     query_pos = torch.tensor([[26, 27, 28, 29]])
-    plain = masked_attention(q, k, v, key_pos, query_pos, 0.3)
+    plain = masked_attention(q, k, v, attention_masks(key_pos, query_pos), 0.3)
     assert torch.allclose(ape_attention(q, k, v, key_pos, query_pos, context, (1.0, 1.0), 0.3), plain, atol=1e-5)
     assert not torch.allclose(ape_attention(q, k, v, key_pos, query_pos, context, (0.9, 0.9), 0.3), plain, atol=1e-3)
 

@@ -56,7 +56,8 @@ class ChunkKV:
         """The same KV on `device` (self if already there); `pin` page-locks host copies for fast uploads."""
         device = torch.device(device)
         tensors = [self.keys, self.values, *self.extras.values()]
-        if all(t.device == device for t in tensors) and not (pin and not self.keys.is_pinned()):
+        on_device = all(t.device.type == device.type and device.index in (None, t.device.index) for t in tensors)
+        if on_device and not (pin and not self.keys.is_pinned()):  # "cuda" matches tensors on "cuda:0"
             return self
 
         def move(t: torch.Tensor) -> torch.Tensor:

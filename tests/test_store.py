@@ -88,6 +88,11 @@ def test_disk_round_trip_is_bit_exact_across_processes_views(tmp_path, dtype, na
     assert json.loads((tmp_path / "kv" / MANIFEST).read_text())["dtypes"] == [name]
 
 
+def test_to_the_same_device_is_free():
+    kv = make_kv(1)
+    assert kv.to("cpu") is kv and kv.to(torch.device("cpu")) is kv
+
+
 def test_put_rejects_tensors_that_do_not_match_the_key():
     store = KVStore(None, MODEL)
     with pytest.raises(ValueError, match="dtype"):

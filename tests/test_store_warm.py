@@ -169,3 +169,30 @@ def test_sigkill_during_cache_warm_leaves_only_complete_entries(tiny, tmp_path):
 
     run(None)  # a later warm completes the cache
     assert stats(cfg, "--verify")["verified"] == {"ok": len(expected), "dropped": {}}
+
+
+def test_sigkill_of_a_real_ragkit_process_mid_warm(tiny):
+    """The same through a fresh interpreter, killed once its first entries are on disk."""
+    import subprocess
+    import sys
+
+    cfg, root = tiny
+    clear_cache(root)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-m", "ragkit.cli", "cache", "warm", str(cfg), "-q"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while len(entry_files(root)) < 3 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.kill()  # SIGKILL
+    proc.wait(30)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()
+    model = json.loads((root / MANIFEST).read_text())["model"]
+    store = KVStore(root, model, host_bytes=0)
+    files = entry_files(root)
+    assert 3 <= len(files) < len(DOCS) + 1 and not list(root.rglob("*.tmp-*"))
+    for path in files:
+        tensors, meta = read_entry(path)  # raises on a half-written file
+        assert store.get(CacheKey(model, meta["dtype"], meta["prefix_hash"], meta["chunk_hash"])) is not None
+    result = warm(cfg)  # the next warm finishes the job
+    assert result.stdout.startswith(f"warmed {len(DOCS) + 1 - len(files)} chunks")

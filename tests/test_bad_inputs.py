@@ -10,6 +10,7 @@ import ast
 import hashlib
 import importlib.util
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -454,3 +455,19 @@ def test_planted_pickle_in_an_index_is_never_unpickled(work):
     manifest_path.write_text(json.dumps(manifest))
     assert_user_error(invoke("query", work / "pipeline.toml", "cats", "--quiet"), "retriever-0", "unreadable index")
     assert not marker.exists()
+
+
+# -- the table in docs/bad-inputs.md --------------------------------------------------------------
+
+
+def test_every_test_the_bad_input_table_names_exists():
+    table = (ROOT / "docs" / "bad-inputs.md").read_text(encoding="utf-8")
+    rows = [line for line in table.splitlines() if re.match(r"^\| \d+ \|", line)]
+    assert len(rows) >= 30
+    assert [int(row.split("|")[1]) for row in rows] == list(range(1, len(rows) + 1))
+    for row in rows:
+        references = re.findall(r"(test_\w+\.py)::(test_\w+)", row.split("|")[-2])
+        assert references, row
+        for file, function in references:
+            source = (ROOT / "tests" / file).read_text(encoding="utf-8")
+            assert re.search(rf"^def {function}\(", source, re.MULTILINE), f"{file}::{function}"

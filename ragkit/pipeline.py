@@ -22,7 +22,7 @@ import ragkit
 from ragkit.config import Config, load_config
 from ragkit.errors import IndexMismatchError, InputError, RagkitError
 from ragkit.readers import Dataset, open_dataset
-from ragkit.storage import atomic_write_json, publish_dir, recover_dir
+from ragkit.storage import atomic_write_json, folder_lock, publish_dir, recover_dir
 from ragkit.types import Chunk, Hit, Query, Run, rank_hits
 
 # 2: the manifest lists a sha256 per file, checked on every load.
@@ -79,7 +79,7 @@ class Pipeline:
         chunks = list(chunk_documents(docs, tokenizer, cfg.chunking.size, cfg.chunking.overlap))
         built = []
         target = cfg.index_dir()
-        with publish_dir(target) as tmp:
+        with publish_dir(target, lock=True) as tmp:
             _write_chunks(tmp / "chunks.jsonl", chunks)
             for position, spec in enumerate(cfg.retrieval.retrievers):
                 retriever = retrievers.build(spec, position)
@@ -128,26 +128,29 @@ class Pipeline:
         return manifest
 
     def _load_index(self) -> None:
+        folder = self.config.index_dir()
+        recover_dir(folder, lock=True)
+        if folder.parent.exists():
+            with folder_lock(folder, shared=True):  # no `ragkit index` swaps the folder while we read it
+                if (folder / "manifest.json").exists():
+                    self._check_manifest(folder)
+                    self._chunks = {c.id: c for c in _read_chunks(folder / "chunks.jsonl")}
+                    self._retrievers = [self._load_retriever(folder, position, spec)
+                                        for position, spec in enumerate(self.config.retrieval.retrievers)]
+                    return
+        self.index()
+
+    def _load_retriever(self, folder: Path, position: int, spec: dict[str, Any]):
         import retrievers
 
-        folder = self.config.index_dir()
-        recover_dir(folder)
-        if not (folder / "manifest.json").exists():
-            self.index()
-            return
-        self._check_manifest(folder)
-        self._chunks = {c.id: c for c in _read_chunks(folder / "chunks.jsonl")}
-        loaded = []
-        for position, spec in enumerate(self.config.retrieval.retrievers):
-            retriever = retrievers.build(spec, position)
-            sub = folder / f"retriever-{position}"
-            try:
-                retriever.load(sub)
-            except (OSError, ValueError, KeyError, TypeError) as exc:  # files that pass checksums yet do not parse
-                raise IndexMismatchError(f"{sub}: unreadable index ({type(exc).__name__}: {exc}); "
-                                         "rebuild it with `ragkit index`") from None
-            loaded.append(retriever)
-        self._retrievers = loaded
+        retriever = retrievers.build(spec, position)
+        sub = folder / f"retriever-{position}"
+        try:
+            retriever.load(sub)
+        except (OSError, ValueError, KeyError, TypeError) as exc:  # files that pass checksums yet do not parse
+            raise IndexMismatchError(f"{sub}: unreadable index ({type(exc).__name__}: {exc}); "
+                                     "rebuild it with `ragkit index`") from None
+        return retriever
 
     @property
     def retrievers(self) -> list:

@@ -2,6 +2,9 @@
 
 A writer builds the new state under a temporary name beside the target, flushes it, and
 renames it into place, so a reader sees either the old complete state or the new one.
+Where readers open several files of a published folder (an index), they hold
+`folder_lock(target, shared=True)` meanwhile and writers publish with `lock=True`, so that the
+folder cannot be swapped between two of a reader's reads.
 Components may use these helpers: they hold no ragkit state.
 """
 
@@ -11,6 +14,7 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
@@ -61,21 +65,40 @@ def _fsync_tree(root: Path) -> None:
         _fsync_dir(Path(dirpath))
 
 
-def recover_dir(target: str | Path) -> None:
+@contextlib.contextmanager
+def folder_lock(target: str | Path, shared: bool = False) -> Iterator[None]:
+    """Readers of a published folder share this lock; publishing and recovery take it alone.
+
+    It is an flock on `.<name>.lock` beside the folder, released when its holder exits or dies.
+    """
+    target = Path(target)
+    fd = os.open(target.with_name(f".{target.name}.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if sys.platform != "win32":
+            import fcntl
+
+            fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def recover_dir(target: str | Path, lock: bool = False) -> None:
     """Finish or undo a publish that a crash interrupted.
 
     If the target is missing but a complete previous version was set aside, put it back.
-    Left-over temporary folders of dead writers are removed.
+    Left-over temporary folders of dead writers are removed. `lock`: see `publish_dir`.
     """
     target = Path(target)
     parent = target.parent
     if not parent.exists():
         return
-    for old in sorted(parent.glob(f".{target.name}.old-*")):
-        if not target.exists():
-            os.replace(old, target)
-        else:
-            shutil.rmtree(old, ignore_errors=True)
+    with folder_lock(target) if lock else contextlib.nullcontext():
+        for old in sorted(parent.glob(f".{target.name}.old-*")):
+            if not target.exists():
+                os.replace(old, target)
+            else:
+                shutil.rmtree(old, ignore_errors=True)
     for tmp in parent.glob(f".{target.name}.tmp-*"):
         pid = tmp.name.split("-")[-2] if tmp.name.count("-") >= 2 else ""
         if pid.isdigit() and _alive(int(pid)):
@@ -96,14 +119,16 @@ def _alive(pid: int) -> bool:
 
 
 @contextlib.contextmanager
-def publish_dir(target: str | Path) -> Iterator[Path]:
+def publish_dir(target: str | Path, lock: bool = False) -> Iterator[Path]:
     """Yield an empty temporary folder; on success it replaces `target` as one step.
 
-    On an exception the temporary folder is removed and `target` is left untouched.
+    On an exception the temporary folder is removed and `target` is left untouched. With `lock`,
+    the swap waits for readers holding `folder_lock(target, shared=True)` (it leaves an empty
+    `.<name>.lock` file beside the folder).
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    recover_dir(target)
+    recover_dir(target, lock)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
     try:
@@ -113,10 +138,11 @@ def publish_dir(target: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(target, old)
-    os.replace(tmp, target)
+    with folder_lock(target) if lock else contextlib.nullcontext():
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+            os.replace(target, old)
+        os.replace(tmp, target)
     _fsync_dir(target.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

@@ -35,8 +35,9 @@ def _tree(folder: Path) -> dict[str, bytes]:
 
 
 def _siblings(target: Path) -> list[str]:
-    """Hidden temp/old folders that publish_dir leaves beside `target` while it works."""
-    return sorted(p.name for p in target.parent.glob(f".{target.name}.*"))
+    """Hidden temp/old folders that publish_dir leaves beside `target` while it works (the lock
+    file `.<name>.lock` stays, empty, by design)."""
+    return sorted(p.name for p in target.parent.glob(f".{target.name}.*") if p.name != f".{target.name}.lock")
 
 
 def _run_child(code: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -236,7 +237,7 @@ class IndexChecker:
         if _temp_folders(self.folder):
             self.mid_write += 1  # killed between publish_dir's start and its final rename
         recover_dir(self.folder)
-        assert not list(self.folder.parent.glob(f".{self.folder.name}.*")), "a dead writer's folder is left"
+        assert _siblings(self.folder) == [], "a dead writer's folder is left"
         if (self.folder / "manifest.json").exists():
             # Every file's checksum is verified on load: a half-written file cannot pass.
             assert _rankings(self.config) == self.reference
@@ -355,3 +356,54 @@ def test_sigkill_during_index_never_leaves_a_half_index(tmp_path):
 
         IndexChecker(cli_config, cli_folder, reference).check_after_kill(rebuild=rebuild_with_cli)
     print(f"index kills: {checker.found}, {checker.mid_write} mid-write; CLI kills: {CLI_TRIALS}")
+
+
+def test_a_reader_never_sees_the_index_swapped_halfway_through_its_load(tmp_path, monkeypatch):
+    """`ragkit index` publishing while another process loads: the load gets one whole index.
+
+    The reader pauses after checking the manifest and before reading chunks and retrievers; a
+    writer then publishes an index of another corpus into the same folder. The writer has to
+    wait for the reader's shared lock, so the reader loads the old index it checked.
+    """
+    import ragkit.pipeline as pipeline_module
+
+    _write_corpus(tmp_path / "data", n_docs=20)
+    config, folder = _config(tmp_path, "shared")
+    Pipeline.from_config(config, progress=False).index()
+    _write_corpus(tmp_path / "other", n_docs=30)
+    other = tmp_path / "other.toml"
+    other.write_text(config.read_text().replace('path = "data"', 'path = "other"'))
+
+    tokenizer = Pipeline.from_config(config, progress=False)._tokenizer()
+    monkeypatch.setattr(Pipeline, "_tokenizer", lambda self: tokenizer)  # a quick writer
+    go_read, go_write = os.pipe()
+    writer = os.fork()
+    if writer == 0:
+        try:
+            os.read(go_read, 1)
+            Pipeline.from_config(other, progress=False).index()
+        finally:
+            os._exit(0)
+
+    verify = pipeline_module._verify_checksums
+    published_during_load = []
+
+    def verify_then_let_the_writer_go(*args):
+        verify(*args)
+        os.write(go_write, b"x")
+        deadline = time.monotonic() + 3.0  # enough for the writer to publish, were it not blocked
+        while time.monotonic() < deadline and not os.waitpid(writer, os.WNOHANG)[0]:
+            time.sleep(0.01)
+        published_during_load.append(time.monotonic() < deadline)
+
+    monkeypatch.setattr(pipeline_module, "_verify_checksums", verify_then_let_the_writer_go)
+    reader = Pipeline.from_config(config, progress=False)
+    reader.retrieve("vitamin", k=5)
+    monkeypatch.setattr(pipeline_module, "_verify_checksums", verify)
+    if not published_during_load[0]:
+        os.waitpid(writer, 0)
+    assert published_during_load == [False]  # the writer waited for the reader
+    assert {c.split("#")[0] for c in reader._chunks} == {f"d{i}" for i in range(20)}  # the index it checked
+    fresh = Pipeline.from_config(other, progress=False)
+    fresh.retrieve("vitamin", k=1)
+    assert {c.split("#")[0] for c in fresh._chunks} == {f"d{i}" for i in range(30)}  # then the writer's

@@ -15,7 +15,7 @@ from typing import Callable, List, Optional
 
 import typer
 
-from ragkit.errors import RagkitError
+from ragkit.errors import EXIT_USAGE, RagkitError
 
 app = typer.Typer(
     help="ragkit: index a corpus, retrieve, answer with reused chunk KV caches, evaluate and compare.\n\n"
@@ -37,7 +37,8 @@ SkipOpt = typer.Option(False, "--skip-bad-lines", help="Skip malformed corpus/qu
 
 
 def user_errors(func: Callable) -> Callable:
-    """Turn RagkitError into one line on stderr and exit code 2."""
+    """Turn RagkitError, and the file system refusing a read or write (a folder that is a file, no
+    permission, a full disk), into one line on stderr and exit code 2."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
@@ -46,6 +47,12 @@ def user_errors(func: Callable) -> Callable:
         except RagkitError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(exc.exit_code) from None
+        except OSError as exc:
+            where = f"{exc.filename}: " if exc.filename else ""
+            problem = "a file where a folder is needed" if isinstance(exc, (FileExistsError, NotADirectoryError)) \
+                else exc.strerror or str(exc)
+            typer.echo(f"error: {where}{problem} (check the paths in the config and free disk space)", err=True)
+            raise typer.Exit(EXIT_USAGE) from None
 
     return wrapper
 

@@ -241,6 +241,33 @@ def test_ten_megabyte_document_indexes_and_is_found(tmp_path, monkeypatch):
     assert pipe.chunk("big#0").span[0] == 0 and pipe.chunk(top.id).span[1] == len(big)
 
 
+# -- output folders -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command, key", [("index", "retrieval.index_dir"), ("eval", "eval.runs_dir")])
+def test_output_folder_under_a_file(work, command, key):
+    (work / "a-file").write_text("not a folder")
+    result = invoke(command, work / "pipeline.toml", "--quiet", "--set", f"{key}={work / 'a-file' / 'out'}")
+    assert_user_error(result, str(work / "a-file"), "a file where a folder is needed")
+
+
+def test_disk_full_while_indexing_keeps_the_old_index(work, monkeypatch):
+    import errno
+
+    import ragkit.pipeline as pipeline_module
+
+    before = {p.relative_to(work).as_posix(): p.read_bytes() for p in (work / "index").rglob("*") if p.is_file()}
+
+    def full_disk(path, chunks):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(pipeline_module, "_write_chunks", full_disk)
+    assert_user_error(invoke("index", work / "pipeline.toml", "--quiet"), "chunks.jsonl", "No space left on device")
+    after = {p.relative_to(work).as_posix(): p.read_bytes() for p in (work / "index").rglob("*") if p.is_file()}
+    assert after == before
+    assert [p.name for p in work.glob(".index.*") if not p.name.endswith(".lock")] == []
+
+
 # -- saved indexes: integrity, versions, settings ----------------------------------------------
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import uuid
 from pathlib import Path
 from typing import Callable
@@ -17,6 +18,8 @@ from typing import Callable
 import numpy as np
 
 from ragkit.storage import atomic_write_bytes
+
+log = logging.getLogger("ragkit.retrievers")
 
 
 def text_key(text: str) -> bytes:
@@ -35,11 +38,19 @@ class EmbeddingCache:
         self._shards: list[np.ndarray] = []
         self._where: dict[bytes, tuple[int, int]] = {}
         for keys_file in sorted(self.dir.glob("*.keys.npy")):
-            self._open(keys_file)
+            vectors_file = keys_file.with_name(keys_file.name.replace(".keys.npy", ".npy"))
+            try:
+                self._open(keys_file, vectors_file)
+            except (OSError, ValueError) as exc:  # a damaged shard is dropped; its texts get embedded again
+                log.warning("dropping damaged embedding cache shard %s (%s)", keys_file, exc)
+                keys_file.unlink(missing_ok=True)
+                vectors_file.unlink(missing_ok=True)
 
-    def _open(self, keys_file: Path) -> None:
+    def _open(self, keys_file: Path, vectors_file: Path) -> None:
         keys = np.load(keys_file).tobytes()  # (n, 16) uint8
-        vectors = np.load(keys_file.with_name(keys_file.name.replace(".keys.npy", ".npy")), mmap_mode="r")
+        vectors = np.load(vectors_file, mmap_mode="r")
+        if len(keys) % 16 or vectors.ndim != 2 or len(vectors) != len(keys) // 16:
+            raise ValueError(f"{len(keys) // 16} keys for {len(vectors)} vectors")
         shard = len(self._shards)
         self._shards.append(vectors)
         self._where.update((keys[16 * row:16 * row + 16], (shard, row)) for row in range(len(keys) // 16))
@@ -72,4 +83,4 @@ class EmbeddingCache:
         atomic_write_bytes(self.dir / f"{name}.npy", _npy_bytes(np.ascontiguousarray(vectors, dtype=np.float32)))
         keys_file = self.dir / f"{name}.keys.npy"
         atomic_write_bytes(keys_file, _npy_bytes(np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(-1, 16)))
-        self._open(keys_file)
+        self._open(keys_file, self.dir / f"{name}.npy")

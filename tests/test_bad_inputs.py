@@ -328,6 +328,36 @@ def test_retriever_folder_from_another_build_is_refused(work):
                       "checksum mismatch")
 
 
+@pytest.mark.parametrize("damage", ["truncated keys", "truncated vectors", "vectors of another shard"])
+def test_damaged_embedding_cache_shard_is_dropped_and_recomputed(tmp_path, damage, caplog):
+    from retrievers.embedding_cache import EmbeddingCache
+
+    calls = []
+
+    def encode(texts):
+        calls.append(len(texts))
+        return np.array([[len(t), i, 1.0] for i, t in enumerate(texts)], dtype=np.float32)
+
+    texts = ["a cat", "two dogs", "three birds"]
+    first, _ = EmbeddingCache(tmp_path, "enc").embed(texts, encode)
+    EmbeddingCache(tmp_path, "enc").embed(["one more"], encode)
+    keys_file = sorted((tmp_path / "enc").glob("*.keys.npy"), key=lambda p: p.stat().st_mtime_ns)[0]
+    vectors_file = keys_file.with_name(keys_file.name.replace(".keys.npy", ".npy"))
+    if damage == "truncated keys":
+        keys_file.write_bytes(keys_file.read_bytes()[:70])
+    elif damage == "truncated vectors":
+        vectors_file.write_bytes(vectors_file.read_bytes()[:-8])
+    else:
+        other = next(p for p in (tmp_path / "enc").glob("*.npy") if not p.name.endswith("keys.npy")
+                     and p != vectors_file)
+        vectors_file.write_bytes(other.read_bytes())
+    cache = EmbeddingCache(tmp_path, "enc")  # no traceback: the damaged shard is dropped
+    assert "dropping damaged embedding cache shard" in caplog.text
+    assert not keys_file.exists() and not vectors_file.exists() and len(cache) == 1
+    again, encoded = cache.embed(texts, encode)
+    assert encoded == 3 and np.array_equal(again, first)
+
+
 # -- run files and run folders (eval's own cases are in test_eval_*.py) ---------------------------
 
 

@@ -68,8 +68,10 @@ class IVFParams(DenseParams):
 class IVFPQParams(IVFParams):
     m: int = 48  # sub-quantizers; must divide the embedding dimension
     nbits: int = 8
+    # Fetch rerank * k candidates by PQ distance, then re-score them exactly (1: no re-ranking).
+    rerank: int = 4
 
-    positive: ClassVar[tuple[str, ...]] = ("batch_size", "nprobe", "m", "nbits")
+    positive: ClassVar[tuple[str, ...]] = ("batch_size", "nprobe", "m", "nbits", "rerank")
 
 
 _gpu_resources = None
@@ -289,3 +291,16 @@ class IVFPQRetriever(IVFRetriever):
             raise ConfigError(f"{self.key}.m", f"must divide the embedding dimension {dim}, got {self.params.m}")
         return faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, nlist, self.params.m, self.params.nbits,
                                 faiss.METRIC_INNER_PRODUCT)
+
+    def _search_vectors(self, queries: np.ndarray, k: int, allowed: np.ndarray | None) -> tuple[list, list]:
+        """PQ scores are approximate: re-score a wider candidate set with the stored vectors."""
+        if self.params.rerank == 1:
+            return super()._search_vectors(queries, k, allowed)
+        candidate_lists, _ = super()._search_vectors(queries, k * self.params.rerank, allowed)
+        slot_lists, score_lists = [], []
+        for query, candidates in zip(queries, candidate_lists):
+            exact = np.asarray(self.vectors[candidates], dtype=np.float32) @ query
+            order = np.lexsort((self.id_rank[candidates], -exact))[:k]
+            slot_lists.append(candidates[order])
+            score_lists.append(exact[order])
+        return slot_lists, score_lists

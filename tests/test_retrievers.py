@@ -276,3 +276,28 @@ def test_rrf_and_weighted_fusion_by_hand():
 def test_build_rejects_bad_specs(spec, message):
     with pytest.raises(ConfigError, match=message):
         retrievers.build(spec, 2)
+
+
+def test_ivfpq_rerank_recovers_recall_of_exact_search():
+    rng = np.random.default_rng(1)
+    centers = rng.normal(size=(200, 64)).astype(np.float32)
+    vectors = centers[rng.integers(0, 200, 5000)] + rng.normal(size=(5000, 64)).astype(np.float32) * 0.3
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    queries = vectors[:50] + rng.normal(size=(50, 64)).astype(np.float32) * 0.05
+    ids = [f"c{i}" for i in range(len(vectors))]
+    exact = retrievers.build({"type": "dense"})
+    exact.add_vectors(ids, vectors)
+    truth = [{h.id for h in hits} for hits in exact.search_vectors(queries, 10)]
+
+    def recall(rerank):
+        r = retrievers.build({"type": "ivfpq", "nlist": 32, "nprobe": 8, "m": 16, "rerank": rerank})
+        r.add_vectors(ids, vectors)
+        found = r.search_vectors(queries, 10)
+        scores_exact = all(h.score == pytest.approx(float(vectors[int(h.id[1:])] @ queries[i]), abs=1e-5)
+                           for i, hits in enumerate(found) for h in hits)
+        return np.mean([len(truth[i] & {h.id for h in hits}) / 10 for i, hits in enumerate(found)]), scores_exact
+
+    plain, _ = recall(1)
+    reranked, exact_scores = recall(4)
+    assert reranked >= 0.95 and reranked > plain
+    assert exact_scores

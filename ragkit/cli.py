@@ -67,6 +67,19 @@ def _pipeline(config: Path, overrides: Optional[List[str]], quiet: bool = False,
                                 skip_bad_lines=skip_bad_lines)
 
 
+def _print_json(obj) -> None:
+    json.dump(obj, sys.stdout, indent=2, sort_keys=True)
+    sys.stdout.write("\n")
+
+
+def _emit(result: dict, as_json: bool, format_report: Callable[[dict], str]) -> None:
+    """A bench result as JSON on stdout, or as its human-readable table."""
+    if as_json:
+        _print_json(result)
+    else:
+        typer.echo(format_report(result))
+
+
 def _report_skips(pipe) -> None:
     skipped = pipe.dataset.skipped
     if skipped.total:
@@ -128,8 +141,7 @@ def evaluate(
     else:
         _report_skips(pipe)
     if as_json:
-        json.dump(results, sys.stdout, indent=2, sort_keys=True)
-        sys.stdout.write("\n")
+        _print_json(results)
     elif "tasks" in results:
         names = list(results["average"])
         width = max(len("average"), *(len(t) for t in results["tasks"]))
@@ -276,8 +288,7 @@ def cache_stats(
     root, cache = _cache_dir(config, overrides)
     info = read_stats(root, budget=cache.disk_bytes, verify=verify)
     if as_json:
-        json.dump(info, sys.stdout, indent=2, sort_keys=True)
-        sys.stdout.write("\n")
+        _print_json(info)
         return
     if info is None:
         typer.echo(f"no KV cache at {root}")
@@ -352,11 +363,7 @@ def bench_cache(
         ["full", "prefix", "naive", "ape", "blend", "craft", "blend@0.05"], chunks, (5, 10, 20) if sweep_questions else (), 256,
         sweep_questions, retrieval_requests, cap_mib << 20,
         lambda pred, golds: (exact_match(pred, golds), token_f1(pred, golds)), log)
-    if as_json:
-        json.dump(result, sys.stdout, indent=2, sort_keys=True)
-        sys.stdout.write("\n")
-    else:
-        typer.echo(bench.format_report(result))
+    _emit(result, as_json, bench.format_report)
 
 
 @bench_app.command("store")
@@ -374,11 +381,7 @@ def bench_store(
 
     torch.set_num_threads(1)
     result = bench.run(tokens=tuple(tokens or (128, 512, 2048)), entries=entries)
-    if as_json:
-        json.dump(result, sys.stdout, indent=2, sort_keys=True)
-        sys.stdout.write("\n")
-    else:
-        typer.echo(bench.format_report(result))
+    _emit(result, as_json, bench.format_report)
 
 
 @bench_app.command("retrieval")
@@ -397,11 +400,7 @@ def bench_retrieval(
     docs, queries, default_scale = (300, 30, 20_000) if quick else (0, 0, 200_000)
     result = run_retrieval_bench(docs, queries, scale or default_scale, min(reference_queries, queries or 10**9),
                                  log=lambda msg: typer.echo(msg, err=True))
-    if as_json:
-        json.dump(result, sys.stdout, indent=2, sort_keys=True)
-        sys.stdout.write("\n")
-    else:
-        typer.echo(format_report(result))
+    _emit(result, as_json, format_report)
 
 
 def main() -> None:

@@ -336,6 +336,8 @@ def bench_cache(
                                         "x 256-token sweep (0 skips it)."),
     requests: int = typer.Option(40, "--requests", min=0, help="Requests in workload (b) (0 skips it)."),
     cap_mib: int = typer.Option(256, "--cap-mib", min=1, help="Host cache budget in workload (b), MiB."),
+    runs_dir: Optional[Path] = typer.Option(None, "--runs-dir", help="Also write one run folder per mode "
+                                            "(answers, EM/F1, TTFT, KL, agreement) for `ragkit report`."),
     overrides: Optional[List[str]] = SetOpt,
 ) -> None:
     """Reuse modes side by side: TTFT, recompute, agreement with full prefill; (b) recurring SciFact chunks."""
@@ -363,7 +365,29 @@ def bench_cache(
         ["full", "prefix", "naive", "ape", "blend", "craft", "blend@0.05"], chunks, (5, 10, 20) if sweep_questions else (), 256,
         sweep_questions, retrieval_requests, cap_mib << 20,
         lambda pred, golds: (exact_match(pred, golds), token_f1(pred, golds)), log)
+    if runs_dir is not None:
+        _write_mode_runs(runs_dir, cfg, result["modes"])
     _emit(result, as_json, bench.format_report)
+
+
+def _write_mode_runs(runs_dir: Path, cfg, modes: dict) -> None:
+    """One run folder per reuse mode, so the leaderboard can plot answer quality against TTFT."""
+    import ragkit
+    from eval.generation import score_generation
+    from eval.runs import make_results, write_run
+    from ragkit.types import Run
+
+    config = cfg.to_dict()
+    config["dataset"] = {"format": "musique", "path": "data/musique"}
+    for mode, entry in modes.items():
+        records = {f"q{i}": record for i, record in enumerate(entry["per_question"])}
+        golds = {qid: list(record["golds"]) for qid, record in records.items()}
+        aggregate, per_query = score_generation(records, golds)
+        name = f"{cfg.name}-{mode.replace('@', '-r')}"
+        results = make_results(name, "answers", aggregate, per_query, {**config, "name": name},
+                               ragkit_version=ragkit.__version__, task="musique", seed=cfg.seed,
+                               cache_mode=mode, counts={"questions": len(records)})
+        write_run(runs_dir / name, Run({}, name=name), results, {**config, "name": name})
 
 
 @bench_app.command("store")

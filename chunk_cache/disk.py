@@ -47,6 +47,7 @@ SUFFIX = ".safetensors"
 HIT_BATCH = 64  # queued hit records that trigger a journal write
 DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
 _TMP_RE = re.compile(r"^\.[0-9a-f]{64}\.safetensors\.tmp-(\d+)-[0-9a-f]+$")
+_MANIFEST_TMP_RE = re.compile(r"^\.manifest\.json\.tmp-(\d+)-[0-9a-f]+$")
 # Anything a damaged file can make the reader or checksum raise.
 _UNREADABLE = (SafetensorError, OSError, ValueError, KeyError, TypeError, RuntimeError)
 
@@ -246,6 +247,11 @@ class DiskTier:
             elif path.name.endswith(SUFFIX) and DIGEST_RE.match(path.name[:-len(SUFFIX)]):
                 with contextlib.suppress(FileNotFoundError):
                     present[path.name[:-len(SUFFIX)]] = path.stat()
+        for path in self.root.glob(f".{MANIFEST}.tmp-*"):  # a manifest write killed halfway
+            match = _MANIFEST_TMP_RE.match(path.name)
+            if match and not _alive(int(match.group(1))):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
         records = [{"op": "del", "d": d} for d in self.usage if d not in present]
         records += [{"op": "put", "d": d, "n": st.st_size, "t": st.st_mtime}
                     for d, st in present.items() if d not in self.usage or self.usage[d].nbytes != st.st_size]

@@ -7,8 +7,9 @@ naive   every cached chunk reused as rotated; only separators, uncached chunks a
 ape     APE: chunks share positions after the prefix; the question attends to them at temperature T
         and their total weight is rescaled by S (log-sum-exp merge); nothing recomputed.
 blend   CacheBlend: the first `full_layers` layers recompute every non-exact row; at the next layer
-        the reused rows whose fresh V deviates most from the stored V are picked (top `ratio`), and
-        only they (plus every computed row) run through the remaining layers.
+        the reused rows are ranked by how far their fresh V deviates from the stored V, weighted by
+        the attention the question rows pay them; the top `ratio` and every computed row run
+        through the remaining layers.
 craft   Cache-Craft: each chunk recomputes a fraction alpha * CCI * (1 - beta) of its tokens, those
         that attended most outside themselves when cached; beta is the share of the chunk's present
         context that it was encoded with (the shared prefix).
@@ -71,7 +72,11 @@ def _chunk_rows(layout: Layout, segments: list[Segment]) -> torch.Tensor:
 
 
 def _blend(model, layout: Layout, cache, settings: ReuseSettings):
-    """CacheBlend with V deviation after `full_layers` full layers; returns (logits, rows recomputed)."""
+    """CacheBlend after `full_layers` full layers; returns (logits, rows recomputed).
+
+    At the check layer each reused row scores its V deviation times the attention the question
+    rows pay it: a stale row that nothing downstream reads matters less than one the answer reads.
+    """
     device = model.device
     active = ~layout.exact  # rows the full layers compute: everything not known to be exact
     idx = active.nonzero()[:, 0]
@@ -90,13 +95,16 @@ def _blend(model, layout: Layout, cache, settings: ReuseSettings):
     if check < n_layers:
         q, k, v = model.qkv(check, x, rope)
         n_pick = math.ceil(settings.ratio * int(candidates.sum()))
-        if n_pick:
-            stored_v = cache.values[check, :, :, slots]  # [1, H_kv, S, D] before the fresh rows overwrite it
-            deviation = (v.float() - stored_v.float()).pow(2).sum(dim=(0, 1, 3)).cpu()  # [S]
-            deviation[~candidates] = -1.0
-            keep[deviation.topk(n_pick).indices] = True
+        stored_v = cache.values[check, :, :, slots]  # [1, H_kv, S, D] before the fresh rows overwrite it
         cache.keys[check, :, :, slots] = k
         cache.values[check, :, :, slots] = v
+        if n_pick:
+            deviation = (v.float() - stored_v.float()).pow(2).sum(dim=(0, 1, 3))  # [S]
+            tail = idx > int(idx[candidates].max())  # the rows after the last reused one: the question
+            read = _attention_received(model, check, q[:, :, tail.to(device)], positions[:, tail.to(device)], cache)
+            score = (deviation * read[slots]).cpu()
+            score[~candidates] = -1.0
+            keep[score.topk(n_pick).indices] = True
         sel = keep.nonzero()[:, 0].to(device)
         x, positions, slots, rope = x[:, sel], positions[:, sel], slots[sel], (rope[0][:, :, sel], rope[1][:, :, sel])
         masks = model.masks_for(cache, positions)
@@ -106,6 +114,17 @@ def _blend(model, layout: Layout, cache, settings: ReuseSettings):
     rows = torch.zeros(layout.size, dtype=torch.bool)
     rows[idx[keep]] = True
     return model.logits(x[:, -1:])[0, -1], rows
+
+
+def _attention_received(model, layer: int, q: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
+    """Causal attention weight each cache slot gets from queries q [1, H, S, D] at `positions` [1, S],
+    summed over heads and queries; returns [T] fp32 (T = cache.length)."""
+    keys = cache.keys[layer, 0, :, : cache.length]  # [H_kv, T, D]
+    keys = keys.repeat_interleave(q.shape[1] // keys.shape[0], dim=0).float()  # [H, T, D]
+    scores = (q[0].float() @ keys.transpose(1, 2)) * model.softmax_scale  # [H, S, T]
+    key_positions = cache.positions[0, : cache.length]
+    hidden = (key_positions < 0)[None, :] | (key_positions[None, :] > positions[0][:, None])  # [S, T]
+    return scores.masked_fill(hidden[None], float("-inf")).softmax(-1).sum(dim=(0, 1))
 
 
 def _craft_rows(layout: Layout, segments: list[Segment], alpha: float) -> torch.Tensor:

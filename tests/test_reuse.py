@@ -76,6 +76,30 @@ def test_masked_attention_is_exactly_causal_for_scattered_rows(monkeypatch):
     assert torch.allclose(got, _reference_attention(q, k, v, key_pos, rows[None], 0.25), atol=1e-5)
 
 
+def test_attention_received_sums_exact_causal_weights_over_heads_and_queries():
+    """Blend's selection weight: per slot, the attention it receives, against a per-query reference."""
+    from types import SimpleNamespace
+
+    from chunk_cache.reuse import _attention_received
+
+    g = torch.Generator().manual_seed(2)
+    n_layers, kv_heads, heads, T, D = 2, 2, 6, 40, 16
+    key_pos = torch.arange(T)[None].clone()
+    key_pos[0, 30:33] = -1  # empty slots receive nothing
+    cache = SimpleNamespace(keys=torch.randn(n_layers, 1, kv_heads, T, D, generator=g), positions=key_pos, length=T)
+    rows = torch.tensor([[20, 35, 39]])
+    q = torch.randn(1, heads, 3, D, generator=g)
+    got = _attention_received(SimpleNamespace(softmax_scale=0.25), 1, q, rows, cache)
+    expected = torch.zeros(T)
+    for h in range(heads):
+        for s, position in enumerate(rows[0].tolist()):
+            visible = (key_pos[0] >= 0) & (key_pos[0] <= position)
+            scores = cache.keys[1, 0, h // (heads // kv_heads)][visible] @ q[0, h, s] * 0.25
+            expected[visible] += scores.softmax(-1)
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert got[30:33].abs().max() == 0 and abs(float(got.sum()) - heads * 3) < 1e-4
+
+
 def test_ape_attention_at_t_s_one_is_ordinary_attention_and_reweights_otherwise():
     g = torch.Generator().manual_seed(1)
     T = 30

@@ -106,14 +106,14 @@ def test_put_rejects_tensors_that_do_not_match_the_key():
 
 
 # -- eviction -----------------------------------------------------------------------------------
-def test_host_tier_matches_a_reference_lru_under_random_traffic():
-    rng = random.Random(0)
-    capacity = 5
-    store = KVStore(None, MODEL, host_bytes=capacity * ENTRY_BYTES)
+def lru_traffic(store: KVStore, seed: int, steps: int, keys: int, capacity: int, put_share: float):
+    """Random puts and gets against `store`, checked step by step against a reference LRU of
+    `capacity` entries; yields the reference's resident keys after each step."""
+    rng = random.Random(seed)
     reference: OrderedDict[int, None] = OrderedDict()
-    for _ in range(400):
-        n = rng.randrange(12)
-        if rng.random() < 0.5:
+    for _ in range(steps):
+        n = rng.randrange(keys)
+        if rng.random() < put_share:
             store.put(make_key(n), make_kv(n))
             reference[n] = None
             reference.move_to_end(n)
@@ -125,6 +125,13 @@ def test_host_tier_matches_a_reference_lru_under_random_traffic():
             if n in reference:
                 assert same(got, make_kv(n))
                 reference.move_to_end(n)
+        yield set(reference)
+
+
+def test_host_tier_matches_a_reference_lru_under_random_traffic():
+    capacity = 5
+    store = KVStore(None, MODEL, host_bytes=capacity * ENTRY_BYTES)
+    for reference in lru_traffic(store, seed=0, steps=400, keys=12, capacity=capacity, put_share=0.5):
         resident = {e["digest"] for e in store.stats()["entries"]}
         assert resident == {make_key(m).digest() for m in reference}
 
@@ -203,27 +210,12 @@ def test_disk_budget_evicts_files_least_recently_used_first(tmp_path):
 
 
 def test_disk_tier_matches_a_reference_lru_under_random_traffic(tmp_path):
-    rng = random.Random(1)
     capacity = 4
     file_bytes = len(entry_path_bytes(tmp_path))
     store = KVStore(tmp_path / "kv", MODEL, host_bytes=0, disk_bytes=capacity * file_bytes)  # every get reads disk
-    reference: OrderedDict[int, None] = OrderedDict()
-    for _ in range(150):
-        n = rng.randrange(9)
-        if rng.random() < 0.4:
-            store.put(make_key(n), make_kv(n))
-            reference[n] = None
-            reference.move_to_end(n)
-            while len(reference) > capacity:
-                reference.popitem(last=False)
-        else:
-            got = store.get(make_key(n))
-            assert (got is not None) == (n in reference)
-            if n in reference:
-                assert same(got, make_kv(n))
-                reference.move_to_end(n)
+    for reference in lru_traffic(store, seed=1, steps=150, keys=9, capacity=capacity, put_share=0.4):
         on_disk = {m for m in range(9) if entry_path(tmp_path / "kv", make_key(m)).exists()}
-        assert on_disk == set(reference)
+        assert on_disk == reference
 
 
 def entry_path_bytes(tmp_path: Path) -> bytes:

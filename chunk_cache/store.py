@@ -30,7 +30,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class CacheKey:
     model: str  # model fingerprint (from generators; opaque here)
     dtype: str  # "float32" | "bfloat16"
-    prefix_hash: str  # token_hash of the shared prefix ids the chunk was encoded behind
+    prefix_hash: str  # token_hash of the ids the chunk was encoded behind (the shared prefix, an exact
+    # prefix, or a caller's marker such as generators' "<prefix hash>+context" for rows computed in a request)
     chunk_hash: str  # token_hash(chunk token ids) == Chunk.content_hash
 
     def digest(self) -> str:

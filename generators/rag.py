@@ -69,6 +69,9 @@ class RagGenerator:
             device_bytes=cache["device_bytes"], host_bytes=cache["host_bytes"], disk_bytes=cache["disk_bytes"],
             eviction=cache["eviction"])
         self.head_hash = token_hash(self.prompt.head_ids)
+        # Rows a request computed for a missed chunk, stored as they are (LMCache, Cache-Craft): encoded
+        # behind the shared prefix *and* that request's earlier chunks, so never exact anywhere else.
+        self.in_context_hash = self.head_hash + "+context"
         self._prefix_kv: ChunkKV | None = None
 
     # --- cache keys and entries ------------------------------------------------------------
@@ -121,7 +124,7 @@ class RagGenerator:
         segments = self.prompt.segments(question, chunks)
         entries: dict[int, ChunkKV] = {}
         exact: set[int] = set()
-        misses: list[int] = []  # chunks computed in place, to encode and store afterwards
+        misses: list[tuple[int, CacheKey]] = []  # chunks computed in place, stored afterwards under the key
         prefix_misses: list[tuple[int, CacheKey]] = []  # prefix mode: chunks to store under their exact key
         if settings.mode != "full":
             entries[0], exact = self.prefix_kv(), {0}
@@ -140,10 +143,13 @@ class RagGenerator:
                         shared_key = self.key(self.head_hash, seg.token_ids)
                         if not leading or shared_key != exact_key:
                             kv = self.store.get(shared_key)
+                        if kv is None:
+                            kv = self.store.get(self.key(self.in_context_hash, seg.token_ids))
                         if kv is None and settings.mode == "ape":  # APE cannot compute a chunk in place
                             kv = self.encode(seg.token_ids)
-                        if kv is None:
-                            misses.append(index)
+                        if kv is None:  # directly behind the prefix its computed rows are the shared encoding
+                            misses.append((index, shared_key if shared_key == exact_key else
+                                           self.key(self.in_context_hash, seg.token_ids)))
                         else:
                             entries[index] = kv
                     leading = leading and index in exact
@@ -153,7 +159,8 @@ class RagGenerator:
         result = prefill(self.model, layout, cache, segments, settings)
         next_position = int(layout.positions[-1]) + 1
         stats = {"cache_hits": sum(1 for i in entries if i != 0), "context_tokens": result.context,
-                 "recomputed_tokens": result.recomputed_context, "misses": [segments[i] for i in misses],
+                 "recomputed_tokens": result.recomputed_context,
+                 "misses": [(layout.spans[i], int(layout.positions[layout.spans[i][0]]), key) for i, key in misses],
                  "prefix_misses": [(layout.spans[i], key) for i, key in prefix_misses], "mode": settings.mode}
         return result.logits, cache, next_position, stats
 
@@ -172,10 +179,14 @@ class RagGenerator:
         tokens = decode(self.model, cache, logits[None], torch.tensor([next_position]), self.max_new_tokens,
                         self.prompt.stop_ids, self.sampling, stream)[0]
         total = time.perf_counter() - start
-        for seg in stats["misses"]:  # store what this request computed, for the next one
-            self.encode(seg.token_ids)
+        rows = max(1, stats["context_tokens"])
+        # Store what this request computed, for the next one: a miss costs one computation, not two.
+        for (s, e), position, key in stats["misses"]:
+            self.store.put(key, ChunkKV(cache.keys[:, 0, :, s:e].clone(), cache.values[:, 0, :, s:e].clone(),
+                                        start=position), recompute_cost_s=ttft * (e - s) / rows)
         for (s, e), key in stats["prefix_misses"]:  # as prefix caches do: the computed rows, exact behind this prefix
-            self.store.put(key, ChunkKV(cache.keys[:, 0, :, s:e].clone(), cache.values[:, 0, :, s:e].clone(), start=s))
+            self.store.put(key, ChunkKV(cache.keys[:, 0, :, s:e].clone(), cache.values[:, 0, :, s:e].clone(), start=s),
+                           recompute_cost_s=ttft * (e - s) / rows)
         return Answer(text=self.prompt.tokenizer.decode(tokens, skip_special_tokens=True).strip(),
                       chunk_ids=[c.id for c in chunks], ttft_s=ttft, total_s=total, mode=stats["mode"],
                       cache_hits=stats["cache_hits"], context_tokens=stats["context_tokens"],

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from chunk_cache.assembly import encode_chunk
 from chunk_cache.rope import rerotate
 from chunk_cache.store import KVStore
 from generators import model as model_module
@@ -211,14 +212,40 @@ def test_prefix_mode_stores_what_it_computed_like_a_prefix_cache(rag, sample):
 
 
 @pytest.mark.slow
-def test_uncached_chunk_is_computed_then_stored(rag, sample):
+def test_uncached_chunk_is_computed_once_and_its_rows_stored(rag, sample, monkeypatch):
     question, chunks = sample
     ids = rag.prompt.chunk_ids("An uncached passage about the river Exe and Exeter College, Oxford.")
     fresh = Chunk(id="new#0", doc_id="new", text="", token_ids=ids, span=(0, 0), content_hash=token_hash(ids))
+    monkeypatch.setattr(rag, "encode", lambda _ids: pytest.fail("a miss must not be encoded a second time"))
     first = rag.answer(question, chunks + [fresh], mode="naive")
     assert first.cache_hits == 3 and first.recomputed_tokens == len(ids)
+    stored = rag.store.get(rag.key(rag.in_context_hash, ids))
+    assert stored is not None and rag.store.get(rag.key(rag.head_hash, ids)) is None
+    # The entry holds the rows as computed in that request, at the position they sat at.
+    _logits_, cache, _pos, _stats = rag.prefill(question, chunks + [fresh], mode="naive")
+    segments = rag.prompt.segments(question, chunks + [fresh])
+    at = [seg.chunk for seg in segments].index(fresh)
+    n = sum(len(seg.token_ids) for seg in segments[:at])
+    assert stored.start == n
+    assert torch.allclose(stored.values, cache.values[:, 0, :, n: n + len(ids)])
     again = rag.answer(question, chunks + [fresh], mode="naive")
     assert again.cache_hits == 4 and again.recomputed_tokens == 0
+    # Moved to the front, the rows are still not what a prompt with nothing before them computes: blend
+    # must treat them as reused (recompute candidates), never as an exact prefix.
+    _l, _c, _p, moved = rag.prefill(question, [fresh] + chunks, mode="blend", ratio=1.0)
+    assert moved["recomputed_tokens"] == len(ids) + 3 * 48
+
+
+@pytest.mark.slow
+def test_uncached_leading_chunk_is_stored_as_its_shared_prefix_encoding(rag, sample, monkeypatch):
+    question, chunks = sample
+    ids = rag.prompt.chunk_ids("A second uncached passage, on the Thames barrier.")
+    fresh = Chunk(id="new#1", doc_id="new", text="", token_ids=ids, span=(0, 0), content_hash=token_hash(ids))
+    monkeypatch.setattr(rag, "encode", lambda _ids: pytest.fail("a miss must not be encoded a second time"))
+    rag.answer(question, [fresh] + chunks, mode="naive")
+    stored = rag.store.get(rag.key(rag.head_hash, ids))
+    encoded = encode_chunk(rag.model, rag.prefix_kv(), ids)
+    assert stored is not None and (stored.values - encoded.values).abs().max() < 1e-4
 
 
 def test_unknown_mode_is_a_config_error():

@@ -57,31 +57,51 @@ def variant_settings(variant: str) -> dict:
     return {"mode": mode, **({"ratio": float(ratio)} if ratio else {})}
 
 
+# Full prefill's top-1 minus top-2 logit at or above which a reference token counts as decisive: a
+# flip there is a real change of answer, not a near-tie (the 135M model's invented names are near-ties).
+DECISIVE_MARGIN = 1.0
+
+
+def force(rag, cache, logits: torch.Tensor, next_position: int, reference: list[int]) -> torch.Tensor:
+    """Teacher forcing: next-token logits [len(reference), V] after the prompt and each reference prefix.
+    The forced rows are written past the prompt; the caller rewinds `cache.length`."""
+    steps = [logits[None]]
+    if len(reference) > 1:
+        prompt_len = cache.length
+        rows = torch.tensor([reference[:-1]], device=rag.model.device)
+        slots = torch.arange(prompt_len, prompt_len + rows.shape[1], device=rag.model.device)
+        steps.append(rag.model.forward(rows, (next_position + slots - prompt_len)[None], cache, slots,
+                                       logits_rows=slice(None))[0])
+    return torch.cat(steps)
+
+
 @torch.inference_mode()
 def measure(rag, question: str, chunks: list[Chunk], variant: str, reference: list[int] | None):
-    """One timed prefill under `variant`, then (untimed) teacher forcing on `reference` and greedy decoding."""
+    """One timed prefill under `variant`, then (untimed) teacher forcing on `reference` and greedy decoding.
+    Without a reference (full prefill) the greedy answer plus stop token is forced instead, for the
+    top-2 margins that tell decisive reference tokens from near-ties."""
     from generators.generate import decode
 
     start = time.perf_counter()
     logits, cache, next_position, stats = rag.prefill(question, chunks, **variant_settings(variant))
     ttft = time.perf_counter() - start
     prompt_len = cache.length
-    matches = 0
+    result = {"ttft_s": ttft, "logits": logits, "matches": 0, "predicted": [],
+              "recomputed": stats["recomputed_tokens"], "context": stats["context_tokens"]}
     if reference:
-        predicted = [int(logits.argmax())]
-        if len(reference) > 1:
-            rows = torch.tensor([reference[:-1]], device=rag.model.device)
-            slots = torch.arange(prompt_len, prompt_len + rows.shape[1], device=rag.model.device)
-            forced = rag.model.forward(rows, (next_position + slots - prompt_len)[None], cache, slots,
-                                       logits_rows=slice(None))[0]
-            predicted += forced.argmax(-1).tolist()
-        matches = sum(int(a == b) for a, b in zip(predicted, reference))
+        result["predicted"] = force(rag, cache, logits, next_position, reference).argmax(-1).tolist()
+        result["matches"] = sum(int(a == b) for a, b in zip(result["predicted"], reference))
         cache.length = prompt_len  # rewind: decoding overwrites the forced rows
     tokens = decode(rag.model, cache, logits[None], torch.tensor([next_position]), rag.max_new_tokens,
                     rag.prompt.stop_ids)[0]
-    return {"ttft_s": ttft, "logits": logits, "tokens": tokens, "matches": matches,
-            "text": rag.prompt.tokenizer.decode(tokens, skip_special_tokens=True).strip(),
-            "recomputed": stats["recomputed_tokens"], "context": stats["context_tokens"]}
+    if reference is None:
+        cache.length = prompt_len
+        forced = tokens + ([_stop(rag)] if len(tokens) < rag.max_new_tokens else [])
+        top2 = force(rag, cache, logits, next_position, forced).topk(2, dim=-1).values
+        result["margins"] = (top2[:, 0] - top2[:, 1]).tolist()
+    result["tokens"] = tokens
+    result["text"] = rag.prompt.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+    return result
 
 
 def compare_modes(rag, items: list[tuple[str, list[Chunk], list[str]]], modes: list[str], scorer: Scorer | None,
@@ -99,6 +119,8 @@ def compare_modes(rag, items: list[tuple[str, list[Chunk], list[str]]], modes: l
         reference = full["tokens"] + ([_stop(rag)] if len(full["tokens"]) < rag.max_new_tokens else [])
         full["matches"] = len(reference)
         full["reference"] = len(reference)
+        full["predicted"] = reference
+        decisive = [m >= DECISIVE_MARGIN for m in full["margins"]]
         rows["full"].append(full)
         rotated = modes[1:][n % (len(modes) - 1):] + modes[1:][: n % (len(modes) - 1)]  # interleave
         for mode in rotated:
@@ -106,6 +128,10 @@ def compare_modes(rag, items: list[tuple[str, list[Chunk], list[str]]], modes: l
             result["kl"] = kl_divergence(full["logits"], result["logits"])
             result["reference"] = len(reference)
             rows[mode].append(result)
+        for mode in modes:
+            r = rows[mode][-1]
+            r["decisive"] = sum(decisive)
+            r["decisive_matches"] = sum(int(d and a == b) for d, a, b in zip(decisive, r["predicted"], reference))
         for mode in modes:
             rows[mode][-1]["golds"] = golds
         progress(f"question {n + 1}/{len(items)}: " + "  ".join(
@@ -132,6 +158,10 @@ def summarise(rows: dict[str, list[dict]], scorer: Scorer | None) -> dict:
             "context_tokens_mean": statistics.mean(r["context"] for r in results),
             "recomputed_tokens_mean": statistics.mean(r["recomputed"] for r in results),
             "token_agreement": sum(r["matches"] for r in results) / max(1, sum(r["reference"] for r in results)),
+            # the same, over reference tokens that full prefill chose by a margin >= DECISIVE_MARGIN logits
+            "decisive_agreement": sum(r["decisive_matches"] for r in results)
+            / max(1, sum(r["decisive"] for r in results)),
+            "decisive_share": sum(r["decisive"] for r in results) / max(1, sum(r["reference"] for r in results)),
             "first_token_kl": statistics.mean(r.get("kl", 0.0) for r in results),
             "questions": len(results),
         }
@@ -186,7 +216,8 @@ def sweep(rag, examples: list[dict], modes: list[str], counts: tuple[int, ...], 
         progress(f"sweep: {count} chunks x {tokens} tokens")
         result = compare_modes(rag, items, modes, None, progress)
         out[f"{count}x{tokens}"] = {m: {k: v for k, v in r.items() if k in (
-            "ttft_median_s", "speedup_vs_full", "speedup_vs_prefix", "token_agreement", "first_token_kl",
+            "ttft_median_s", "speedup_vs_full", "speedup_vs_prefix", "token_agreement", "decisive_agreement",
+            "first_token_kl",
             "recompute_share", "context_tokens_mean")} for m, r in result.items()}
     return out
 
@@ -272,11 +303,11 @@ def format_report(result: dict) -> str:
              f"passages, {result['settings']['device']} {result['settings']['dtype']}, "
              f"{result['settings']['threads']} thread(s)",
              f"{'mode':<11}{'TTFT med':>10}{'p90':>9}{'vs full':>9}{'vs prefix':>10}{'recomp':>8}{'agree':>7}"
-             f"{'KL1':>8}{'EM':>6}{'F1':>6}"]
+             f"{'decis.':>7}{'KL1':>8}{'EM':>6}{'F1':>6}"]
     for mode, r in result["modes"].items():
         lines.append(f"{mode:<11}{r['ttft_median_s']:>9.3f}s{r['ttft_p90_s']:>8.3f}s{r['speedup_vs_full']:>8.2f}x"
                      f"{(r['speedup_vs_prefix'] or 0):>9.2f}x{r['recompute_share']:>8.3f}{r['token_agreement']:>7.3f}"
-                     f"{r['first_token_kl']:>8.4f}{r.get('em', 0):>6.3f}{r.get('f1', 0):>6.3f}")
+                     f"{r['decisive_agreement']:>7.3f}{r['first_token_kl']:>8.4f}{r.get('em', 0):>6.3f}{r.get('f1', 0):>6.3f}")
     d = result["disk"]
     lines.append(f"disk load vs recompute: {d['load_s_median'] * 1000:.1f} ms vs {d['encode_s_median'] * 1000:.1f} ms "
                  f"per {d['chunk_tokens_mean']:.0f}-token chunk -> {d['speedup']:.1f}x")

@@ -278,6 +278,10 @@ def test_bench_pieces_report_consistent_figures(rag, sample):
     assert list(modes) == ["full", "naive", "blend@1.0"]
     assert modes["full"]["token_agreement"] == 1.0 and modes["full"]["speedup_vs_full"] == 1.0
     assert modes["blend@1.0"]["token_agreement"] == 1.0 and modes["blend@1.0"]["first_token_kl"] < 1e-6
+    assert modes["full"]["decisive_agreement"] == modes["blend@1.0"]["decisive_agreement"] == 1.0
+    assert 0 < modes["full"]["decisive_share"] <= 1  # some reference tokens are chosen by a clear margin
+    # a flip is counted among decisive tokens only where full's margin was wide
+    assert modes["naive"]["decisive_agreement"] >= 0 and modes["naive"]["decisive_share"] == modes["full"]["decisive_share"]
     assert modes["naive"]["recompute_share"] == 0.0 and modes["full"]["recompute_share"] == 1.0
     assert all(r["f1"] == 0.5 and r["questions"] == 2 for r in modes.values())
     disk = bench.disk_load_speedup(rag, chunks[:1], repeats=1)

@@ -324,6 +324,28 @@ def cache_clear(config: Path = ConfigArg, overrides: Optional[List[str]] = SetOp
         typer.echo(f"removed {removed['entries']} entries ({_size(removed['bytes'])}) from {root}")
 
 
+BENCH_MODES = ["full", "prefix", "naive", "ape", "blend", "craft", "blend@0.05"]
+
+
+def _bench_modes(value: str) -> str:
+    from chunk_cache.reuse import MODES
+
+    for variant in value.split(","):
+        mode, at, ratio = variant.partition("@")
+        if mode not in MODES:
+            raise typer.BadParameter(f"unknown mode {mode!r}; allowed: {', '.join(MODES)}")
+        if at and not (mode == "blend" and _is_share(ratio)):
+            raise typer.BadParameter(f"{variant!r}: only blend takes @RATIO, a number in [0, 1]")
+    return value
+
+
+def _is_share(text: str) -> bool:
+    try:
+        return 0.0 <= float(text) <= 1.0
+    except ValueError:
+        return False
+
+
 @bench_app.command("cache")
 @user_errors
 def bench_cache(
@@ -338,6 +360,9 @@ def bench_cache(
     cap_mib: int = typer.Option(256, "--cap-mib", min=1, help="Host cache budget in workload (b), MiB."),
     runs_dir: Optional[Path] = typer.Option(None, "--runs-dir", help="Also write one run folder per mode "
                                             "(answers, EM/F1, TTFT, KL, agreement) for `ragkit report`."),
+    modes: str = typer.Option(",".join(BENCH_MODES), "--modes", callback=_bench_modes,
+                              help="Comma-separated modes for workload (a); blend@R runs blend at ratio R "
+                              "(e.g. blend@0.5). full always runs: it is the reference."),
     overrides: Optional[List[str]] = SetOpt,
 ) -> None:
     """Reuse modes side by side: TTFT, recompute, agreement with full prefill; (b) recurring SciFact chunks."""
@@ -362,7 +387,7 @@ def bench_cache(
     result = bench.run_bench(
         dataclasses.asdict(cfg.generator), dataclasses.asdict(cfg.cache),
         Path(__file__).resolve().parents[1] / "data" / "musique" / "musique_s.json.gz", limit,
-        ["full", "prefix", "naive", "ape", "blend", "craft", "blend@0.05"], chunks, (5, 10, 20) if sweep_questions else (), 256,
+        modes.split(","), chunks, (5, 10, 20) if sweep_questions else (), 256,
         sweep_questions, retrieval_requests, cap_mib << 20,
         lambda pred, golds: (exact_match(pred, golds), token_f1(pred, golds)), log)
     if runs_dir is not None:

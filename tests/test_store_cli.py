@@ -78,3 +78,11 @@ def test_bench_store_measures_each_length(tmp_path):
     tensor_bytes = 2 * 30 * 3 * 8 * 64  # keys + values elements
     assert rows[0]["entry_bytes"] > 4 * tensor_bytes and rows[1]["entry_bytes"] > 2 * tensor_bytes
     assert all(r["disk_get_ms"] > 0 and r["sha256_ms"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("modes, problem", [("full,magic", "unknown mode 'magic'"),
+                                            ("blend@1.5", "only blend takes @RATIO"),
+                                            ("craft@0.2", "only blend takes @RATIO")])
+def test_bench_cache_refuses_bad_modes_before_loading_anything(modes, problem):
+    result = runner.invoke(app, ["bench", "cache", "--modes", modes, "--limit", "1"])
+    assert result.exit_code == 2 and problem in result.output

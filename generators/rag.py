@@ -125,7 +125,6 @@ class RagGenerator:
         entries: dict[int, ChunkKV] = {}
         exact: set[int] = set()
         misses: list[tuple[int, CacheKey]] = []  # chunks computed in place, stored afterwards under the key
-        prefix_misses: list[tuple[int, CacheKey]] = []  # prefix mode: chunks to store under their exact key
         if settings.mode != "full":
             entries[0], exact = self.prefix_kv(), {0}
             before: list[int] = list(segments[0].token_ids)
@@ -137,8 +136,8 @@ class RagGenerator:
                     if kv is not None:  # encoded behind exactly the tokens now before it
                         entries[index] = kv
                         exact.add(index)
-                    elif settings.mode == "prefix":
-                        prefix_misses.append((index, exact_key))
+                    elif settings.mode == "prefix":  # as prefix caches do: exact behind this prefix
+                        misses.append((index, exact_key))
                     else:
                         shared_key = self.key(self.head_hash, seg.token_ids)
                         if not leading or shared_key != exact_key:
@@ -161,7 +160,7 @@ class RagGenerator:
         stats = {"cache_hits": sum(1 for i in entries if i != 0), "context_tokens": result.context,
                  "recomputed_tokens": result.recomputed_context,
                  "misses": [(layout.spans[i], int(layout.positions[layout.spans[i][0]]), key) for i, key in misses],
-                 "prefix_misses": [(layout.spans[i], key) for i, key in prefix_misses], "mode": settings.mode}
+                 "mode": settings.mode}
         return result.logits, cache, next_position, stats
 
     def answer(self, question: str, chunks: list[Chunk], on_token: Callable[[str], None] | None = None,
@@ -184,9 +183,6 @@ class RagGenerator:
         for (s, e), position, key in stats["misses"]:
             self.store.put(key, ChunkKV(cache.keys[:, 0, :, s:e].clone(), cache.values[:, 0, :, s:e].clone(),
                                         start=position), recompute_cost_s=ttft * (e - s) / rows)
-        for (s, e), key in stats["prefix_misses"]:  # as prefix caches do: the computed rows, exact behind this prefix
-            self.store.put(key, ChunkKV(cache.keys[:, 0, :, s:e].clone(), cache.values[:, 0, :, s:e].clone(), start=s),
-                           recompute_cost_s=ttft * (e - s) / rows)
         return Answer(text=self.prompt.tokenizer.decode(tokens, skip_special_tokens=True).strip(),
                       chunk_ids=[c.id for c in chunks], ttft_s=ttft, total_s=total, mode=stats["mode"],
                       cache_hits=stats["cache_hits"], context_tokens=stats["context_tokens"],

@@ -211,12 +211,19 @@ def test_prefix_mode_stores_what_it_computed_like_a_prefix_cache(rag, sample):
     assert (full - cached).abs().max() < 1e-3
 
 
+def _uncached(rag, monkeypatch, text: str) -> Chunk:
+    """A chunk not in the cache; encoding any chunk behind the prefix fails the test (a miss is computed once)."""
+    ids = rag.prompt.chunk_ids(text)
+    monkeypatch.setattr(rag, "encode", lambda _ids: pytest.fail("a miss must not be encoded a second time"))
+    return Chunk(id=f"new#{token_hash(ids)[:8]}", doc_id="new", text="", token_ids=ids, span=(0, 0),
+                 content_hash=token_hash(ids))
+
+
 @pytest.mark.slow
 def test_uncached_chunk_is_computed_once_and_its_rows_stored(rag, sample, monkeypatch):
     question, chunks = sample
-    ids = rag.prompt.chunk_ids("An uncached passage about the river Exe and Exeter College, Oxford.")
-    fresh = Chunk(id="new#0", doc_id="new", text="", token_ids=ids, span=(0, 0), content_hash=token_hash(ids))
-    monkeypatch.setattr(rag, "encode", lambda _ids: pytest.fail("a miss must not be encoded a second time"))
+    fresh = _uncached(rag, monkeypatch, "An uncached passage about the river Exe and Exeter College, Oxford.")
+    ids = fresh.token_ids
     first = rag.answer(question, chunks + [fresh], mode="naive")
     assert first.cache_hits == 3 and first.recomputed_tokens == len(ids)
     stored = rag.store.get(rag.key(rag.in_context_hash, ids))
@@ -239,9 +246,8 @@ def test_uncached_chunk_is_computed_once_and_its_rows_stored(rag, sample, monkey
 @pytest.mark.slow
 def test_uncached_leading_chunk_is_stored_as_its_shared_prefix_encoding(rag, sample, monkeypatch):
     question, chunks = sample
-    ids = rag.prompt.chunk_ids("A second uncached passage, on the Thames barrier.")
-    fresh = Chunk(id="new#1", doc_id="new", text="", token_ids=ids, span=(0, 0), content_hash=token_hash(ids))
-    monkeypatch.setattr(rag, "encode", lambda _ids: pytest.fail("a miss must not be encoded a second time"))
+    fresh = _uncached(rag, monkeypatch, "A second uncached passage, on the Thames barrier.")
+    ids = fresh.token_ids
     rag.answer(question, [fresh] + chunks, mode="naive")
     stored = rag.store.get(rag.key(rag.head_hash, ids))
     encoded = encode_chunk(rag.model, rag.prefix_kv(), ids)

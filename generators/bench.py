@@ -122,7 +122,8 @@ def compare_modes(rag, items: list[tuple[str, list[Chunk], list[str]]], modes: l
         full["predicted"] = reference
         decisive = [m >= DECISIVE_MARGIN for m in full["margins"]]
         rows["full"].append(full)
-        rotated = modes[1:][n % (len(modes) - 1):] + modes[1:][: n % (len(modes) - 1)]  # interleave
+        shift = n % max(1, len(modes) - 1)  # interleave the order, so no mode always runs first
+        rotated = modes[1:][shift:] + modes[1:][:shift]
         for mode in rotated:
             result = measure(rag, question, chunks, mode, reference)
             result["kl"] = kl_divergence(full["logits"], result["logits"])

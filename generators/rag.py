@@ -69,9 +69,13 @@ class RagGenerator:
             device_bytes=cache["device_bytes"], host_bytes=cache["host_bytes"], disk_bytes=cache["disk_bytes"],
             eviction=cache["eviction"])
         self.head_hash = token_hash(self.prompt.head_ids)
-        # Rows a request computed for a missed chunk, stored as they are (LMCache, Cache-Craft): encoded
-        # behind the shared prefix *and* that request's earlier chunks, so never exact anywhere else.
+        # Rows a request computed for a missed chunk are stored as they are (LMCache, Cache-Craft). Behind
+        # an exact prefix they are exact there and go under that prefix's key; behind a reused, inexact
+        # chunk they are exact nowhere and go under this marker, looked up only for inexact reuse.
         self.in_context_hash = self.head_hash + "+context"
+        # The exact-prefix keys this process stored such rows under, so that other prompts can still
+        # reuse them inexactly: one entry serves both, its bytes counted once.
+        self._computed_under: dict[str, CacheKey] = {}
         self._prefix_kv: ChunkKV | None = None
 
     # --- cache keys and entries ------------------------------------------------------------
@@ -89,6 +93,17 @@ class RagGenerator:
                 self.store.put(key, kv)
             self._prefix_kv = kv
         return self._prefix_kv
+
+    def _reusable(self, chunk_ids: tuple[int, ...], tried: CacheKey | None) -> ChunkKV | None:
+        """An entry to reuse inexactly: the chunk encoded behind the shared prefix, else rows an earlier
+        request computed for it (skipping `tried`, the exact key already looked up)."""
+        for key in (self.key(self.head_hash, chunk_ids), self.key(self.in_context_hash, chunk_ids),
+                    self._computed_under.get(token_hash(chunk_ids))):
+            if key is not None and key != tried:
+                kv = self.store.get(key)
+                if kv is not None:
+                    return kv
+        return None
 
     @torch.inference_mode()
     def encode(self, chunk_ids: tuple[int, ...]) -> ChunkKV:
@@ -128,7 +143,7 @@ class RagGenerator:
         if settings.mode != "full":
             entries[0], exact = self.prefix_kv(), {0}
             before: list[int] = list(segments[0].token_ids)
-            leading = True
+            leading = True  # every row so far is what full prefill computes (found exact, or computed here)
             for index, seg in enumerate(segments[1:], start=1):
                 if seg.kind == CHUNK:
                     exact_key = self.key(token_hash(before), seg.token_ids)
@@ -136,22 +151,18 @@ class RagGenerator:
                     if kv is not None:  # encoded behind exactly the tokens now before it
                         entries[index] = kv
                         exact.add(index)
-                    elif settings.mode == "prefix":  # as prefix caches do: exact behind this prefix
-                        misses.append((index, exact_key))
                     else:
-                        shared_key = self.key(self.head_hash, seg.token_ids)
-                        if not leading or shared_key != exact_key:
-                            kv = self.store.get(shared_key)
-                        if kv is None:
-                            kv = self.store.get(self.key(self.in_context_hash, seg.token_ids))
+                        if settings.mode != "prefix":  # prefix caches reuse exact prefixes only
+                            kv = self._reusable(seg.token_ids, exact_key if leading else None)
                         if kv is None and settings.mode == "ape":  # APE cannot compute a chunk in place
                             kv = self.encode(seg.token_ids)
-                        if kv is None:  # directly behind the prefix its computed rows are the shared encoding
-                            misses.append((index, shared_key if shared_key == exact_key else
+                        if kv is None:  # computed here: exact behind an exact prefix, else context-dependent
+                            misses.append((index, exact_key if leading else
                                            self.key(self.in_context_hash, seg.token_ids)))
-                        else:
+                        else:  # reused inexactly: no row after it is what full prefill computes
                             entries[index] = kv
-                    leading = leading and index in exact
+                            leading = False
+                    leading = leading and settings.mode != "ape"  # APE's chunks sit side by side, not in a row
                 before.extend(seg.token_ids)
         extra = self.max_new_tokens + 1 if extra is None else extra
         layout, cache = assemble(self.model, segments, entries, exact, extra, parallel=settings.mode == "ape")
@@ -183,6 +194,8 @@ class RagGenerator:
         for (s, e), position, key in stats["misses"]:
             self.store.put(key, ChunkKV(cache.keys[:, 0, :, s:e].clone(), cache.values[:, 0, :, s:e].clone(),
                                         start=position), recompute_cost_s=ttft * (e - s) / rows)
+            if key.prefix_hash not in (self.head_hash, self.in_context_hash):
+                self._computed_under[key.chunk_hash] = key
         return Answer(text=self.prompt.tokenizer.decode(tokens, skip_special_tokens=True).strip(),
                       chunk_ids=[c.id for c in chunks], ttft_s=ttft, total_s=total, mode=stats["mode"],
                       cache_hits=stats["cache_hits"], context_tokens=stats["context_tokens"],

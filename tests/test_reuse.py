@@ -254,6 +254,26 @@ def test_uncached_leading_chunk_is_stored_as_its_shared_prefix_encoding(rag, sam
     assert stored is not None and (stored.values - encoded.values).abs().max() < 1e-4
 
 
+@pytest.mark.slow
+def test_misses_behind_an_exact_prefix_make_a_repeat_exact_and_stay_reusable_elsewhere(rag, sample, monkeypatch):
+    question, chunks = sample
+    first = _uncached(rag, monkeypatch, "A third uncached passage, on the Severn bore and its tides.")
+    second = _uncached(rag, monkeypatch, "A fourth uncached passage, on the lighthouses of the Orkney islands.")
+    entries = len(rag.store.stats()["entries"])
+    rag.answer(question, [first, second], mode="blend")
+    assert len(rag.store.stats()["entries"]) == entries + 2  # one entry per miss, whatever keys find it
+    # Asked again, both chunks are exact prefixes (as in a prefix cache): nothing is recomputed.
+    again = rag.answer(question, [first, second], mode="blend")
+    assert again.cache_hits == 2 and again.recomputed_tokens == 0
+    full, _ = _logits(rag, question, [first, second], "full")
+    blend, _ = _logits(rag, question, [first, second], "blend")
+    assert (full - blend).abs().max() < 1e-3
+    # Behind another chunk the second's rows are reused, inexactly: a recompute candidate, not a miss.
+    _l, _c, _p, moved = rag.prefill(question, [chunks[0], second], mode="blend", ratio=1.0)
+    assert moved["cache_hits"] == 2 and not moved["misses"]
+    assert moved["recomputed_tokens"] == len(second.token_ids)
+
+
 def test_unknown_mode_is_a_config_error():
     from generators.rag import RagGenerator
 
@@ -290,6 +310,7 @@ def test_bench_pieces_report_consistent_figures(rag, sample):
     assert modes["naive"]["decisive_agreement"] >= 0 and modes["naive"]["decisive_share"] == modes["full"]["decisive_share"]
     assert modes["naive"]["recompute_share"] == 0.0 and modes["full"]["recompute_share"] == 1.0
     assert all(r["f1"] == 0.5 and r["questions"] == 2 for r in modes.values())
+    assert list(bench.compare_modes(rag, items[:1], ["full"], None)) == ["full"]  # the reference alone
     disk = bench.disk_load_speedup(rag, chunks[:1], repeats=1)
     assert disk["load_s_median"] > 0 and disk["chunk_bytes_mean"] > 0
 

@@ -211,6 +211,21 @@ def test_prefix_mode_stores_what_it_computed_like_a_prefix_cache(rag, sample):
     assert (full - cached).abs().max() < 1e-3
 
 
+@pytest.mark.slow
+def test_ape_ignores_entries_stored_behind_earlier_chunks(rag, sample):
+    """APE lays chunks side by side, so a chunk encoded behind another is no exact prefix for it."""
+    question, chunks = sample
+    saved, rag.store, rag._prefix_kv = rag.store, KVStore(None, rag.fingerprint), None
+    try:
+        rag.warm(chunks, progress=False)
+        before, _ = _logits(rag, question, chunks, "ape")
+        rag.answer(question, chunks, mode="prefix")  # stores chunks 2 and 3 behind the chunks before them
+        after, _ = _logits(rag, question, chunks, "ape")
+    finally:
+        rag.store, rag._prefix_kv = saved, None
+    assert torch.equal(before, after)
+
+
 def _uncached(rag, monkeypatch, text: str) -> Chunk:
     """A chunk not in the cache; encoding any chunk behind the prefix fails the test (a miss is computed once)."""
     ids = rag.prompt.chunk_ids(text)

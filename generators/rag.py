@@ -25,6 +25,11 @@ from ragkit.errors import ConfigError
 from ragkit.types import Chunk, token_hash
 
 
+# Aliases kept for entries stored under an exact prefix (oldest dropped first): far more chunks than
+# any byte budget holds (65k chunks of 300 tokens are ~900 GB of fp32 KV for SmolLM2-135M).
+MAX_ALIASES = 65536
+
+
 @dataclass
 class Answer:
     text: str
@@ -104,6 +109,13 @@ class RagGenerator:
                 if kv is not None:
                     return kv
         return None
+
+    def _remember_exact(self, key: CacheKey) -> None:
+        """Note that the chunk's latest in-request rows lie under this exact-prefix key."""
+        self._computed_under.pop(key.chunk_hash, None)  # re-inserted as the newest
+        self._computed_under[key.chunk_hash] = key
+        if len(self._computed_under) > MAX_ALIASES:
+            del self._computed_under[next(iter(self._computed_under))]
 
     @torch.inference_mode()
     def encode(self, chunk_ids: tuple[int, ...]) -> ChunkKV:
@@ -195,7 +207,7 @@ class RagGenerator:
             self.store.put(key, ChunkKV(cache.keys[:, 0, :, s:e].clone(), cache.values[:, 0, :, s:e].clone(),
                                         start=position), recompute_cost_s=ttft * (e - s) / rows)
             if key.prefix_hash not in (self.head_hash, self.in_context_hash):
-                self._computed_under[key.chunk_hash] = key
+                self._remember_exact(key)
         return Answer(text=self.prompt.tokenizer.decode(tokens, skip_special_tokens=True).strip(),
                       chunk_ids=[c.id for c in chunks], ttft_s=ttft, total_s=total, mode=stats["mode"],
                       cache_hits=stats["cache_hits"], context_tokens=stats["context_tokens"],

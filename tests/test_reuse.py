@@ -289,6 +289,17 @@ def test_misses_behind_an_exact_prefix_make_a_repeat_exact_and_stay_reusable_els
     assert moved["recomputed_tokens"] == len(second.token_ids)
 
 
+def test_exact_prefix_aliases_are_bounded_oldest_first(rag, monkeypatch):
+    from generators import rag as rag_module
+
+    monkeypatch.setattr(rag_module, "MAX_ALIASES", 2)
+    monkeypatch.setattr(rag, "_computed_under", {})
+    keys = [rag.key(f"prefix-{i}", [i]) for i in range(3)]
+    for key in keys + [keys[1]]:
+        rag._remember_exact(key)
+    assert list(rag._computed_under.values()) == [keys[2], keys[1]]
+
+
 def test_unknown_mode_is_a_config_error():
     from generators.rag import RagGenerator
 

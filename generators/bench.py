@@ -306,8 +306,9 @@ def format_report(result: dict) -> str:
              f"{'mode':<11}{'TTFT med':>10}{'p90':>9}{'vs full':>9}{'vs prefix':>10}{'recomp':>8}{'agree':>7}"
              f"{'decis.':>7}{'KL1':>8}{'EM':>6}{'F1':>6}"]
     for mode, r in result["modes"].items():
+        vs_prefix = f"{r['speedup_vs_prefix']:>9.2f}x" if r["speedup_vs_prefix"] is not None else f"{'-':>10}"
         lines.append(f"{mode:<11}{r['ttft_median_s']:>9.3f}s{r['ttft_p90_s']:>8.3f}s{r['speedup_vs_full']:>8.2f}x"
-                     f"{(r['speedup_vs_prefix'] or 0):>9.2f}x{r['recompute_share']:>8.3f}{r['token_agreement']:>7.3f}"
+                     f"{vs_prefix}{r['recompute_share']:>8.3f}{r['token_agreement']:>7.3f}"
                      f"{r['decisive_agreement']:>7.3f}{r['first_token_kl']:>8.4f}{r.get('em', 0):>6.3f}{r.get('f1', 0):>6.3f}")
     d = result["disk"]
     lines.append(f"disk load vs recompute: {d['load_s_median'] * 1000:.1f} ms vs {d['encode_s_median'] * 1000:.1f} ms "

@@ -173,7 +173,8 @@ def summarise(rows: dict[str, list[dict]], scorer: Scorer | None) -> dict:
         # Per question, in the record shape eval.generation scores (run folders for the leaderboard).
         entry["per_question"] = [
             {"text": r["text"], "golds": r.get("golds", []), "ttft_s": r["ttft_s"], "kl": r.get("kl", 0.0),
-             "agreement": r["matches"] / max(1, r["reference"]), "recomputed_tokens": r["recomputed"],
+             "agreement": r["matches"] / max(1, r["reference"]), "reference_tokens": r["reference"],
+             "recomputed_tokens": r["recomputed"],
              "context_tokens": r["context"]} for r in results]
         out[mode] = entry
     return out

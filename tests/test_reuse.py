@@ -335,6 +335,9 @@ def test_bench_pieces_report_consistent_figures(rag, sample):
     # a flip is counted among decisive tokens only where full's margin was wide
     assert modes["naive"]["decisive_agreement"] >= 0 and modes["naive"]["decisive_share"] == modes["full"]["decisive_share"]
     assert modes["naive"]["recompute_share"] == 0.0 and modes["full"]["recompute_share"] == 1.0
+    per_question = modes["naive"]["per_question"]  # enough to pool agreement over any subset of questions
+    pooled = sum(q["agreement"] * q["reference_tokens"] for q in per_question)
+    assert pooled / sum(q["reference_tokens"] for q in per_question) == pytest.approx(modes["naive"]["token_agreement"])
     assert all(r["f1"] == 0.5 and r["questions"] == 2 for r in modes.values())
     assert list(bench.compare_modes(rag, items[:1], ["full"], None)) == ["full"]  # the reference alone
     disk = bench.disk_load_speedup(rag, chunks[:1], repeats=1)

@@ -102,8 +102,9 @@ class RagGenerator:
     def _reusable(self, chunk_ids: tuple[int, ...], tried: CacheKey | None) -> ChunkKV | None:
         """An entry to reuse inexactly: the chunk encoded behind the shared prefix, else rows an earlier
         request computed for it (skipping `tried`, the exact key already looked up)."""
-        for key in (self.key(self.head_hash, chunk_ids), self.key(self.in_context_hash, chunk_ids),
-                    self._computed_under.get(token_hash(chunk_ids))):
+        shared = self.key(self.head_hash, chunk_ids)
+        in_context = dataclasses.replace(shared, prefix_hash=self.in_context_hash)
+        for key in (shared, in_context, self._computed_under.get(shared.chunk_hash)):
             if key is not None and key != tried:
                 kv = self.store.get(key)
                 if kv is not None:

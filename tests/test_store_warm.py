@@ -149,9 +149,13 @@ def test_sigkill_during_cache_warm_leaves_only_complete_entries(tiny, tmp_path):
 
     rng = random.Random(7)
     partial = 0
-    for trial in range(TRIALS):
-        if trial % 4 == 0:
-            clear_cache(root)  # start over now and then, so there is always work left to interrupt
+    complete = True
+    trial = 0
+    # A busy machine can make the timed reference run slow and every later kill land too late, so
+    # trials go on (up to 3x) until enough kills have landed mid-warm.
+    while trial < TRIALS or (partial < 3 and trial < 3 * TRIALS):
+        if complete or trial % 4 == 0:
+            clear_cache(root)  # start over, so there is always work left to interrupt
         run(rng.uniform(0.0, full_s))
         store = KVStore(root, model, host_bytes=0)
         files = entry_files(root)
@@ -164,8 +168,10 @@ def test_sigkill_during_cache_warm_leaves_only_complete_entries(tiny, tmp_path):
             assert got.tensors().keys() == want.keys()
             assert all(torch.equal(t, want[name]) for name, t in got.tensors().items())
         assert store.stats()["tiers"]["disk"]["dropped"] == {}
+        complete = len(files) == len(expected)
+        trial += 1
     assert partial >= 3, "too few kills landed while entries were being written"
-    print(f"{TRIALS} kills of `ragkit cache warm` (a full run takes {full_s:.2f}s), {partial} mid-warm")
+    print(f"{trial} kills of `ragkit cache warm` (a full run takes {full_s:.2f}s), {partial} mid-warm")
 
     run(None)  # a later warm completes the cache
     assert stats(cfg, "--verify")["verified"] == {"ok": len(expected), "dropped": {}}

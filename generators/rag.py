@@ -63,7 +63,8 @@ class RagGenerator:
         self.model: Decoder = load_decoder(folder, device, dtype)
         self.prompt = ChatPrompt(load_tokenizer(str(folder)), generator["system_prompt"])
         self.max_new_tokens = int(generator["max_new_tokens"])
-        self.sampling = Sampling(float(generator.get("temperature", 0.0)), float(generator.get("top_p", 1.0)))
+        self.sampling = Sampling(float(generator.get("temperature", 0.0)), float(generator.get("top_p", 1.0)),
+                                 int(generator.get("seed", 0)))  # the run's seed, so a sampled answer reproduces
         self.settings = ReuseSettings(mode=cache["mode"], ratio=cache["ratio"], full_layers=cache["full_layers"],
                                       ape_temperature=cache["ape_temperature"], ape_scale=cache["ape_scale"],
                                       craft_alpha=cache["craft_alpha"])

@@ -263,7 +263,7 @@ class Pipeline:
         if self._generator is None:
             from generators.rag import RagGenerator
 
-            self._generator = RagGenerator(dataclasses.asdict(self.config.generator),
+            self._generator = RagGenerator({**dataclasses.asdict(self.config.generator), "seed": self.config.seed},
                                            dataclasses.asdict(self.config.cache))
         return self._generator
 

@@ -300,6 +300,44 @@ def test_exact_prefix_aliases_are_bounded_oldest_first(rag, monkeypatch):
     assert list(rag._computed_under.values()) == [keys[2], keys[1]]
 
 
+@pytest.mark.slow
+def test_sampled_answers_follow_the_run_seed(rag, sample, tmp_path):
+    from generators.generate import Sampling
+    from ragkit.pipeline import Pipeline
+
+    saved = rag.sampling
+    try:
+        answers = {}
+        for seed in (0, 1, 2, 3, 0):
+            rag.sampling = Sampling(1.5, 1.0, seed)
+            answers.setdefault(seed, []).append(rag.answer(*sample, mode="naive").tokens)
+    finally:
+        rag.sampling = saved
+    assert answers[0][0] == answers[0][1]  # the same seed samples the same answer
+    assert len({tuple(a[0]) for a in answers.values()}) > 1
+    config = tmp_path / "c.toml"
+    config.write_text('seed = 11\n[dataset]\nformat = "jsonl"\npath = "x.jsonl"\n'
+                      '[generator]\ntemperature = 0.7\n[cache]\ndir = ""\n')
+    assert Pipeline.from_config(config).generator.sampling == Sampling(0.7, 1.0, 11)
+
+
+@pytest.mark.slow
+def test_bench_holds_a_questions_chunks_that_an_earlier_question_cached(rag, sample):
+    from generators.bench import hold
+
+    _question, (c0, c1, c2) = sample
+    saved = rag.store
+    entry = saved.get(rag.key(rag.head_hash, c0.token_ids))
+    try:  # room for two chunks; c0 was cached first, so it is the one LRU would drop next
+        rag.store = KVStore(None, rag.fingerprint, host_bytes=2 * entry.nbytes() + 1024)
+        rag.warm([c0], progress=False)
+        rag.warm([c1], progress=False)
+        hold(rag, [c0, c2])
+        assert [rag.key(rag.head_hash, c.token_ids) in rag.store for c in (c0, c1, c2)] == [True, False, True]
+    finally:
+        rag.store = saved
+
+
 def test_unknown_mode_is_a_config_error():
     from generators.rag import RagGenerator
 

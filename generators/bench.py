@@ -48,7 +48,7 @@ def passage_chunks(rag, example: dict, n_chunks: int, max_tokens: int | None, qi
 
 def kl_divergence(reference: torch.Tensor, other: torch.Tensor) -> float:
     p, q = reference.float().log_softmax(-1), other.float().log_softmax(-1)
-    return float((p.exp() * (p - q)).sum())
+    return max(0.0, float((p.exp() * (p - q)).sum()))  # >= 0; rounding can leave -1e-9 for equal inputs
 
 
 def variant_settings(variant: str) -> dict:

@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 
 from chunk_cache.store import KVStore
+from generators.rag import synchronize
 from ragkit.types import Chunk, token_hash
 
 Scorer = Callable[[str, list[str]], tuple[float, float]]  # (prediction, golds) -> (EM, F1)
@@ -84,6 +85,7 @@ def measure(rag, question: str, chunks: list[Chunk], variant: str, reference: li
 
     start = time.perf_counter()
     logits, cache, next_position, stats = rag.prefill(question, chunks, **variant_settings(variant))
+    synchronize(rag.model.device)
     ttft = time.perf_counter() - start
     prompt_len = cache.length
     result = {"ttft_s": ttft, "logits": logits, "matches": 0, "predicted": [],
@@ -201,13 +203,15 @@ def disk_load_speedup(rag, chunks: list[Chunk], repeats: int = 3) -> dict:
             start = time.perf_counter()
             with torch.inference_mode():
                 kv = encode_chunk(rag.model, prefix, chunk.token_ids)
+            synchronize(rag.model.device)
             encode_s.append(time.perf_counter() - start)
             writer.put(rag.key(rag.head_hash, chunk.token_ids), kv)
         for _ in range(repeats):
-            reader = KVStore(Path(tmp), rag.fingerprint, host_bytes=0)
+            reader = KVStore(Path(tmp), rag.fingerprint, device=str(rag.model.device), host_bytes=0)
             for chunk in chunks:
                 start = time.perf_counter()
                 kv = reader.get(rag.key(rag.head_hash, chunk.token_ids))
+                synchronize(rag.model.device)
                 load_s.append(time.perf_counter() - start)
                 assert kv is not None
         tokens = statistics.mean(len(c.token_ids) for c in chunks)

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from chunk_cache.rope import rotate_half
 from ragkit.errors import InputError
@@ -237,18 +238,22 @@ class Decoder(nn.Module):
         """
         layer = self.layers[i]
         keys, values = cache.keys[i, :, :, : cache.length], cache.values[i, :, :, : cache.length]
-        if masks == CAUSAL:
-            out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=self.softmax_scale,
-                                                 enable_gqa=True)
-        elif self.ape is not None and cache.context is not None:
-            out = ape_attention(q, keys, values, cache.positions[:, : cache.length], positions,
-                                cache.context[: cache.length], self.ape, self.softmax_scale)
-        else:
-            masks = masks if masks is not None else attention_masks(cache.positions[:, : cache.length], positions)
-            out = masked_attention(q, keys, values, masks, self.softmax_scale)
+        with sdpa_kernel(SDPA_BACKENDS):
+            out = self._attend(q, keys, values, cache, positions, masks)
         B, _, S, _ = q.shape
         x = x + layer.self_attn.o_proj(out.transpose(1, 2).reshape(B, S, -1))
         return x + layer.mlp(layer.post_attention_layernorm(x))
+
+    def _attend(self, q, keys, values, cache: KVCache, positions: torch.Tensor, masks) -> torch.Tensor:
+        """q [B, H, S, D] over keys/values [B, H_kv, T, D]: causal kernel, APE, or exact position masks."""
+        if masks == CAUSAL:
+            return F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=self.softmax_scale,
+                                                  enable_gqa=True)
+        if self.ape is not None and cache.context is not None:
+            return ape_attention(q, keys, values, cache.positions[:, : cache.length], positions,
+                                 cache.context[: cache.length], self.ape, self.softmax_scale)
+        masks = masks if masks is not None else attention_masks(cache.positions[:, : cache.length], positions)
+        return masked_attention(q, keys, values, masks, self.softmax_scale)
 
     def layer(self, i: int, x: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, cache: KVCache,
               rope, masks: "list[MaskBlock] | str | None" = None) -> torch.Tensor:
@@ -287,6 +292,9 @@ class Decoder(nn.Module):
         return self.logits(x[:, logits_rows])
 
 
+# cuDNN's attention builds an execution plan for each new shape (0.8-1.2 s on an H200 in our runs), and
+# every prompt, block and recomputed-row set has new shapes; flash and memory-efficient kernels do not.
+SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 # Query rows per attention call: each block only reads the keys up to its last row's position,
 # so an explicit mask costs about what a causal kernel does instead of reading every key.
 QUERY_BLOCK = 512
@@ -314,8 +322,12 @@ def attention_masks(key_positions: torch.Tensor, query_positions: torch.Tensor) 
 
 def masked_attention(q, keys, values, masks: list[MaskBlock], scale):
     """q [B, H, S, D] over keys/values [B, H_kv, T, D] under `attention_masks`; returns [B, H, S, D]."""
+    gqa = keys.shape[1] != q.shape[1]
+    if gqa and q.is_cuda:  # CUDA's memory-efficient kernel takes a mask but not GQA: one KV head per query head
+        groups = q.shape[1] // keys.shape[1]
+        keys, values, gqa = keys.repeat_interleave(groups, 1), values.repeat_interleave(groups, 1), False
     outs = [F.scaled_dot_product_attention(q[:, :, start:end], keys[:, :, :reach], values[:, :, :reach],
-                                           attn_mask=mask, scale=scale, enable_gqa=True)
+                                           attn_mask=mask, scale=scale, enable_gqa=gqa)
             for start, end, reach, mask in masks]
     return torch.cat(outs, dim=2)
 

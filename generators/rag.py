@@ -43,22 +43,35 @@ class Answer:
     tokens: list[int]
 
 
-def pick_device(setting: str) -> tuple[str, torch.dtype]:
-    """`auto`: CUDA in bf16 when present, else CPU in fp32."""
+DTYPES = ["auto", "float32", "bfloat16", "float16"]
+
+
+def pick_device(setting: str, dtype: str = "auto") -> tuple[str, torch.dtype]:
+    """`auto`: CUDA in bf16 when present, else CPU in fp32; an explicit `dtype` overrides the precision."""
     if setting == "auto":
         setting = "cuda" if torch.cuda.is_available() else "cpu"
     if setting.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("generator.device", "CUDA is not available on this machine", allowed=["auto", "cpu"])
     if setting != "cpu" and not setting.startswith("cuda"):
         raise ConfigError("generator.device", f"unknown device {setting!r}", allowed=["auto", "cpu", "cuda"])
-    return setting, (torch.bfloat16 if setting.startswith("cuda") else torch.float32)
+    if dtype == "auto":
+        return setting, (torch.bfloat16 if setting.startswith("cuda") else torch.float32)
+    if dtype not in DTYPES:
+        raise ConfigError("generator.dtype", f"unknown dtype {dtype!r}", allowed=DTYPES)
+    return setting, getattr(torch, dtype)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the GPU's queued work, so that a wall-clock time covers it (nothing to wait for on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class RagGenerator:
     def __init__(self, generator: dict, cache: dict, store: KVStore | None = None):
         if cache.get("mode") not in MODES:
             raise ConfigError("cache.mode", f"unknown value {cache.get('mode')!r}", allowed=MODES)
-        device, dtype = pick_device(generator.get("device", "auto"))
+        device, dtype = pick_device(generator.get("device", "auto"), generator.get("dtype", "auto"))
         folder = resolve_model_dir(generator["model"])
         self.model: Decoder = load_decoder(folder, device, dtype)
         self.prompt = ChatPrompt(load_tokenizer(str(folder)), generator["system_prompt"])
@@ -124,6 +137,7 @@ class RagGenerator:
         """Encode one chunk behind the shared prefix and store it."""
         start = time.perf_counter()
         kv = encode_chunk(self.model, self.prefix_kv(), chunk_ids)
+        synchronize(self.model.device)
         self.store.put(self.key(self.head_hash, chunk_ids), kv, recompute_cost_s=time.perf_counter() - start)
         return kv
 
@@ -192,6 +206,7 @@ class RagGenerator:
                mode: str | None = None) -> Answer:
         start = time.perf_counter()
         logits, cache, next_position, stats = self.prefill(question, chunks, mode)
+        synchronize(self.model.device)
         ttft = time.perf_counter() - start
         stream = None
         if on_token is not None:

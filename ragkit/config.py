@@ -25,6 +25,7 @@ FUSIONS = ["none", "rrf", "weighted"]
 NORMALIZATIONS = ["minmax", "zscore"]
 CACHE_MODES = ["full", "prefix", "naive", "ape", "blend", "craft"]
 EVICTIONS = ["lru", "value"]
+DTYPES = ["auto", "float32", "bfloat16", "float16"]
 
 
 @dataclass
@@ -75,6 +76,8 @@ class GeneratorConfig:
     chunks: int = 5
     system_prompt: str = "Answer the question using the documents. Reply with a short answer only."
     device: str = "auto"
+    # "auto": bfloat16 on CUDA, float32 on CPU; float32 on CUDA reproduces the CPU figures exactly.
+    dtype: str = "auto"
 
 
 @dataclass
@@ -155,6 +158,7 @@ _CHOICES = {
     "retrieval.normalization": NORMALIZATIONS,
     "cache.mode": CACHE_MODES,
     "cache.eviction": EVICTIONS,
+    "generator.dtype": DTYPES,
     "eval.protocol": PROTOCOLS,
 }
 

@@ -125,6 +125,7 @@ def test_config_file_not_utf8(tmp_path):
     ("retrieval.k=-3", ["'retrieval.k'", "must be > 0"]),
     ("retrieval.fusion=max", ["'retrieval.fusion'", "'max'", "allowed: none, rrf, weighted"]),
     ("cache.mode=magic", ["'cache.mode'", "allowed: full, prefix"]),
+    ("generator.dtype=double", ["'generator.dtype'", "allowed: auto, float32, bfloat16, float16"]),
     ("retrieval.retrievers=[]", ["'retrieval.retrievers'", "at least one retriever"]),
     ('retrieval.retrievers=[{"type":"splade"}]', ["retrievers[0].type", "unknown retriever 'splade'"]),
     ('retrieval.retrievers=[{"type":"bm25","k3":1}]', ["retrievers[0].k3", "unknown parameter"]),

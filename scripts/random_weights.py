@@ -36,18 +36,21 @@ def main() -> None:
     args = parser.parse_args()
     try:
         base = resolve_model_dir(args.base, "--base")
-    except RagkitError as exc:
-        parser.exit(2, f"error: {exc}\n")
-    config = transformers.AutoConfig.from_pretrained(base)
+        config = transformers.AutoConfig.from_pretrained(base)
+    except (RagkitError, OSError, ValueError) as exc:
+        parser.exit(2, f"error: --base {args.base}: {str(exc).strip().splitlines()[0]}\n")
     for key, value in SHAPES[args.shape].items():
         setattr(config, key, value)
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
-    model.save_pretrained(args.out)
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        if (base / name).exists():
-            shutil.copy(base / name, args.out / name)
+    try:
+        model.save_pretrained(args.out)
+        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+            if (base / name).exists():
+                shutil.copy(base / name, args.out / name)
+    except OSError as exc:
+        parser.exit(2, f"error: {args.out}: {exc.strerror or exc}\n")
     print(f"{args.shape}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B random parameters -> {args.out}")
 
 

@@ -23,6 +23,7 @@ from ragkit.cli import app
 from ragkit.config import CacheConfig, GeneratorConfig
 from ragkit.types import Chunk, token_hash
 from tests.test_pipeline import DOCS, make_beir, make_config
+from tests.test_reuse import _logits
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 PASSAGES = [text for _, _, text in DOCS]
@@ -73,16 +74,6 @@ def _chunks(rag) -> list[Chunk]:
     return chunks
 
 
-def _prefill(rag, chunks, mode, **settings):
-    saved = rag.settings
-    rag.settings = dataclasses.replace(saved, **settings)
-    try:
-        logits, cache, _pos, stats = rag.prefill(QUESTION, chunks, mode=mode)
-    finally:
-        rag.settings = saved
-    return logits, cache, stats
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_decoder_matches_transformers(model_dir, device, dtype):
@@ -114,15 +105,15 @@ def test_reuse_modes_in_fp32_keep_their_exactness(model_dir, device):
     rag = _rag(model_dir, device, "float32")
     chunks = _chunks(rag)
     rag.warm(chunks, progress=False)
-    full, _, _ = _prefill(rag, chunks, "full")
+    full, _ = _logits(rag, QUESTION, chunks, "full")
     assert full.device.type == device
-    prefix, _, stats = _prefill(rag, chunks, "prefix")
+    prefix, stats = _logits(rag, QUESTION, chunks, "prefix")
     assert (full - prefix).abs().max() < 1e-3 and stats["cache_hits"] == 1
-    blend, _, stats = _prefill(rag, chunks, "blend", ratio=1.0)
+    blend, stats = _logits(rag, QUESTION, chunks, "blend", ratio=1.0)
     assert (full - blend).abs().max() < 1e-3
     assert stats["recomputed_tokens"] == sum(len(c.token_ids) for c in chunks[1:])
-    naive, _, _ = _prefill(rag, chunks, "naive")
-    blend0, _, _ = _prefill(rag, chunks, "blend", ratio=0.0, full_layers=0)
+    naive, _ = _logits(rag, QUESTION, chunks, "naive")
+    blend0, _ = _logits(rag, QUESTION, chunks, "blend", ratio=0.0, full_layers=0)
     assert (naive - blend0).abs().max() < 1e-4 and (naive - full).abs().max() > 1e-3
     for mode in ("full", "prefix", "naive", "ape", "blend", "craft"):
         answer = rag.answer(QUESTION, chunks, mode=mode)
@@ -141,9 +132,9 @@ def test_low_precision_default_answers_like_fp32_within_bf16_error(model_dir, de
     rag.warm(chunks, progress=False)
     kv = rag.store.get(rag.key(rag.head_hash, chunks[2].token_ids))
     assert kv.keys.dtype == torch.bfloat16 and kv.keys.device.type == device
-    full, cache, _ = _prefill(rag, chunks, "full")
-    blend, _, _ = _prefill(rag, chunks, "blend", ratio=1.0)
-    naive, _, _ = _prefill(rag, chunks, "naive")
+    full, cache, _, _ = rag.prefill(QUESTION, chunks, mode="full")
+    blend, _ = _logits(rag, QUESTION, chunks, "blend", ratio=1.0)
+    naive, _ = _logits(rag, QUESTION, chunks, "naive")
     assert cache.keys.dtype == torch.bfloat16
     scale = full.float().abs().max()
     assert (full.float() - blend.float()).abs().max() < 0.05 * scale

@@ -230,6 +230,22 @@ class RagGenerator:
                       cache_hits=stats["cache_hits"], context_tokens=stats["context_tokens"],
                       recomputed_tokens=stats["recomputed_tokens"], tokens=tokens)
 
+    @torch.inference_mode()
+    def teacher_force(self, question: str, chunks: list[Chunk], reference: list[int], mode: str | None = None,
+                      **overrides) -> tuple[torch.Tensor, list[int]]:
+        """Prefill under `mode`, then feed `reference` token by token: the first-token logits [V] and the
+        greedy token predicted at each step (len(reference) of them), for agreement with another mode."""
+        logits, cache, next_position, _stats = self.prefill(question, chunks, mode, extra=len(reference) + 1,
+                                                            **overrides)
+        steps = [logits[None]]
+        if len(reference) > 1:
+            start = cache.length
+            rows = torch.tensor([reference[:-1]], device=self.model.device)
+            slots = torch.arange(start, start + rows.shape[1], device=self.model.device)
+            steps.append(self.model.forward(rows, (next_position + slots - start)[None], cache, slots,
+                                            logits_rows=slice(None))[0])
+        return logits, torch.cat(steps).argmax(-1).tolist()
+
     def answer_batch(self, questions: list[str], chunks: list[list[Chunk]]) -> list[Answer]:
         """One answer per question; prompts differ in their chunks, so each is assembled on its own."""
         if len(questions) != len(chunks):

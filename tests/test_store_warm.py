@@ -20,9 +20,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from chunk_cache.disk import MANIFEST, DiskTier, read_entry
+from chunk_cache.disk import DiskTier, read_entry
 from chunk_cache.eviction import LRUPolicy
-from chunk_cache.store import CacheKey, KVStore, clear_cache
+from chunk_cache.store import CacheKey, ChunkKV, KVStore, clear_cache
 from ragkit.cli import app
 from tests.test_pipeline import make_beir, make_config
 
@@ -95,22 +95,23 @@ def test_warm_stats_repair_mismatch_and_clear(tiny):
     data[-100] ^= 0xFF
     files[3].write_bytes(bytes(data))
     digest = files[7].name.removesuffix(".safetensors")
-    foreign = DiskTier(root.parent / "foreign", "another-model", 1 << 30, LRUPolicy())
-    foreign.write(digest, {"keys": torch.zeros(2, 2, 3, 8), "values": torch.zeros(2, 2, 3, 8)}, {"start": "0"}, 0.0)
+    foreign = DiskTier(root.parent / "foreign", 1 << 30, LRUPolicy())
+    foreign.write(digest, {"keys": torch.zeros(2, 2, 3, 8), "values": torch.zeros(2, 2, 3, 8)},
+                  {"start": "0", "model": "another-model", "dtype": "float32", "prefix_hash": "p", "chunk_hash": "c"},
+                  0.0)
     os.replace(foreign.path(digest), files[7])
     assert warm(cfg).stdout.startswith("warmed 2 chunks")
     verified = stats(cfg, "--verify")["verified"]
     assert verified == {"ok": len(DOCS) + 1, "dropped": {}}
 
-    # A folder written for another model: one clear error, no traceback, until it is cleared.
-    manifest = json.loads((root / MANIFEST).read_text())
-    (root / MANIFEST).write_text(json.dumps({**manifest, "model": "another-model"}))
-    result = warm(cfg)
-    assert result.exit_code == 2
-    assert "another-model" in result.stderr and "cache.dir" in result.stderr and "ragkit cache clear" in result.stderr
-    assert "Traceback" not in result.output
+    # Another model's entries share the folder: nothing is refused, stats lists both, clear removes all.
+    KVStore(root, "another-model").put(CacheKey("another-model", "float32", "p", "c"),
+                                       ChunkKV(torch.zeros(2, 2, 3, 8), torch.zeros(2, 2, 3, 8), 0))
+    assert warm(cfg).stdout.startswith("warmed 0 chunks")
+    models = stats(cfg)["models"]
+    assert sorted(v["entries"] for v in models.values()) == [1, len(DOCS) + 1] and "another-model" in models
     cleared = runner.invoke(app, ["cache", "clear", str(cfg)])
-    assert cleared.exit_code == 0 and f"removed {len(DOCS) + 1} entries" in cleared.stdout
+    assert cleared.exit_code == 0 and f"removed {len(DOCS) + 2} entries" in cleared.stdout
     assert not entry_files(root)
     assert warm(cfg).stdout.startswith(f"warmed {len(DOCS)} chunks")
 
@@ -143,7 +144,7 @@ def test_sigkill_during_cache_warm_leaves_only_complete_entries(tiny, tmp_path):
     full_s = time.perf_counter() - started
     reference = tmp_path / "reference"
     shutil.copytree(root, reference)
-    model = json.loads((root / MANIFEST).read_text())["model"]
+    model = read_entry(entry_files(root)[0])[1]["model"]
     expected = {}  # file name -> (key, reference tensors)
     for path in entry_files(reference):
         tensors, meta = read_entry(path)
@@ -196,7 +197,7 @@ def test_sigkill_of_a_real_ragkit_process_mid_warm(tiny):
     proc.kill()  # SIGKILL
     proc.wait(30)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()
-    model = json.loads((root / MANIFEST).read_text())["model"]
+    model = read_entry(entry_files(root)[0])[1]["model"]
     store = KVStore(root, model, host_bytes=0)
     files = entry_files(root)
     assert 3 <= len(files) < len(DOCS) + 1 and not list(root.rglob("*.tmp-*"))

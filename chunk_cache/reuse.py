@@ -25,7 +25,7 @@ from chunk_cache.assembly import CHUNK, PREFIX, Layout, Segment, assemble
 from chunk_cache.craft import ChunkStatistics, attention_probs, overlap, stat_layers
 from chunk_cache.decoder import ReuseDecoder
 from chunk_cache.keys import KeyScheme
-from chunk_cache.modes import ANY, EXACT, NONE, Candidates, Deviation, Mode, ReusedChunk, ReuseSettings, make_mode
+from chunk_cache.modes import ANY, NONE, Candidates, Deviation, Mode, ReusedChunk, ReuseSettings, make_mode
 from chunk_cache.store import CacheKey, ChunkKV, KVStore
 
 MAX_VARIANTS = 4  # stored variants of one chunk compared per lookup (each may cost a disk read)

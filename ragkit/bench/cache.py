@@ -10,8 +10,6 @@ eviction; hit rate, bytes and end-to-end throughput against full and prefix.
 
 from __future__ import annotations
 
-import gzip
-import json
 import math
 import random
 import statistics
@@ -25,6 +23,7 @@ import torch
 from chunk_cache.reuse import ChunkReuse
 from chunk_cache.store import KVStore
 from generators.rag import synchronize
+from ragkit.readers.musique import read_musique
 from ragkit.types import Chunk, token_hash
 
 Scorer = Callable[[str, list[str]], tuple[float, float]]  # (prediction, golds) -> (EM, F1)
@@ -32,7 +31,7 @@ Scorer = Callable[[str, list[str]], tuple[float, float]]  # (prediction, golds) 
 
 def load_musique(path: Path, limit: int | None, offset: int = 0) -> list[dict]:
     """The sample's questions after the first `offset` (held out from tuning), at most `limit` of them."""
-    examples = json.loads(gzip.open(path).read())[offset:]
+    examples = read_musique(path)[offset:]
     return examples[:limit] if limit else examples
 
 

@@ -299,7 +299,7 @@ def run_bench(generator: dict, cache: dict, musique: Path, limit: int | None, mo
                            "max_new_tokens": generator["max_new_tokens"], "questions": len(examples),
                            "offset": offset, "epic_tokens": cache["epic_tokens"],
                            "chunks": n_chunks, "threads": torch.get_num_threads(), "device": str(rag.model.device),
-                           "dtype": rag.dtype_name}}
+                           "dtype": rag.keys.dtype}}
     progress(f"workload a: {len(examples)} MuSiQue questions (from question {offset}) x {n_chunks} passages")
     result["modes"] = musique_workload(rag, examples, modes, n_chunks, scorer, progress, offset)
     result["disk"] = disk_load_speedup(rag, passage_chunks(rag, examples[0], 3, None, "disk"))

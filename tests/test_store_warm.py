@@ -206,3 +206,28 @@ def test_sigkill_of_a_real_ragkit_process_mid_warm(tiny):
         assert store.get(CacheKey(model, meta["dtype"], meta["prefix_hash"], meta["chunk_hash"])) is not None
     result = warm(cfg)  # the next warm finishes the job
     assert result.stdout.startswith(f"warmed {len(DOCS) + 1 - len(files)} chunks")
+
+
+def test_a_chunk_computed_in_one_cli_call_is_a_hit_in_the_next(tiny):
+    """No per-process alias: `ragkit query --answer` stores what it computed in cache.dir, and the next
+    call (a new pipeline, store and memory tiers) reuses it, exactly behind the same prefix and as a
+    variant elsewhere."""
+    from ragkit.pipeline import Pipeline
+
+    cfg, root = tiny
+    clear_cache(root)
+
+    def ask(question: str) -> str:
+        result = runner.invoke(app, ["query", str(cfg), question, "--answer", "-q", "--set",
+                                     "generator.max_new_tokens=2"])
+        assert result.exit_code == 0, result.output
+        return result.stdout
+
+    assert "cache hits: 0/5" in ask("item 3 relates")
+    assert "cache hits: 5/5  recomputed tokens: 0/" in ask("item 3 relates")
+    pipe = Pipeline.from_config(cfg, progress=False)
+    first = {h.id for h in pipe.retrieve("item 3 relates", k=5)}
+    overlaps = {q: len(first & {h.id for h in pipe.retrieve(q, k=5)})
+                for q in ("study 4 item 9", "topic 12 document", "item 30 relates to item 10", "study 3")}
+    question, shared = next((q, n) for q, n in overlaps.items() if 0 < n < 5)
+    assert f"cache hits: {shared}/5" in ask(question)

@@ -24,6 +24,7 @@ from chunk_cache.disk import DiskTier, read_entry
 from chunk_cache.eviction import LRUPolicy
 from chunk_cache.store import CacheKey, ChunkKV, KVStore, clear_cache
 from ragkit.cli import app
+from tests.conftest import tiny_llama
 from tests.test_pipeline import make_beir, make_config
 
 pytestmark = pytest.mark.slow
@@ -39,20 +40,8 @@ TRIALS = 20
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A config over 40 one-chunk documents, a tiny random Llama, and its cache folder."""
-    import transformers
-
-    from generators.weights import resolve_model_dir
-
     folder = tmp_path_factory.mktemp("warm")
-    tokenizer_dir = resolve_model_dir("smollm2")
-    config = transformers.LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                                      tie_word_embeddings=True)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(folder / "model")
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        if (tokenizer_dir / name).exists():
-            shutil.copy(tokenizer_dir / name, folder / "model" / name)
+    tiny_llama(folder / "model")
     make_beir(folder / "data", docs=DOCS, queries=QUERIES, qrels=QRELS)
     cfg = make_config(folder, extra=f'[generator]\nmodel = "{folder / "model"}"\ndevice = "cpu"\n'
                                     f'[cache]\ndir = "{folder / "kv"}"\n')

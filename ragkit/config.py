@@ -90,7 +90,7 @@ class CacheConfig:
     ape_scale: float = 0.9
     craft_alpha: float = 1.0
     epic_tokens: int = 16
-    device_bytes: int = 0
+    device_bytes: int = 4 << 30  # hot chunks stay on the GPU (no device tier on the CPU)
     host_bytes: int = 2 << 30
     disk_bytes: int = 20 << 30
     eviction: str = "lru"

@@ -36,9 +36,9 @@ if TYPE_CHECKING:  # config validation and --help read this registry without loa
 NONE, EXACT, ANY = "none", "exact", "any"  # what a mode may look up
 
 
-@dataclass(frozen=True)
+@dataclass
 class ReuseSettings:
-    """The knobs of every mode (the [cache] section's reuse keys)."""
+    """The knobs of every mode: the [cache] section's reuse keys (ragkit.config.CacheConfig extends this)."""
 
     mode: str = "blend"
     ratio: float = 0.15

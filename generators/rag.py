@@ -22,7 +22,7 @@ from chunk_cache.keys import KeyScheme
 from chunk_cache.modes import ReuseSettings, make_mode
 from chunk_cache.reuse import ChunkReuse
 from chunk_cache.store import KVStore
-from generators.generate import Sampling, decode
+from generators.generate import Sampling, decode, teacher_forced_logits
 from generators.model import Decoder, load_decoder
 from generators.prompt import ChatPrompt
 from generators.weights import load_tokenizer, model_fingerprint, resolve_model_dir
@@ -154,11 +154,5 @@ class RagGenerator:
         greedy token predicted at each step (len(reference) of them), for agreement with another mode."""
         logits, cache, next_position, _stats = self.prefill(question, chunks, mode, extra=len(reference) + 1,
                                                             **overrides)
-        steps = [logits[None]]
-        if len(reference) > 1:
-            start = cache.length
-            rows = torch.tensor([reference[:-1]], device=self.model.device)
-            slots = torch.arange(start, start + rows.shape[1], device=self.model.device)
-            steps.append(self.model.forward(rows, (next_position + slots - start)[None], cache, slots,
-                                            logits_rows=slice(None))[0])
-        return logits, torch.cat(steps).argmax(-1).tolist()
+        forced = teacher_forced_logits(self.model, cache, logits, next_position, reference)
+        return logits, forced.argmax(-1).tolist()

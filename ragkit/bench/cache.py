@@ -22,6 +22,7 @@ import torch
 
 from chunk_cache.reuse import ChunkReuse
 from chunk_cache.store import KVStore
+from generators.generate import teacher_forced_logits
 from generators.rag import synchronize
 from ragkit.readers.musique import read_musique
 from ragkit.types import Chunk, token_hash
@@ -64,19 +65,6 @@ def variant_settings(variant: str) -> dict:
 DECISIVE_MARGIN = 1.0
 
 
-def force(rag, cache, logits: torch.Tensor, next_position: int, reference: list[int]) -> torch.Tensor:
-    """Teacher forcing: next-token logits [len(reference), V] after the prompt and each reference prefix.
-    The forced rows are written past the prompt; the caller rewinds `cache.length`."""
-    steps = [logits[None]]
-    if len(reference) > 1:
-        prompt_len = cache.length
-        rows = torch.tensor([reference[:-1]], device=rag.model.device)
-        slots = torch.arange(prompt_len, prompt_len + rows.shape[1], device=rag.model.device)
-        steps.append(rag.model.forward(rows, (next_position + slots - prompt_len)[None], cache, slots,
-                                       logits_rows=slice(None))[0])
-    return torch.cat(steps)
-
-
 @torch.inference_mode()
 def measure(rag, question: str, chunks: list[Chunk], variant: str, reference: list[int] | None):
     """One timed prefill under `variant`, then (untimed) teacher forcing on `reference` and greedy decoding.
@@ -93,7 +81,7 @@ def measure(rag, question: str, chunks: list[Chunk], variant: str, reference: li
               "recomputed": stats["recomputed_tokens"], "context": stats["context_tokens"],
               "layer_share": stats["recompute_share"]}
     if reference:
-        result["predicted"] = force(rag, cache, logits, next_position, reference).argmax(-1).tolist()
+        result["predicted"] = teacher_forced_logits(rag.model, cache, logits, next_position, reference).argmax(-1).tolist()
         result["matches"] = sum(int(a == b) for a, b in zip(result["predicted"], reference))
         cache.length = prompt_len  # rewind: decoding overwrites the forced rows
     tokens = decode(rag.model, cache, logits[None], torch.tensor([next_position]), rag.max_new_tokens,
@@ -101,7 +89,7 @@ def measure(rag, question: str, chunks: list[Chunk], variant: str, reference: li
     if reference is None:
         cache.length = prompt_len
         forced = tokens + ([_stop(rag)] if len(tokens) < rag.max_new_tokens else [])
-        top2 = force(rag, cache, logits, next_position, forced).topk(2, dim=-1).values
+        top2 = teacher_forced_logits(rag.model, cache, logits, next_position, forced).topk(2, dim=-1).values
         result["margins"] = (top2[:, 0] - top2[:, 1]).tolist()
     result["tokens"] = tokens
     result["text"] = rag.prompt.tokenizer.decode(tokens, skip_special_tokens=True).strip()

@@ -135,8 +135,9 @@ def compare_modes(rag, items: list[tuple[str, list[Chunk], list[str]]], modes: l
             r["decisive_matches"] = sum(int(d and a == b) for d, a, b in zip(decisive, r["predicted"], reference))
         for mode in modes:
             rows[mode][-1]["golds"] = golds
-        progress(f"question {n + 1}/{len(items)}: " + "  ".join(
-            f"{m} {rows[m][-1]['ttft_s']:.2f}s" for m in modes))
+        progress(f"question {n + 1}/{len(items)} (TTFT/agreement/KL1): " + "  ".join(
+            f"{m} {r['ttft_s']:.2f}s/{r['matches'] / max(1, r['reference']):.3f}/{r.get('kl', 0.0):.3f}"
+            for m, r in ((m, rows[m][-1]) for m in modes)))
     return summarise(rows, scorer)
 
 

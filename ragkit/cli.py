@@ -237,6 +237,54 @@ def compare(
         typer.echo(f"tasks run by only one side (not compared): {', '.join(unmatched)}", err=True)
 
 
+def _mode_list(value: str) -> str:
+    from chunk_cache.reuse import MODES
+
+    unknown = [m for m in value.split(",") if m not in MODES]
+    if unknown:
+        raise typer.BadParameter(f"unknown mode {unknown[0]!r}; allowed: {', '.join(MODES)}")
+    return value
+
+
+@app.command()
+@user_errors
+def serve(
+    config: Path = ConfigArg,
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind. The default takes connections from "
+                             "this machine only; binding elsewhere without --api-key prints a warning."),
+    port: int = typer.Option(8000, "--port", min=1, max=65535, help="TCP port."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="RAGKIT_API_KEY", help="Require "
+                                          "`Authorization: Bearer KEY` on every route but /health."),
+    queue: int = typer.Option(16, "--queue", min=1, help="Requests that may wait for the answering slot; beyond "
+                              "it: 429 with Retry-After."),
+    deadline: float = typer.Option(120.0, "--deadline", min=1.0, help="Seconds a request may take from arrival "
+                                   "to its last token; past it the request is cancelled (504)."),
+    max_k: int = typer.Option(20, "--max-k", min=1, help="Largest k (chunks) a request may ask for."),
+    max_tokens: int = typer.Option(256, "--max-tokens", min=1, help="Largest max_tokens a request may ask for."),
+    modes: str = typer.Option(",".join(["full", "prefix", "naive", "ape", "blend", "craft"]), "--modes",
+                              callback=_mode_list, help="Reuse modes a request may choose (comma-separated)."),
+    arena: str = typer.Option("full,blend", "--arena", callback=_mode_list, help="The two systems (reuse modes) "
+                              "the web page's arena compares."),
+    preferences: Optional[Path] = typer.Option(None, "--preferences", help="JSONL file the arena's votes are "
+                                               "appended to (default: <eval.runs_dir>/arena/<name>.jsonl)."),
+    overrides: Optional[List[str]] = SetOpt,
+    quiet: bool = QuietOpt,
+) -> None:
+    """Serve the pipeline over HTTP: /search, /answer, OpenAI-compatible /v1/chat/completions, a web page with
+    an arena at /, /health and /metrics. The model and the KV cache's memory tiers stay warm across requests."""
+    from ragkit.serve import ServeOptions, build_server, run
+
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        typer.echo(f"warning: serving on {host} without --api-key: anyone who can reach it may use it", err=True)
+    pipe = _pipeline(config, overrides, quiet)
+    options = ServeOptions(queue=queue, deadline_s=deadline, api_key=api_key, max_k=max_k, max_tokens=max_tokens,
+                           modes=tuple(modes.split(",")), arena=tuple(arena.split(",")), preferences=preferences)
+    server = build_server(pipe, options)
+    typer.echo(f"serving {pipe.config.name} on http://{host}:{port}/ (queue {queue}, deadline {deadline:g} s)",
+               err=True)
+    run(server, host=host, port=port, log_level="warning" if quiet else "info")
+
+
 def _cache_dir(config: Path, overrides: Optional[List[str]]):
     from ragkit.config import load_config, parse_overrides
 

@@ -10,7 +10,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import pytest
+import torch
 import uvicorn
+
+torch.set_num_threads(1)  # two shared cores: one thread per process runs faster than two fighting
 
 DOCS = [
     ("d1", "Vitamin D", "Vitamin D supplements reduce the risk of bone fractures in older adults."),
@@ -90,3 +94,86 @@ def wait_healthy(url: str, timeout_s: float, process=None) -> None:
             pass
         time.sleep(0.2)
     raise TimeoutError(f"{url} did not become healthy in {timeout_s} s")
+
+
+class GatedService:
+    """The service side of the server without a model, for queue, deadline and disconnect tests:
+    each answer emits `tokens` pieces and waits at `gate` before its first token."""
+
+    name, model, context_window = "gated", "none", 4096
+
+    def __init__(self, tokens: int = 3):
+        self.tokens = tokens
+        self.gate = threading.Event()
+        self.started: list[str] = []
+        self.finished: list[str] = []
+        self.flushed = 0
+
+    def question_room(self, k: int, max_tokens: int) -> int:
+        return 1000
+
+    def count_tokens(self, text: str) -> int:
+        return len(text.split())
+
+    def search(self, question: str, k: int) -> list[dict]:
+        return [{"id": f"c{i}", "doc_id": f"d{i}", "rank": i + 1, "score": 1.0 / (i + 1), "title": "", "text": "t"}
+                for i in range(k)]
+
+    def answer(self, ticket) -> None:
+        job = ticket.job
+        self.started.append(job.question)
+        ticket.emit("retrieved", self.search(job.question, job.k))
+        while not self.gate.wait(0.02):
+            ticket.check()
+        for i in range(self.tokens):
+            ticket.check()
+            ticket.emit("token", f"t{i} ")
+        self.finished.append(job.question)
+        ticket.emit("done", {"answer": "t0 t1 t2", "chunk_ids": [f"c{i}" for i in range(job.k)], "mode": job.mode,
+                             "ttft_s": 0.01, "prefill_s": 0.01, "total_s": 0.02, "cache_hits": 1,
+                             "context_tokens": 10, "recomputed_tokens": 2, "completion_tokens": self.tokens,
+                             "finish_reason": "length"})
+
+    def cache_stats(self) -> dict:
+        return {"hit_rate": 0.5, "tiers": {"host": 123}}
+
+    def flush(self) -> None:
+        self.flushed += 1
+
+
+def gated_server(tmp_path: Path, queue: int = 2, deadline_s: float = 30.0, api_key: str | None = None):
+    from ragkit.serve.app import Server
+    from ragkit.serve.arena import PreferenceLog
+    from ragkit.serve.metrics import ServeMetrics
+    from ragkit.serve.scheduler import WorkerScheduler
+    from ragkit.serve.schemas import Limits
+
+    service = GatedService()
+    limits = Limits(modes=("full", "blend"), default_mode="blend", default_k=2, max_k=5, default_max_tokens=3,
+                    max_tokens=8, deadline_s=deadline_s)
+    return Server(service=service, scheduler=WorkerScheduler(service.answer, queue), limits=limits,
+                  api_key=api_key, arena=PreferenceLog(tmp_path / "prefs.jsonl", ("full", "blend"), "gated"),
+                  metrics=ServeMetrics(), drain_timeout_s=5)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory):
+    """One Pipeline (SmolLM2 and a BM25 index over DOCS) shared by the server tests: each test module
+    builds its own Server around it, as `ragkit serve` does once per process."""
+    from ragkit.pipeline import Pipeline
+
+    return Pipeline.from_config(write_config(tmp_path_factory.mktemp("serve")), progress=False)
+
+
+def sse_events(text: str) -> list[tuple[str, object]]:
+    """(event, parsed data) per server-sent event of a response body."""
+    events = []
+    for block in text.strip().split("\n\n"):
+        kind, data = "message", ""
+        for line in block.splitlines():
+            if line.startswith("event: "):
+                kind = line[7:]
+            elif line.startswith("data: "):
+                data += line[6:]
+        events.append((kind, data if data == "[DONE]" else json.loads(data)))
+    return events

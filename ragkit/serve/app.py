@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import re
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from starlette.exceptions import HTTPException
 
 from ragkit.serve.arena import PreferenceLog
 from ragkit.serve.metrics import ServeMetrics
-from ragkit.serve.scheduler import QueueFull, Scheduler, ShuttingDown, Ticket
+from ragkit.serve.scheduler import QueueFull, Scheduler, ShuttingDown, Ticket, log
 from ragkit.serve.schemas import AnswerRequest, FieldError, Limits, PreferenceRequest, SearchRequest
 
 PAGE = Path(__file__).with_name("page.html")
@@ -245,9 +246,13 @@ def _authorise(api_key: str | None):
     return check
 
 
+# Tags pydantic adds to a location inside a union (`content.str`, `content.list[TextPart]`): not fields.
+_UNION_TAG = re.compile(r"^(str|int|float|bool|none|[A-Za-z_]+\[.*\])$")
+
+
 def _field(loc: tuple) -> str:
-    parts = [str(p) for p in loc[1:]] if loc and loc[0] == "body" else [str(p) for p in loc]
-    return ".".join(parts) or "body"
+    parts = [str(p) for p in (loc[1:] if loc and loc[0] == "body" else loc)]
+    return ".".join(p for p in parts if not _UNION_TAG.match(p)) or "body"
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -258,6 +263,8 @@ def _add_error_handlers(app: FastAPI) -> None:
             reason = (first.get("ctx") or {}).get("error", "not valid JSON")
             return error(400, f"body: not valid JSON ({reason})", "body")
         field = _field(tuple(first.get("loc", ())))
+        if field == "body" and first.get("type") in ("model_attributes_type", "dict_type", "missing"):
+            return error(422, "body: must be a JSON object (send Content-Type: application/json)", "body")
         if first.get("type") == "extra_forbidden":
             return error(422, f"{field}: unknown field; a request may not set it", field)
         return error(422, f"{field}: {first.get('msg', 'invalid value')}", field)
@@ -274,6 +281,13 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def stopping(_request: Request, exc: ShuttingDown) -> JSONResponse:
         return error(503, str(exc), headers={"Retry-After": "5"})
 
+    @app.exception_handler(Exception)
+    async def bug(_request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return error(500, f"internal error ({type(exc).__name__}); the server goes on")
+
     @app.exception_handler(HTTPException)
     async def http_error(_request: Request, exc: HTTPException) -> JSONResponse:
+        if exc.status_code == 400:  # FastAPI could not decode the body: not UTF-8, or nested too deeply
+            return error(400, "body: not valid JSON (not UTF-8, or nested too deeply)", "body")
         return error(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))

@@ -40,6 +40,9 @@ class Job:
     arrived: float = field(default_factory=time.monotonic)
 
 
+CANCELLED = {"status": 499, "message": "the request was cancelled"}
+
+
 @dataclass(frozen=True)
 class Event:
     kind: str  # retrieved | token | done | error
@@ -93,10 +96,11 @@ class Ticket:
         self.emit("error", {"status": status, "message": message})
 
     def cancel(self) -> None:
-        """The reader is gone: free the queue place or slot (idempotent)."""
+        """The reader is gone: free the queue place or slot, and wake a reader still waiting (idempotent)."""
         if not self._cancelled.is_set():
             self._cancelled.set()
             self._release(self)
+            self._loop.call_soon_threadsafe(self._events.put_nowait, Event("error", CANCELLED))
 
     def __aiter__(self) -> "Ticket":
         return self

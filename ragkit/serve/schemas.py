@@ -119,6 +119,10 @@ class Limits:
             raise FieldError(field, "must not be empty")
         if len(text) > self.max_question_chars:
             raise FieldError(field, f"{len(text)} characters; at most {self.max_question_chars}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise FieldError(field, f"not valid Unicode ({exc.reason} at character {exc.start})") from None
         return text
 
     def job(self, service, question: str, *, k: int | None, mode: str | None, max_tokens: int | None,

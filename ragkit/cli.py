@@ -237,9 +237,11 @@ def compare(
         typer.echo(f"tasks run by only one side (not compared): {', '.join(unmatched)}", err=True)
 
 
-def _mode_list(value: str) -> str:
-    from chunk_cache.reuse import MODES
+def _mode_list(value: Optional[str]) -> Optional[str]:
+    from chunk_cache.modes import MODES
 
+    if value is None:
+        return value
     unknown = [m for m in value.split(",") if m not in MODES]
     if unknown:
         raise typer.BadParameter(f"unknown mode {unknown[0]!r}; allowed: {', '.join(MODES)}")
@@ -261,8 +263,8 @@ def serve(
                                    "to its last token; past it the request is cancelled (504)."),
     max_k: int = typer.Option(20, "--max-k", min=1, help="Largest k (chunks) a request may ask for."),
     max_tokens: int = typer.Option(256, "--max-tokens", min=1, help="Largest max_tokens a request may ask for."),
-    modes: str = typer.Option(",".join(["full", "prefix", "naive", "ape", "blend", "craft"]), "--modes",
-                              callback=_mode_list, help="Reuse modes a request may choose (comma-separated)."),
+    modes: Optional[str] = typer.Option(None, "--modes", callback=_mode_list, help="Reuse modes a request may "
+                                        "choose, comma-separated (default: every mode of the registry)."),
     arena: str = typer.Option("full,blend", "--arena", callback=_mode_list, help="The two systems (reuse modes) "
                               "the web page's arena compares."),
     preferences: Optional[Path] = typer.Option(None, "--preferences", help="JSONL file the arena's votes are "
@@ -278,7 +280,8 @@ def serve(
         typer.echo(f"warning: serving on {host} without --api-key: anyone who can reach it may use it", err=True)
     pipe = _pipeline(config, overrides, quiet)
     options = ServeOptions(queue=queue, deadline_s=deadline, api_key=api_key, max_k=max_k, max_tokens=max_tokens,
-                           modes=tuple(modes.split(",")), arena=tuple(arena.split(",")), preferences=preferences)
+                           arena=tuple(arena.split(",")), preferences=preferences,
+                           **({"modes": tuple(modes.split(","))} if modes else {}))
     server = build_server(pipe, options)
     typer.echo(f"serving {pipe.config.name} on http://{host}:{port}/ (queue {queue}, deadline {deadline:g} s)",
                err=True)
@@ -519,6 +522,45 @@ def bench_retrieval(
     docs, queries, default_scale = (300, 30, 20_000) if quick else (0, 0, 200_000)
     result = run_retrieval_bench(data, docs, queries, scale or default_scale, min(reference_queries, queries or 10**9),
                                  log=lambda msg: typer.echo(msg, err=True))
+    _emit(result, as_json, format_report)
+
+
+def _rates(value: str) -> str:
+    try:
+        rates = [float(r) for r in value.split(",")]
+    except ValueError:
+        raise typer.BadParameter(f"{value!r}: comma-separated request rates per second, e.g. 0.05,0.1,0.2") from None
+    if not rates or min(rates) <= 0:
+        raise typer.BadParameter("request rates must be > 0")
+    return value
+
+
+@bench_app.command("serve")
+@user_errors
+def bench_serve(
+    as_json: bool = typer.Option(False, "--json", help="Print the results object as JSON on stdout."),
+    rates: str = typer.Option("0.05,0.1,0.2,0.4", "--rates", callback=_rates, help="Request rates (per second) to "
+                              "offer, comma-separated; each runs for --duration."),
+    modes: str = typer.Option("full,prefix,blend", "--modes", callback=_mode_list, help="Reuse modes, one fresh "
+                              "server each."),
+    duration: float = typer.Option(120.0, "--duration", min=1.0, help="Seconds of arrivals per rate."),
+    max_requests: int = typer.Option(500, "--max-requests", min=1, help="Most requests per rate."),
+    k: int = typer.Option(3, "--k", min=1, help="Chunks per answer."),
+    max_tokens: int = typer.Option(8, "--max-tokens", min=1, help="Answer tokens per request."),
+    queue: int = typer.Option(32, "--queue", min=1, help="The server's queue bound (beyond it: 429)."),
+    deadline: float = typer.Option(120.0, "--deadline", min=1.0, help="The server's per-request deadline, s."),
+    slo: float = typer.Option(10.0, "--slo", min=0.1, help="p90 TTFT bound (s) for blend_rps_vs_full_at_equal_p90."),
+    workdir: Path = typer.Option(Path(".ragkit/bench-serve"), "--workdir", help="Corpus, index and server logs."),
+    seed: int = typer.Option(0, "--seed", help="Arrival times and question draws."),
+) -> None:
+    """Open-loop load (Poisson arrivals, Zipf-popular SciFact and MuSiQue questions) against a `ragkit serve`
+    this bench starts on 127.0.0.1: throughput, TTFT p50/p90/p99, errors, hit rate and the knee, per mode."""
+    from ragkit.bench.serve import ServeBenchSettings, format_report, run
+
+    settings = ServeBenchSettings(rates=[float(r) for r in rates.split(",")], modes=modes.split(","),
+                                  duration_s=duration, max_requests=max_requests, k=k, max_tokens=max_tokens,
+                                  queue=queue, deadline_s=deadline, slo_s=slo, seed=seed, workdir=workdir)
+    result = run(settings, log=lambda msg: typer.echo(msg, err=True))
     _emit(result, as_json, format_report)
 
 

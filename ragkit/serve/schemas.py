@@ -1,6 +1,6 @@
 """Request bodies and the server's limits: what a client may choose, and within which bounds.
 
-A request chooses a question, how many chunks (k), a reuse mode the server allows and decoding
+A request chooses a question, how many chunks (k), a reuse mode the server allows (of chunk_cache.modes) and decoding
 settings within limits. Nothing in a body names a file, a model, a config key or a cache folder:
 unknown fields are refused (422 naming the field). The OpenAI `model` field is accepted for
 compatibility and only echoed back.

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import uvicorn
 
-from chunk_cache.reuse import MODES
+from chunk_cache.modes import MODES
 from ragkit.errors import ConfigError
 from ragkit.pipeline import Pipeline
 from ragkit.serve.app import Server, create_app
@@ -31,7 +31,7 @@ class ServeOptions:
     api_key: str | None = None
     max_k: int = 20
     max_tokens: int = 256
-    modes: tuple[str, ...] = tuple(MODES)
+    modes: tuple[str, ...] = tuple(MODES)  # the registry's names
     arena: tuple[str, str] = ("full", "blend")
     preferences: Path | None = None  # default: <eval.runs_dir>/arena/<name>.jsonl
     max_body_bytes: int = 64 << 10
@@ -45,7 +45,7 @@ def build_server(pipeline: Pipeline, options: ServeOptions) -> Server:
     for key, chosen in (("serve.modes", modes), ("serve.arena", options.arena)):
         unknown = [m for m in chosen if m not in MODES]
         if unknown:
-            raise ConfigError(key, f"unknown mode {unknown[0]!r}", allowed=MODES)
+            raise ConfigError(key, f"unknown mode {unknown[0]!r}", allowed=list(MODES))
     if len(options.arena) != 2 or not set(options.arena) <= set(modes):
         raise ConfigError("serve.arena", "needs two modes, both among the allowed modes")
     default_mode = cfg.cache.mode if cfg.cache.mode in modes else modes[0]

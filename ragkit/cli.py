@@ -274,8 +274,9 @@ def serve(
 ) -> None:
     """Serve the pipeline over HTTP: /search, /answer, OpenAI-compatible /v1/chat/completions, a web page with
     an arena at /, /health and /metrics. The model and the KV cache's memory tiers stay warm across requests."""
-    from ragkit.serve import ServeOptions, build_server, run
+    from ragkit.serve import ServeOptions, build_server, check_listen, run
 
+    check_listen(host, port)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         typer.echo(f"warning: serving on {host} without --api-key: anyone who can reach it may use it", err=True)
     pipe = _pipeline(config, overrides, quiet)
@@ -546,20 +547,25 @@ def bench_serve(
     duration: float = typer.Option(120.0, "--duration", min=1.0, help="Seconds of arrivals per rate."),
     max_requests: int = typer.Option(500, "--max-requests", min=1, help="Most requests per rate."),
     k: int = typer.Option(3, "--k", min=1, help="Chunks per answer."),
+    chunk_size: int = typer.Option(256, "--chunk-size", min=16, help="Tokens per chunk of the bench's index."),
     max_tokens: int = typer.Option(8, "--max-tokens", min=1, help="Answer tokens per request."),
     queue: int = typer.Option(32, "--queue", min=1, help="The server's queue bound (beyond it: 429)."),
     deadline: float = typer.Option(120.0, "--deadline", min=1.0, help="The server's per-request deadline, s."),
     slo: float = typer.Option(10.0, "--slo", min=0.1, help="p90 TTFT bound (s) for blend_rps_vs_full_at_equal_p90."),
     workdir: Path = typer.Option(Path(".ragkit/bench-serve"), "--workdir", help="Corpus, index and server logs."),
     seed: int = typer.Option(0, "--seed", help="Arrival times and question draws."),
+    questions: int = typer.Option(0, "--questions", min=0, help="Draw from this many questions only (0: all 450 "
+                                  "SciFact + MuSiQue); fewer make repeats, and cache hits, likelier."),
 ) -> None:
     """Open-loop load (Poisson arrivals, Zipf-popular SciFact and MuSiQue questions) against a `ragkit serve`
     this bench starts on 127.0.0.1: throughput, TTFT p50/p90/p99, errors, hit rate and the knee, per mode."""
     from ragkit.bench.serve import ServeBenchSettings, format_report, run
 
     settings = ServeBenchSettings(rates=[float(r) for r in rates.split(",")], modes=modes.split(","),
-                                  duration_s=duration, max_requests=max_requests, k=k, max_tokens=max_tokens,
-                                  queue=queue, deadline_s=deadline, slo_s=slo, seed=seed, workdir=workdir)
+                                  duration_s=duration, max_requests=max_requests, k=k, chunk_size=chunk_size,
+                                  max_tokens=max_tokens,
+                                  queue=queue, deadline_s=deadline, slo_s=slo, seed=seed, workdir=workdir,
+                                  questions=questions)
     result = run(settings, log=lambda msg: typer.echo(msg, err=True))
     _emit(result, as_json, format_report)
 

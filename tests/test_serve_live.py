@@ -4,6 +4,7 @@ and `ragkit serve` receiving SIGTERM while requests are in flight."""
 from __future__ import annotations
 
 import base64
+import socket
 import json
 import os
 import signal
@@ -180,3 +181,17 @@ def test_sigterm_under_load_finishes_or_refuses_every_request_and_flushes_the_ca
     assert 503 in outcomes, outcomes  # queued requests were told the server is stopping, not left hanging
     stats = cache_stats(tmp_path / "kv")
     assert stats is not None and stats["entries"] > 0
+
+
+def test_serve_refuses_a_port_in_use_before_loading(tmp_path):
+    from typer.testing import CliRunner
+
+    from ragkit.cli import app
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = CliRunner().invoke(app, ["serve", str(write_config(tmp_path)), "--port", str(port)])
+    assert result.exit_code == 2 and f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert not (tmp_path / "indexes").exists()  # refused before loading or indexing anything

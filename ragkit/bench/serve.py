@@ -49,19 +49,22 @@ class ServeBenchSettings:
     duration_s: float = 120.0
     max_requests: int = 500
     k: int = 3
+    chunk_size: int = 256
     max_tokens: int = 8
     queue: int = 32
     deadline_s: float = 120.0
     zipf: float = 1.0
+    questions: int = 0  # pool size: the first N of the shuffled pool (0: all 450)
     slo_s: float = 10.0
     seed: int = 0
     workdir: Path = Path(".ragkit/bench-serve")
 
 
 def run(settings: ServeBenchSettings, log: Callable[[str], None]) -> dict:
-    config, questions = prepare(settings.workdir, log)
+    config, questions = prepare(settings.workdir, settings.chunk_size, log)
     rng = random.Random(settings.seed)
     rng.shuffle(questions)  # popularity rank independent of the source order
+    questions = questions[:settings.questions or None]
     modes = {}
     for mode in settings.modes:
         log(f"mode {mode}: starting a server")
@@ -71,7 +74,7 @@ def run(settings: ServeBenchSettings, log: Callable[[str], None]) -> dict:
 
 # -- the workload --------------------------------------------------------------------------------
 
-def prepare(workdir: Path, log: Callable[[str], None]) -> tuple[Path, list[str]]:
+def prepare(workdir: Path, chunk_size: int, log: Callable[[str], None]) -> tuple[Path, list[str]]:
     """One JSONL corpus (SciFact abstracts + MuSiQue passages), its config and BM25 index; the question pool."""
     from ragkit.pipeline import Pipeline
     from ragkit.readers.musique import read_musique
@@ -94,17 +97,17 @@ def prepare(workdir: Path, log: Callable[[str], None]) -> tuple[Path, list[str]]
                                               "text": ctx["text"]}) + "\n")
                         seen.add(ctx["text"])
         tmp.replace(corpus)
-    config = workdir / "serve-bench.toml"
+    config = workdir / f"serve-bench-{chunk_size}.toml"
     config.write_text(f"""# Written by `ragkit bench serve`: SciFact abstracts + MuSiQue passages, BM25, SmolLM2.
 name = "serve-bench"
 [dataset]
 format = "jsonl"
 path = "corpus"
 [chunking]
-size = 512
-overlap = 64
+size = {chunk_size}
+overlap = {chunk_size // 8}
 [retrieval]
-index_dir = "{(workdir / 'indexes').resolve()}"
+index_dir = "{(workdir / 'indexes' / str(chunk_size)).resolve()}"
 retrievers = [{{ type = "bm25", k1 = 0.9, b = 0.4 }}]
 [generator]
 model = "smollm2"
@@ -160,7 +163,7 @@ def _bench_mode(config: Path, questions: list[str], mode: str, s: ServeBenchSett
             if rate != max(s.rates):
                 _wait_idle(url, s.deadline_s + 30)
         normal = 2 * (points[0]["ttft_p50_s"] or math.inf)
-        recovery = _recovery(url, questions[0], normal, last_send, 60)
+        recovery = _recovery(url, questions[0], normal, last_send, 30)
         rss = _peak_rss_gib(process.pid)
         return {"points": points, "knee_rps": _knee(points), "recovery_s": recovery, "peak_rss_gib": rss}
     finally:

@@ -2,6 +2,6 @@
 scheduler.py for the seam an answering engine plugs into)."""
 
 from ragkit.serve.app import Server, create_app
-from ragkit.serve.server import ServeOptions, build_server, run
+from ragkit.serve.server import ServeOptions, build_server, check_listen, run
 
-__all__ = ["Server", "ServeOptions", "build_server", "create_app", "run"]
+__all__ = ["Server", "ServeOptions", "build_server", "check_listen", "create_app", "run"]

@@ -8,13 +8,14 @@ A SIGKILL leaves the cache folder as consistent as any crash does (chunk_cache/d
 from __future__ import annotations
 
 import logging
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import uvicorn
 
 from chunk_cache.modes import MODES
-from ragkit.errors import ConfigError
+from ragkit.errors import ConfigError, RagkitError
 from ragkit.pipeline import Pipeline
 from ragkit.serve.app import Server, create_app
 from ragkit.serve.arena import PreferenceLog
@@ -72,6 +73,18 @@ class _DrainingServer(uvicorn.Server):
         self.ragkit.draining = True
         self.ragkit.scheduler.drain()
         await super().shutdown(sockets)
+
+
+def check_listen(host: str, port: int) -> None:
+    """Fail fast, before the model loads, when the address cannot be bound (in use, or no such host)."""
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+    except OSError as exc:
+        raise RagkitError(f"cannot listen on {host}:{port}: {exc.strerror or exc} (pick another --port or "
+                          "--host)") from None
 
 
 def run(server: Server, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",

@@ -554,6 +554,8 @@ def bench_serve(
     slo: float = typer.Option(10.0, "--slo", min=0.1, help="p90 TTFT bound (s) for blend_rps_vs_full_at_equal_p90."),
     workdir: Path = typer.Option(Path(".ragkit/bench-serve"), "--workdir", help="Corpus, index and server logs."),
     seed: int = typer.Option(0, "--seed", help="Arrival times and question draws."),
+    recovery: bool = typer.Option(True, "--recovery/--no-recovery", help="After the highest rate, time how long "
+                                  "until a lone request's TTFT is normal again (up to 30 s of probing)."),
     questions: int = typer.Option(0, "--questions", min=0, help="Draw from this many questions only (0: all 450 "
                                   "SciFact + MuSiQue); fewer make repeats, and cache hits, likelier."),
 ) -> None:
@@ -565,7 +567,7 @@ def bench_serve(
                                   duration_s=duration, max_requests=max_requests, k=k, chunk_size=chunk_size,
                                   max_tokens=max_tokens,
                                   queue=queue, deadline_s=deadline, slo_s=slo, seed=seed, workdir=workdir,
-                                  questions=questions)
+                                  questions=questions, recovery=recovery)
     result = run(settings, log=lambda msg: typer.echo(msg, err=True))
     _emit(result, as_json, format_report)
 

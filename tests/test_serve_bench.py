@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
+import time
 
 from ragkit.bench.serve import _blend_vs_full, _knee, _load, poisson_arrivals, zipf_picks
 from ragkit.serve import create_app
@@ -28,19 +29,26 @@ def test_zipf_makes_the_first_questions_popular():
 def test_load_counts_answers_429s_and_errors_against_a_live_server(tmp_path):
     server = gated_server(tmp_path, queue=1)
     with live(create_app(server)) as url:
-        threading.Timer(1.0, server.service.gate.set).start()  # busy at first: one runs, one waits, the rest 429
+        def open_when_full() -> None:  # busy at first: one runs, one waits, the other three get 429
+            while not (server.scheduler.running == 1 and server.scheduler.queue_length == 1):
+                time.sleep(0.01)
+            time.sleep(0.5)
+            server.service.gate.set()
+
+        threading.Thread(target=open_when_full, daemon=True).start()
         point = asyncio.run(_load(url, [(0.01 * i, f"q{i}") for i in range(5)], grace_s=20))
     assert point["sent"] == 5 and point["errors"] == 0
     assert point["answered"] == 2 and point["rejected"] == 3
     assert point["ttft_p50_s"] >= 0.5 and point["throughput_rps"] > 0 and point["hit_rate"] == 0.5
 
 
-def _point(rate, p90, rps):
-    return {"rate": rate, "ttft_p90_s": p90, "throughput_rps": rps}
+def _point(rate, p90, rps, errors=0):
+    return {"rate": rate, "ttft_p90_s": p90, "throughput_rps": rps, "sent": 20, "errors": errors}
 
 
-def test_knee_is_the_last_rate_before_p90_doubles():
+def test_knee_is_the_last_rate_before_p90_doubles_or_requests_fail():
     assert _knee([_point(0.1, 1.0, 0.1), _point(0.2, 1.9, 0.2), _point(0.4, 2.0, 0.3), _point(0.8, 1.0, 0.3)]) == 0.2
+    assert _knee([_point(0.1, 1.0, 0.1), _point(0.2, 1.2, 0.2, errors=3), _point(0.4, 1.0, 0.3)]) == 0.1
     assert _knee([_point(0.1, None, 0.0)]) is None
 
 

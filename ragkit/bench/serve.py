@@ -54,6 +54,7 @@ class ServeBenchSettings:
     queue: int = 32
     deadline_s: float = 120.0
     zipf: float = 1.0
+    recovery: bool = True
     questions: int = 0  # pool size: the first N of the shuffled pool (0: all 450)
     slo_s: float = 10.0
     seed: int = 0
@@ -163,7 +164,7 @@ def _bench_mode(config: Path, questions: list[str], mode: str, s: ServeBenchSett
             if rate != max(s.rates):
                 _wait_idle(url, s.deadline_s + 30)
         normal = 2 * (points[0]["ttft_p50_s"] or math.inf)
-        recovery = _recovery(url, questions[0], normal, last_send, 30)
+        recovery = _recovery(url, questions[0], normal, last_send, 30) if s.recovery else None
         rss = _peak_rss_gib(process.pid)
         return {"points": points, "knee_rps": _knee(points), "recovery_s": recovery, "peak_rss_gib": rss}
     finally:
@@ -236,13 +237,14 @@ def _pct(values: list[float], q: float) -> float | None:
 
 
 def _knee(points: list[dict]) -> float | None:
-    """The highest rate before p90 TTFT first reaches twice the lowest rate's (None: not even the lowest answered)."""
-    base = points[0]["ttft_p90_s"]
-    if base is None:
-        return None
-    knee = points[0]["rate"]
-    for point in points[1:]:
-        if point["ttft_p90_s"] is None or point["ttft_p90_s"] >= 2 * base:
+    """The highest rate before the server is overloaded: p90 TTFT at twice the lowest rate's, or more
+    than 10% of requests failed. None: overloaded already at the lowest rate."""
+    def overloaded(point: dict, base: float) -> bool:
+        return point["ttft_p90_s"] is None or point["ttft_p90_s"] >= 2 * base or point["errors"] > 0.1 * point["sent"]
+
+    knee = None
+    for point in points:
+        if overloaded(point, points[0]["ttft_p90_s"] or 0.0):
             break
         knee = point["rate"]
     return knee

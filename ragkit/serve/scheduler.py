@@ -138,7 +138,8 @@ class Scheduler(Protocol):
 
 
 class WorkerScheduler:
-    """One worker thread answers jobs first come, first served; at most `queue_size` wait.
+    """One worker thread answers jobs first come, first served; at most `queue_size` wait, and none
+    whose expected wait (recent service time × jobs ahead) is already past its deadline.
 
     `answer(ticket)` runs one job: it emits the ticket's events and calls `ticket.check()` often;
     Cancelled ends the job quietly, any other exception becomes a 500 error event.
@@ -168,8 +169,10 @@ class WorkerScheduler:
         with self._cond:
             if self._closing:
                 raise ShuttingDown()
-            if len(self._pending) >= self.queue_size:
-                raise QueueFull(max(1, math.ceil(self._service_s * (len(self._pending) + self.running))))
+            wait_s = self._service_s * (len(self._pending) + self.running)
+            # Full, or so far behind that the job would pass its deadline in the queue: refuse now.
+            if len(self._pending) >= self.queue_size or wait_s > job.deadline - time.monotonic():
+                raise QueueFull(max(1, math.ceil(wait_s)))
             self._pending.append(ticket)
             self._cond.notify()
         return ticket

@@ -3,26 +3,20 @@
 from __future__ import annotations
 
 import json
-import socket
 import threading
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
 import pytest
 import torch
 import uvicorn
 
+from ragkit.bench.serve import free_port, wait_healthy
+from tests.test_pipeline import DOCS as PIPELINE_DOCS
+
 torch.set_num_threads(1)  # two shared cores: one thread per process runs faster than two fighting
 
-DOCS = [
-    ("d1", "Vitamin D", "Vitamin D supplements reduce the risk of bone fractures in older adults."),
-    ("d2", "Statins", "Statins lower cholesterol and the risk of heart attacks."),
-    ("d3", "Sleep", "Short sleep is linked to obesity in children and adults."),
-    ("d4", "Coffee", "Coffee consumption is associated with lower liver disease mortality."),
-    ("d5", "Aspirin", "Daily aspirin reduces colorectal cancer incidence over long follow-up."),
-    ("d6", "Exercise", "Aerobic exercise improves memory in older adults with mild impairment."),
+DOCS = PIPELINE_DOCS + [
     ("d7", "Paris", "Paris is the capital of France and lies on the river Seine."),
     ("d8", "Everest", "Mount Everest is the highest mountain above sea level, in the Himalayas."),
 ]
@@ -60,12 +54,6 @@ runs_dir = "{folder / 'runs'}"
     return config
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextmanager
 def live(app):
     """Run an ASGI app on 127.0.0.1 in a thread; yields its base URL."""
@@ -80,20 +68,6 @@ def live(app):
     finally:
         server.should_exit = True
         thread.join(30)
-
-
-def wait_healthy(url: str, timeout_s: float, process=None) -> None:
-    until = time.monotonic() + timeout_s
-    while time.monotonic() < until:
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"{url} did not become healthy in {timeout_s} s")
 
 
 class GatedService:

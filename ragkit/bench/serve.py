@@ -55,6 +55,7 @@ class ServeBenchSettings:
     deadline_s: float = 120.0
     zipf: float = 1.0
     recovery: bool = True
+    threads: int = 0  # the server's CPU threads (0: torch's default)
     questions: int = 0  # pool size: the first N of the shuffled pool (0: all 450)
     slo_s: float = 10.0
     seed: int = 0
@@ -139,17 +140,18 @@ def poisson_arrivals(rate: float, duration_s: float, max_requests: int, rng: ran
 # -- one server per mode -----------------------------------------------------------------------
 
 def _bench_mode(config: Path, questions: list[str], mode: str, s: ServeBenchSettings, log) -> dict:
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     logfile = open(s.workdir / f"server-{mode}.log", "w")
     process = subprocess.Popen(
         [sys.executable, "-m", "ragkit.cli", "serve", str(config), "--host", "127.0.0.1", "--port", str(port),
          "--queue", str(s.queue), "--deadline", str(s.deadline_s), "--max-k", str(s.k), "--quiet",
+         "--threads", str(s.threads),
          "--set", f"cache.mode={mode}", "--set", "cache.dir=", "--set", f"generator.chunks={s.k}",
          "--set", f"generator.max_new_tokens={s.max_tokens}"],
         stdout=logfile, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
-        _wait_healthy(url, process, 600)
+        wait_healthy(url, 600, process)
         points = []
         rng = random.Random(s.seed)
         for rate in sorted(s.rates):
@@ -296,18 +298,19 @@ def format_report(result: dict) -> str:
 
 # -- the server process ----------------------------------------------------------------------------
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
-def _wait_healthy(url: str, process: subprocess.Popen, timeout_s: float) -> None:
+def wait_healthy(url: str, timeout_s: float, process: subprocess.Popen | None = None) -> None:
+    """Until GET /health answers 200; RagkitError if `process` exits first or timeout_s passes."""
     from ragkit.errors import RagkitError
 
     end = time.monotonic() + timeout_s
     while time.monotonic() < end:
-        if process.poll() is not None:
+        if process is not None and process.poll() is not None:
             raise RagkitError(f"the server exited with status {process.returncode} before answering; "
                               "see its log in the bench work folder")
         try:
@@ -315,7 +318,7 @@ def _wait_healthy(url: str, process: subprocess.Popen, timeout_s: float) -> None
                 return
         except httpx.HTTPError:
             pass
-        time.sleep(0.5)
+        time.sleep(0.2)
     raise RagkitError(f"the server did not answer /health within {timeout_s:.0f} s")
 
 

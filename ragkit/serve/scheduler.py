@@ -152,7 +152,7 @@ class WorkerScheduler:
         self._current: Ticket | None = None
         self._cond = threading.Condition()
         self._closing = False
-        self._service_s = 1.0  # moving average of one job's time, for Retry-After
+        self._service_s = 0.0  # moving average of one job's time (0 until one is measured), for Retry-After
         self._thread = threading.Thread(target=self._run, name="ragkit-serve-worker", daemon=True)
         self._thread.start()
 
@@ -216,4 +216,5 @@ class WorkerScheduler:
             finally:
                 with self._cond:
                     self._current = None
-                self._service_s = 0.8 * self._service_s + 0.2 * (time.monotonic() - started)
+                took = time.monotonic() - started
+                self._service_s = 0.8 * self._service_s + 0.2 * took if self._service_s else took

@@ -15,6 +15,7 @@ import time
 from contextlib import contextmanager
 from typing import Any
 
+from generators.weights import load_tokenizer
 from ragkit.pipeline import Pipeline
 from ragkit.serve.scheduler import Job, Ticket
 
@@ -31,6 +32,9 @@ class RagService:
         self.generator = pipeline.generator  # loads the model now, not on the first request
         self.pipeline.retrievers  # and the index
         self.context_window = _context_window(pipeline.config.generator.model)
+        # Requests are measured on the event loop while the worker tokenizes: fast tokenizers are not
+        # safe to share between threads ("Already borrowed"), so the loop gets its own copy.
+        self._counter = load_tokenizer(pipeline.config.generator.model)
 
     @property
     def name(self) -> str:
@@ -46,7 +50,7 @@ class RagService:
         return self.context_window - len(self.generator.prompt.head_ids) - chunk_tokens - max_tokens - 16
 
     def count_tokens(self, text: str) -> int:
-        return len(self.generator.prompt.ids(text))
+        return len(self._counter(text, add_special_tokens=False)["input_ids"])
 
     def search(self, question: str, k: int) -> list[dict[str, Any]]:
         with self._retrieval:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -78,6 +79,7 @@ class GatedService:
 
     def __init__(self, tokens: int = 3):
         self.tokens = tokens
+        self.work_s = 0.0  # time each answer takes after the gate
         self.gate = threading.Event()
         self.started: list[str] = []
         self.finished: list[str] = []
@@ -99,6 +101,7 @@ class GatedService:
         ticket.emit("retrieved", self.search(job.question, job.k))
         while not self.gate.wait(0.02):
             ticket.check()
+        time.sleep(self.work_s)
         for i in range(self.tokens):
             ticket.check()
             ticket.emit("token", f"t{i} ")

@@ -46,6 +46,22 @@ def test_full_queue_answers_429_with_retry_after(tmp_path):
         assert httpx.post(f"{url}/answer", json={"question": "later"}).status_code == 200
 
 
+def test_overload_gets_answers_or_429_not_timeouts(tmp_path):
+    """Once the pace is known, a request that would finish past its deadline is refused at once."""
+    server = gated_server(tmp_path, queue=50, deadline_s=2.0)
+    server.service.gate.set()
+    server.service.work_s = 0.25
+    with live(create_app(server)) as url:
+        assert httpx.post(f"{url}/answer", json={"question": "pace"}).status_code == 200
+        results: list = []
+        threads = [_post_in_thread(f"{url}/answer", {"question": f"q{i}"}, results) for i in range(20)]
+        for thread in threads:
+            thread.join(30)
+    codes = [r.status_code for r in results]
+    assert len(codes) == 20 and set(codes) == {200, 429}, codes  # no 504: nobody waited in vain
+    assert codes.count(200) >= 3
+
+
 def test_deadline_cancels_the_request_and_frees_its_slot(tmp_path):
     server = gated_server(tmp_path, queue=2, deadline_s=0.5)
     client = TestClient(create_app(server))

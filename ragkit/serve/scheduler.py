@@ -50,8 +50,8 @@ class Event:
 
 
 class QueueFull(Exception):
-    def __init__(self, retry_after_s: int):
-        super().__init__(f"the server's queue is full; retry after {retry_after_s} s")
+    def __init__(self, retry_after_s: int, why: str = "the server's queue is full"):
+        super().__init__(f"{why}; retry after {retry_after_s} s")
         self.retry_after_s = retry_after_s
 
 
@@ -139,7 +139,7 @@ class Scheduler(Protocol):
 
 class WorkerScheduler:
     """One worker thread answers jobs first come, first served; at most `queue_size` wait, and none
-    whose expected wait (recent service time × jobs ahead) is already past its deadline.
+    that would finish past its deadline at the recent pace (service time × (jobs ahead + 1)).
 
     `answer(ticket)` runs one job: it emits the ticket's events and calls `ticket.check()` often;
     Cancelled ends the job quietly, any other exception becomes a 500 error event.
@@ -169,10 +169,13 @@ class WorkerScheduler:
         with self._cond:
             if self._closing:
                 raise ShuttingDown()
-            wait_s = self._service_s * (len(self._pending) + self.running)
-            # Full, or so far behind that the job would pass its deadline in the queue: refuse now.
-            if len(self._pending) >= self.queue_size or wait_s > job.deadline - time.monotonic():
-                raise QueueFull(max(1, math.ceil(wait_s)))
+            ahead = len(self._pending) + self.running
+            # Full, or so far behind that the job would finish past its deadline: refuse it now, not later.
+            retry_after = max(1, math.ceil(self._service_s * ahead))
+            if len(self._pending) >= self.queue_size:
+                raise QueueFull(retry_after)
+            if self._service_s * (ahead + 1) > job.deadline - time.monotonic():
+                raise QueueFull(retry_after, "the server is too busy to answer within the deadline")
             self._pending.append(ticket)
             self._cond.notify()
         return ticket
@@ -206,8 +209,10 @@ class WorkerScheduler:
             try:
                 if ticket.expired():
                     ticket.fail(504, "the request passed its deadline while queued")
-                else:
-                    self._answer(ticket)
+                    continue
+                self._answer(ticket)
+                took = time.monotonic() - started  # the pace, from answers that ran to the end
+                self._service_s = 0.8 * self._service_s + 0.2 * took if self._service_s else took
             except Cancelled:
                 pass
             except Exception as exc:  # a bug, not the client's fault: say so, keep serving
@@ -216,5 +221,3 @@ class WorkerScheduler:
             finally:
                 with self._cond:
                     self._current = None
-                took = time.monotonic() - started
-                self._service_s = 0.8 * self._service_s + 0.2 * took if self._service_s else took

@@ -75,7 +75,7 @@ class GatedService:
     """The service side of the server without a model, for queue, deadline and disconnect tests:
     each answer emits `tokens` pieces and waits at `gate` before its first token."""
 
-    name, model, context_window = "gated", "none", 4096
+    name, model = "gated", "none"
 
     def __init__(self, tokens: int = 3):
         self.tokens = tokens

@@ -16,7 +16,7 @@ import re
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Protocol
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -33,11 +33,24 @@ ROUTES = ("/", "/health", "/info", "/metrics", "/search", "/answer", "/arena/pre
           "/v1/chat/completions")
 
 
+class Service(Protocol):
+    """What the routes need of the thing that serves (service.RagService; a model-free one in tests)."""
+
+    name: str
+    model: str
+
+    def question_room(self, k: int, max_tokens: int) -> int: ...
+    def count_tokens(self, text: str) -> int: ...
+    def search(self, question: str, k: int) -> list[dict[str, Any]]: ...
+    def cache_stats(self) -> dict[str, Any]: ...
+    def flush(self) -> None: ...
+
+
 @dataclass
 class Server:
     """Everything the routes share."""
 
-    service: Any  # RagService, or anything with its search/cache_stats/name/model/question_room/count_tokens
+    service: Service
     scheduler: Scheduler
     limits: Limits
     api_key: str | None

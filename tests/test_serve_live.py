@@ -133,7 +133,7 @@ def test_page_in_headless_chromium_streams_an_answer_and_shows_the_arena(served,
 def test_sigterm_under_load_finishes_or_refuses_every_request_and_flushes_the_cache(tmp_path):
     from chunk_cache.store import cache_stats
 
-    config = write_config(tmp_path, max_new_tokens=2)
+    config = write_config(tmp_path)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     process = subprocess.Popen([sys.executable, "-m", "ragkit.cli", "serve", str(config), "--port", str(port),
@@ -146,20 +146,20 @@ def test_sigterm_under_load_finishes_or_refuses_every_request_and_flushes_the_ca
         def ask(i: int) -> None:
             try:
                 results[i] = httpx.post(f"{url}/answer", json={"question": QUESTION, "stream": i % 2 == 0,
-                                                               "max_tokens": 2}, timeout=180)
+                                                               "max_tokens": 12}, timeout=180)
             except httpx.HTTPError as exc:
                 results[i] = exc
 
         threads = [threading.Thread(target=ask, args=(i,)) for i in range(5)]
         for thread in threads:
             thread.start()
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:  # under load: one answering, the others queued
+        deadline, loaded = time.monotonic() + 60, False
+        while not loaded and time.monotonic() < deadline:  # under load: one answering, the others queued
             health = httpx.get(f"{url}/health").json()
-            if health["running"] == 1 and health["queue"] >= 2:
-                break
-            time.sleep(0.1)
+            loaded = health["running"] == 1 and health["queue"] >= 2
+            time.sleep(0.02)
         process.send_signal(signal.SIGTERM)
+        assert loaded, "the server was never seen busy with a queue"
         for thread in threads:
             thread.join(180)
         # uvicorn re-raises the signal after its graceful shutdown, so the exit status says SIGTERM

@@ -392,13 +392,14 @@ def _header_key(path: Path) -> EntryKey | None:
 
 
 def _append_records(lock: FileLock, journal: Path, records: list[dict]) -> None:
-    """Write queued records of a tier that is being garbage-collected or of an exiting process."""
+    """Write queued records of a tier that is being garbage-collected or of an exiting process. A journal
+    that is gone (the folder was cleared since) is not created again: its hits are moot."""
     if not records:
         return
     payload = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records).encode()
     records.clear()
-    with contextlib.suppress(OSError), lock, open(journal, "ab+") as fh:
-        if fh.tell() > 0:
+    with contextlib.suppress(OSError), lock, open(journal, "r+b") as fh:
+        if fh.seek(0, os.SEEK_END) > 0:
             fh.seek(-1, os.SEEK_END)
             if fh.read(1) != b"\n":
                 payload = b"\n" + payload

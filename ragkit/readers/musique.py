@@ -50,8 +50,8 @@ def read_musique(path: str | Path) -> list[dict[str, Any]]:
         if not isinstance(question, str) or not question.strip():
             raise InputError(path, f"{where}: 'question' must be a non-empty string")
         if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
-            raise InputError(path, f"{where}: 'answers' (or 'answer' and 'answer_aliases') must be a non-empty "
-                             "list of strings")
+            raise InputError(path, f"{where}: 'answers' must be a non-empty list of strings (or give 'answer' "
+                             "and a list 'answer_aliases')")
         if not isinstance(ctxs, list) or not all(isinstance(c, dict) and isinstance(c.get("text"), str)
                                                  for c in ctxs):
             raise InputError(path, f"{where}: 'ctxs' must be a list of objects with a 'text' string")

@@ -40,3 +40,12 @@ def test_musique_answer_with_aliases(tmp_path):
     path.write_text(json.dumps([{"question": "Who?", "answer": "Ann", "answer_aliases": "A", "ctxs": []}]))
     with pytest.raises(InputError, match="entry 0: 'answers' must be a non-empty list"):
         read_musique(path)
+
+
+def test_reference_must_be_a_cache_mode(tmp_path):
+    from typer.testing import CliRunner
+
+    from ragkit.cli import app
+
+    result = CliRunner().invoke(app, ["eval", str(tmp_path / "any.toml"), "--reference", "fast"])
+    assert result.exit_code == 2 and "unknown mode 'fast'" in result.output

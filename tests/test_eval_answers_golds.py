@@ -49,3 +49,27 @@ def test_reference_must_be_a_cache_mode(tmp_path):
 
     result = CliRunner().invoke(app, ["eval", str(tmp_path / "any.toml"), "--reference", "fast"])
     assert result.exit_code == 2 and "unknown mode 'fast'" in result.output
+
+
+def test_bundled_answer_sets_match_their_scripts(tmp_path):
+    """data/musique-rag is what scripts/convert_musique.py writes, and the counts data/README.md gives."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from ragkit.config import DatasetConfig
+    from ragkit.readers import open_dataset
+
+    data = Path(__file__).resolve().parents[1] / "data"
+    subprocess.run([sys.executable, str(data.parent / "scripts" / "convert_musique.py"),
+                    str(data / "musique" / "musique_s.json.gz"), str(tmp_path)], check=True, capture_output=True)
+    for name in ("corpus.jsonl.gz", "queries.jsonl", "qrels/dev.tsv", "qrels/test.tsv"):
+        assert (tmp_path / name).read_bytes() == (data / "musique-rag" / name).read_bytes(), name
+    for split, questions, judgements in (("test", 100, 1000), ("dev", 50, 500)):
+        dataset = open_dataset(DatasetConfig(format="beir", split=split), data / "musique-rag")
+        assert len(dataset.queries) == questions and sum(len(j) for j in dataset.qrels.values()) == judgements
+        assert all(q.answers for q in dataset.queries)
+    assert sum(1 for _ in dataset.documents()) == 1255
+    scifact = open_dataset(DatasetConfig(format="beir"), data / "scifact").queries
+    assert sorted({q.answers for q in scifact}) == [(), ("no",), ("yes",)]
+    assert sum(1 for q in scifact if q.answers) == 188

@@ -153,7 +153,7 @@ def evaluate(
     pipe = _pipeline(config, overrides, quiet, skip_bad_lines)
     if reference is not None and answers is False:
         raise typer.BadParameter("--reference compares answers: drop --no-answers")
-    results = pipe.evaluate(answers=True if reference is not None else answers, reference=reference)
+    results = pipe.evaluate(answers=answers, reference=reference)
     if "tasks" in results:  # a suite: one row per task, then their average
         for task, summary in results["skipped"].items():
             typer.echo(f"warning: {task}: {summary}", err=True)

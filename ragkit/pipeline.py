@@ -209,9 +209,9 @@ class Pipeline:
     def evaluate(self, answers: bool | None = None, reference: str | None = None) -> dict[str, Any]:
         """Run every query, score it by the configured protocol and write runs/<name>/.
 
-        With `answers` (default: whether the config has a [generator] section) every query is also
-        answered from its top chunks and the answers scored (ragkit.answering); `reference` names a
-        cache mode (e.g. "full") the answers are compared against."""
+        With `answers` (default: whether the config has a [generator] section or `reference` is given)
+        every query is also answered from its top chunks and the answers scored (ragkit.answering);
+        `reference` names a cache mode (e.g. "full") the answers are compared against."""
         from eval.generation import merge_scores
         from eval.protocols import apply_protocol
         from eval.retrieval import score_run
@@ -220,7 +220,7 @@ class Pipeline:
         if self.config.tasks:
             return self._evaluate_suite(answers, reference)
         cfg = self.config
-        answers = cfg.has_generator if answers is None else answers
+        answers = (cfg.has_generator or reference is not None) if answers is None else answers
         qrels = self.dataset.qrels
         if qrels is None:
             raise InputError(cfg.dataset_path(), "this dataset has no relevance judgements (qrels) to evaluate against")

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from eval.answers import check_metrics
 from eval.generation import first_token_kl, merge_scores, score_generation
 from ragkit.errors import InputError
@@ -97,7 +99,8 @@ def evaluate_answers(pipe, queries: list[Query], reference: str | None = None) -
                          model_context(resolve_model_dir(cfg.generator.model)), cfg.dataset_path())
 
     records, answer_s = [], 0.0
-    bar = pipe._bar(list(zip(queries, contexts)), desc=f"answering ({cfg.cache.mode})", unit="q")
+    bar = tqdm(list(zip(queries, contexts)), desc=f"answering ({cfg.cache.mode})", unit="q", dynamic_ncols=True,
+               disable=not pipe.progress)
     for query, chunks in bar:
         compared = {} if reference is None else _against_reference(
             generator, query.text, chunks, reference, cfg.cache.mode, cfg.generator.max_new_tokens,
@@ -115,7 +118,8 @@ def evaluate_answers(pipe, queries: list[Query], reference: str | None = None) -
 def _against_reference(generator, question: str, chunks: list[Chunk], reference: str, mode: str,
                        max_new_tokens: int, stop_id: int | None) -> dict[str, Any]:
     """Answer under the reference mode, then teacher-force both modes on its tokens. Runs before the
-    configured mode answers, since forcing stores nothing and answering stores computed chunks."""
+    configured mode answers, since forcing stores nothing and answering stores the chunks it computed
+    (full prefill stores none; another reference mode may, and the configured mode then finds them)."""
     ref = generator.answer(question, chunks, mode=reference)
     tokens = list(ref.tokens) + ([stop_id] if len(ref.tokens) < max_new_tokens and stop_id is not None else [])
     ref_logits, _ = generator.teacher_force(question, chunks, tokens, mode=reference)

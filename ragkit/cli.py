@@ -136,7 +136,7 @@ def evaluate(
     as_json: bool = typer.Option(False, "--json", help="Also print the results object as JSON on stdout."),
     answers: Optional[bool] = typer.Option(None, "--answers/--no-answers", help="Also answer every query from its "
                                            "top generator.chunks chunks and score the answers against the "
-                                           "queries' gold answers (default: when the config has [generator])."),
+                                           "queries' gold answers (default: when the config has a generator section)."),
     reference: Optional[str] = typer.Option(None, "--reference", callback=_reference_mode, help="Also answer each "
                                             "prompt under this cache mode (e.g. full) and record token agreement "
                                             "and first-token KL against it: the quality gate on a cache run."),
@@ -146,7 +146,7 @@ def evaluate(
 ) -> None:
     """Retrieve for every query, score against the qrels, write runs/<name>/ (run.trec, results.json, config).
 
-    With a [generator] section (or --answers) also answer every query with the configured cache.mode:
+    With a generator section in the config (or --answers) also answer every query with the configured cache.mode:
     EM/F1 (eval.answer_metrics), TTFT p50/p90, questions/s, chunk hit rate and recompute share go
     into results.json, each answer into answers.jsonl. Builds the index first when indexes/<name>/
     does not exist yet."""

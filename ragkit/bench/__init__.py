@@ -1,0 +1,1 @@
+"""`ragkit bench ...`: measurements that call the public API and print ratios measured side by side."""

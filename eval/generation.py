@@ -5,6 +5,8 @@ Each query's generation is summarised as a record (a mapping) with
     ttft_s             time to first token, seconds
     recomputed_tokens  context tokens whose KV was recomputed (not reused from the cache)
     context_tokens     context tokens in the prompt
+    recompute_share    optional: the generator's own share of context rows recomputed (weighted by
+                       layers); else recomputed_tokens / context_tokens
     cache_hits         optional: chunks found in the KV cache, out of len(chunk_ids)
     kl                 optional: KL(full prefill || this mode) of the first answer token's distribution
     agreement          optional: share of answer tokens equal to the full-prefill answer's
@@ -31,7 +33,9 @@ def cache_metrics(records: Mapping[str, Mapping[str, Any]]) -> Scores:
         if record.get("ttft_s") is not None:
             values["ttft_s"] = float(record["ttft_s"])
         context = record.get("context_tokens") or 0
-        if context:
+        if record.get("recompute_share") is not None:
+            values["recompute_share"] = float(record["recompute_share"])
+        elif context:
             values["recompute_share"] = float(record.get("recomputed_tokens", 0)) / float(context)
         if record.get("cache_hits") is not None and record.get("chunk_ids"):
             values["chunk_hit_rate"] = float(record["cache_hits"]) / len(record["chunk_ids"])

@@ -8,7 +8,8 @@
 - `config.json`  the resolved pipeline config (every default filled in);
 - `answers.jsonl` only when answers were generated: one JSON object per answered query, in
                  query order: query_id, answer, golds, chunk_ids (cited, in prompt order), mode,
-                 ttft_s, total_s, context_tokens, recomputed_tokens, cache_hits; with a
+                 ttft_s, total_s, context_tokens, recomputed_tokens, recompute_share,
+                 cache_hits; with a
                  reference mode also reference_mode, reference_answer, reference_ttft_s,
                  agreement (share of the reference's tokens predicted alike) and kl
                  (KL(reference || mode) of the first answer token).

@@ -110,7 +110,8 @@ def evaluate_answers(pipe, queries: list[Query], reference: str | None = None) -
         records.append({"query_id": query.id, "answer": answer.text, "golds": golds.get(query.id, []),
                         "chunk_ids": answer.chunk_ids, "mode": answer.mode, "ttft_s": answer.ttft_s,
                         "total_s": answer.total_s, "context_tokens": answer.context_tokens,
-                        "recomputed_tokens": answer.recomputed_tokens, "cache_hits": answer.cache_hits, **compared})
+                        "recomputed_tokens": answer.recomputed_tokens, "recompute_share": answer.recompute_share,
+                        "cache_hits": answer.cache_hits, **compared})
         bar.set_postfix(ttft=f"{answer.ttft_s:.2f}s", hits=f"{answer.cache_hits}/{len(chunks)}")
     return _scores(records, golds, metrics, reference, answer_s, len(queries))
 

@@ -122,10 +122,10 @@ def query(
 
 
 def _reference_mode(value: Optional[str]) -> Optional[str]:
-    from ragkit.config import CACHE_MODES
+    from chunk_cache.modes import MODES
 
-    if value is not None and value not in CACHE_MODES:
-        raise typer.BadParameter(f"unknown mode {value!r}; allowed: {', '.join(CACHE_MODES)}")
+    if value is not None and value not in MODES:
+        raise typer.BadParameter(f"unknown mode {value!r}; allowed: {', '.join(MODES)}")
     return value
 
 

@@ -141,6 +141,10 @@ class RagGenerator:
                         self.prompt.stop_ids, self.sampling, stream)[0]
         total = time.perf_counter() - start
         stats["commit"](ttft)  # a miss costs one computation, in this process or any other
+        return self.make_answer(tokens, chunks, stats, ttft, total)
+
+    def make_answer(self, tokens: list[int], chunks: list[Chunk], stats: dict, ttft: float, total: float) -> Answer:
+        """The Answer of decoded `tokens` after a prefill that returned `stats`."""
         return Answer(text=self.prompt.tokenizer.decode(tokens, skip_special_tokens=True).strip(),
                       chunk_ids=[c.id for c in chunks], ttft_s=ttft, total_s=total, mode=stats["mode"],
                       cache_hits=stats["cache_hits"], context_tokens=stats["context_tokens"],

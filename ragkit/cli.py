@@ -276,6 +276,64 @@ def compare(
         typer.echo(f"tasks run by only one side (not compared): {', '.join(unmatched)}", err=True)
 
 
+def _mode_list(value: Optional[str]) -> Optional[str]:
+    from chunk_cache.modes import MODES
+
+    if value is None:
+        return value
+    unknown = [m for m in value.split(",") if m not in MODES]
+    if unknown:
+        raise typer.BadParameter(f"unknown mode {unknown[0]!r}; allowed: {', '.join(MODES)}")
+    return value
+
+
+@app.command()
+@user_errors
+def serve(
+    config: Path = ConfigArg,
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind. The default takes connections from "
+                             "this machine only; binding elsewhere without --api-key prints a warning."),
+    port: int = typer.Option(8000, "--port", min=1, max=65535, help="TCP port."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="RAGKIT_API_KEY", help="Require "
+                                          "`Authorization: Bearer KEY` on every route but /health."),
+    queue: int = typer.Option(16, "--queue", min=1, help="Requests that may wait for the answering slot; beyond "
+                              "it: 429 with Retry-After."),
+    deadline: float = typer.Option(120.0, "--deadline", min=1.0, help="Seconds a request may take from arrival "
+                                   "to its last token; past it the request is cancelled (504)."),
+    max_k: int = typer.Option(20, "--max-k", min=1, help="Largest k (chunks) a request may ask for."),
+    max_tokens: int = typer.Option(256, "--max-tokens", min=1, help="Largest max_tokens a request may ask for."),
+    modes: Optional[str] = typer.Option(None, "--modes", callback=_mode_list, help="Reuse modes a request may "
+                                        "choose, comma-separated (default: every mode of the registry)."),
+    arena: str = typer.Option("full,blend", "--arena", callback=_mode_list, help="The two systems (reuse modes) "
+                              "the web page's arena compares."),
+    preferences: Optional[Path] = typer.Option(None, "--preferences", help="JSONL file the arena's votes are "
+                                               "appended to (default: <eval.runs_dir>/arena/<name>.jsonl)."),
+    threads: int = typer.Option(0, "--threads", min=0, help="CPU threads for the model (0: torch's default, one "
+                                "per core); 1 is faster where other jobs share the cores."),
+    overrides: Optional[List[str]] = SetOpt,
+    quiet: bool = QuietOpt,
+) -> None:
+    """Serve the pipeline over HTTP: /search, /answer, OpenAI-compatible /v1/chat/completions, a web page with
+    an arena at /, /health and /metrics. The model and the KV cache's memory tiers stay warm across requests."""
+    from ragkit.serve import ServeOptions, build_server, check_listen, run
+
+    check_listen(host, port)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        typer.echo(f"warning: serving on {host} without --api-key: anyone who can reach it may use it", err=True)
+    pipe = _pipeline(config, overrides, quiet)
+    options = ServeOptions(queue=queue, deadline_s=deadline, api_key=api_key, max_k=max_k, max_tokens=max_tokens,
+                           arena=tuple(arena.split(",")), preferences=preferences,
+                           **({"modes": tuple(modes.split(","))} if modes else {}))
+    server = build_server(pipe, options)
+    typer.echo(f"serving {pipe.config.name} on http://{host}:{port}/ (queue {queue}, deadline {deadline:g} s)",
+               err=True)
+    run(server, host=host, port=port, log_level="warning" if quiet else "info")
+
+
 def _cache_dir(config: Path, overrides: Optional[List[str]]):
     from ragkit.config import load_config, parse_overrides
 
@@ -519,6 +577,53 @@ def bench_retrieval(
     docs, queries, default_scale = (300, 30, 20_000) if quick else (0, 0, 200_000)
     result = run_retrieval_bench(data, docs, queries, scale or default_scale, min(reference_queries, queries or 10**9),
                                  log=lambda msg: typer.echo(msg, err=True))
+    _emit(result, as_json, format_report)
+
+
+def _rates(value: str) -> str:
+    try:
+        rates = [float(r) for r in value.split(",")]
+    except ValueError:
+        raise typer.BadParameter(f"{value!r}: comma-separated request rates per second, e.g. 0.05,0.1,0.2") from None
+    if not rates or min(rates) <= 0:
+        raise typer.BadParameter("request rates must be > 0")
+    return value
+
+
+@bench_app.command("serve")
+@user_errors
+def bench_serve(
+    as_json: bool = typer.Option(False, "--json", help="Print the results object as JSON on stdout."),
+    rates: str = typer.Option("0.05,0.1,0.2,0.4", "--rates", callback=_rates, help="Request rates (per second) to "
+                              "offer, comma-separated; each runs for --duration."),
+    modes: str = typer.Option("full,prefix,blend", "--modes", callback=_mode_list, help="Reuse modes, one fresh "
+                              "server each."),
+    duration: float = typer.Option(120.0, "--duration", min=1.0, help="Seconds of arrivals per rate."),
+    max_requests: int = typer.Option(500, "--max-requests", min=1, help="Most requests per rate."),
+    k: int = typer.Option(3, "--k", min=1, help="Chunks per answer."),
+    chunk_size: int = typer.Option(256, "--chunk-size", min=16, help="Tokens per chunk of the bench's index."),
+    max_tokens: int = typer.Option(8, "--max-tokens", min=1, help="Answer tokens per request."),
+    queue: int = typer.Option(32, "--queue", min=1, help="The server's queue bound (beyond it: 429)."),
+    deadline: float = typer.Option(120.0, "--deadline", min=1.0, help="The server's per-request deadline, s."),
+    slo: float = typer.Option(10.0, "--slo", min=0.1, help="p90 TTFT bound (s) for blend_rps_vs_full_at_equal_p90."),
+    workdir: Path = typer.Option(Path(".ragkit/bench-serve"), "--workdir", help="Corpus, index and server logs."),
+    seed: int = typer.Option(0, "--seed", help="Arrival times and question draws."),
+    threads: int = typer.Option(0, "--threads", min=0, help="The server's CPU threads (`ragkit serve --threads`)."),
+    recovery: bool = typer.Option(True, "--recovery/--no-recovery", help="After the highest rate, time how long "
+                                  "until a lone request's TTFT is normal again (up to 30 s of probing)."),
+    questions: int = typer.Option(0, "--questions", min=0, help="Draw from this many questions only (0: all 450 "
+                                  "SciFact + MuSiQue); fewer make repeats, and cache hits, likelier."),
+) -> None:
+    """Open-loop load (Poisson arrivals, Zipf-popular SciFact and MuSiQue questions) against a `ragkit serve`
+    this bench starts on 127.0.0.1: throughput, TTFT p50/p90/p99, errors, hit rate and the knee, per mode."""
+    from ragkit.bench.serve import ServeBenchSettings, format_report, run
+
+    settings = ServeBenchSettings(rates=[float(r) for r in rates.split(",")], modes=modes.split(","),
+                                  duration_s=duration, max_requests=max_requests, k=k, chunk_size=chunk_size,
+                                  max_tokens=max_tokens,
+                                  queue=queue, deadline_s=deadline, slo_s=slo, seed=seed, workdir=workdir,
+                                  questions=questions, recovery=recovery, threads=threads)
+    result = run(settings, log=lambda msg: typer.echo(msg, err=True))
     _emit(result, as_json, format_report)
 
 

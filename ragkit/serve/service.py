@@ -1,0 +1,148 @@
+"""What the server serves: one Pipeline kept for the process's lifetime, so the model stays loaded
+and the KV store's memory tiers stay warm from one request to the next.
+
+`answer(ticket)` is the WorkerScheduler's job runner: retrieve, then RagGenerator.answer with
+an on_token callback that streams text, applies stop strings and the output cap, and raises
+Cancelled when the client left or the deadline passed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+import time
+from contextlib import contextmanager
+from typing import Any
+
+from generators.weights import load_tokenizer
+from ragkit.pipeline import Pipeline
+from ragkit.serve.scheduler import Job, Ticket
+
+# Room left for the title line and separator around each retrieved chunk in the prompt.
+PER_CHUNK_OVERHEAD = 32
+DEFAULT_CONTEXT = 2048
+
+
+class RagService:
+    def __init__(self, pipeline: Pipeline, max_output_chars: int):
+        self.pipeline = pipeline
+        self.max_output_chars = max_output_chars
+        self._retrieval = threading.Lock()  # /search and the worker share the retrievers
+        self.generator = pipeline.generator  # loads the model now, not on the first request
+        self.pipeline.retrievers  # and the index
+        self.context_window = _context_window(pipeline.config.generator.model)
+        # Requests are measured on the event loop while the worker tokenizes: fast tokenizers are not
+        # safe to share between threads ("Already borrowed"), so the loop gets its own copy.
+        self._counter = load_tokenizer(pipeline.config.generator.model)
+
+    @property
+    def name(self) -> str:
+        return self.pipeline.config.name
+
+    @property
+    def model(self) -> str:
+        return self.pipeline.config.generator.model
+
+    def question_room(self, k: int, max_tokens: int) -> int:
+        """Tokens a question may take so that prompt and answer fit the model's context."""
+        chunk_tokens = k * (self.pipeline.config.chunking.size + PER_CHUNK_OVERHEAD)
+        return self.context_window - len(self.generator.prompt.head_ids) - chunk_tokens - max_tokens - 16
+
+    def count_tokens(self, text: str) -> int:
+        return len(self._counter(text, add_special_tokens=False)["input_ids"])
+
+    def search(self, question: str, k: int) -> list[dict[str, Any]]:
+        with self._retrieval:
+            hits = self.pipeline.retrieve(question, k=k)
+        return [self._hit(h) for h in hits]
+
+    def _hit(self, hit) -> dict[str, Any]:
+        chunk = self.pipeline.chunk(hit.id)
+        return {"id": hit.id, "doc_id": chunk.doc_id, "rank": hit.rank, "score": round(float(hit.score), 6),
+                "title": chunk.title, "text": chunk.text}
+
+    def answer(self, ticket: Ticket) -> None:
+        job = ticket.job
+        hits = self.search(job.question, job.k)
+        ticket.emit("retrieved", hits)
+        ticket.check()
+        chunks = [self.pipeline.chunk(h["id"]) for h in hits]
+        output = _Output(ticket, self.max_output_chars)
+        started = time.monotonic()
+        with self._decoding(job):
+            answer = self.generator.answer(job.question, chunks, on_token=output.add, mode=job.mode)
+        output.finish()
+        budget_spent = not output.stopped and len(answer.tokens) >= job.max_tokens
+        finish = "length" if output.truncated or budget_spent else "stop"
+        ticket.emit("done", {
+            "answer": output.text.strip(), "chunk_ids": answer.chunk_ids, "mode": answer.mode,
+            "ttft_s": round(started - job.arrived + answer.ttft_s, 4), "prefill_s": round(answer.ttft_s, 4),
+            "total_s": round(time.monotonic() - job.arrived, 4), "cache_hits": answer.cache_hits,
+            "context_tokens": answer.context_tokens,
+            "recomputed_tokens": answer.recomputed_tokens, "completion_tokens": len(answer.tokens),
+            "finish_reason": finish})
+
+    @contextmanager
+    def _decoding(self, job: Job):
+        """The job's token budget and temperature, for this answer only (one job runs at a time)."""
+        gen = self.generator
+        saved = gen.max_new_tokens, gen.sampling
+        gen.max_new_tokens = job.max_tokens
+        gen.sampling = dataclasses.replace(gen.sampling, temperature=job.temperature)
+        try:
+            yield
+        finally:
+            gen.max_new_tokens, gen.sampling = saved
+
+    def cache_stats(self) -> dict[str, Any]:
+        stats = self.generator.store.stats()
+        return {"hit_rate": stats["hit_rate"], "tiers": {name: tier["bytes"] for name, tier in stats["tiers"].items()}}
+
+    def flush(self) -> None:
+        """Publish the KV store's queued hit counts to its disk journal."""
+        self.generator.store.flush()
+
+
+class _Output:
+    """Streams decoded text to the ticket; holds back what could be the start of a stop string,
+    cuts at the first stop string or at the size cap, then emits nothing more."""
+
+    def __init__(self, ticket: Ticket, max_chars: int):
+        self.ticket, self.max_chars = ticket, max_chars
+        self.stops = ticket.job.stop
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
+        self.text = ""
+        self.sent = 0
+        self.ended = self.stopped = self.truncated = False
+
+    def add(self, piece: str) -> None:
+        self.ticket.check()
+        if self.ended:
+            return  # decoding runs on to its token budget; nothing more is sent
+        self.text += piece
+        cut = min((i for i in (self.text.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.text, self.ended, self.stopped = self.text[:cut], True, True
+        elif len(self.text) > self.max_chars:
+            self.text, self.ended, self.truncated = self.text[:self.max_chars], True, True
+        self._send(len(self.text) if self.ended else len(self.text) - self.hold)
+
+    def finish(self) -> None:
+        self._send(len(self.text))
+
+    def _send(self, upto: int) -> None:
+        if upto > self.sent:
+            self.ticket.emit("token", self.text[self.sent:upto])
+            self.sent = upto
+
+
+def _context_window(model: str) -> int:
+    """max_position_embeddings of the generator's config.json (DEFAULT_CONTEXT when it has none)."""
+    from generators.weights import resolve_model_dir
+
+    try:
+        config = json.loads((resolve_model_dir(model) / "config.json").read_text(encoding="utf-8"))
+        return int(config.get("max_position_embeddings") or DEFAULT_CONTEXT)
+    except (OSError, ValueError, TypeError):
+        return DEFAULT_CONTEXT

@@ -88,28 +88,36 @@ def rouge_l(prediction: str, golds: Iterable[str], beta: float = 1.0) -> float:
     return best
 
 
+METRICS = {
+    "em": exact_match,
+    "f1": token_f1,
+    "rouge_l": rouge_l,
+    "accuracy": lambda prediction, golds: yes_no_accuracy(prediction, golds[0]),
+}
+
+
+def check_metrics(metrics: Iterable[str]) -> list[str]:
+    """The metric names, or ConfigError naming the unknown ones (checked before any answer is generated)."""
+    metrics = list(metrics)
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        raise ConfigError("eval.answer_metrics", f"unknown answer metrics {unknown}", allowed=sorted(METRICS))
+    return metrics
+
+
 def score_answers(predictions: dict[str, str], golds: dict[str, list[str]],
                   metrics: Iterable[str] = ("em", "f1")) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
     """(aggregate, per_query) over every query with gold answers; a missing prediction scores 0.
 
     Metrics: 'em', 'f1', 'rouge_l', and 'accuracy' (yes/no/maybe against the first gold).
     """
-    functions = {
-        "em": exact_match,
-        "f1": token_f1,
-        "rouge_l": rouge_l,
-        "accuracy": lambda pred, gold_list: yes_no_accuracy(pred, gold_list[0]),
-    }
-    metrics = list(metrics)
-    unknown = [m for m in metrics if m not in functions]
-    if unknown:
-        raise ConfigError("eval.answer_metrics", f"unknown answer metrics {unknown}", allowed=sorted(functions))
+    metrics = check_metrics(metrics)
     per_query = {}
     for qid, gold_list in golds.items():
         if not gold_list:
             continue
         prediction = predictions.get(qid, "")
-        per_query[qid] = {m: functions[m](prediction, list(gold_list)) for m in metrics}
+        per_query[qid] = {m: METRICS[m](prediction, list(gold_list)) for m in metrics}
     aggregate = {m: (sum(v[m] for v in per_query.values()) / len(per_query) if per_query else 0.0)
                  for m in metrics}
     return aggregate, per_query

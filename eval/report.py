@@ -204,14 +204,14 @@ def _detail_metrics(board: Leaderboard) -> list[str]:
     seen: list[str] = []
     for entry in board.entries:
         for name in entry.results["aggregate"]:
-            if name not in seen and not name.startswith("ttft"):
+            if name not in seen and "ttft" not in name:
                 seen.append(name)
     return seen
 
 
 def _detail_header(board: Leaderboard) -> list[str]:
-    return ["System", "Task", "Protocol", "Queries", *_detail_metrics(board), "TTFT (s)", "Search (s)", "Machine",
-            "ragkit", "Created"]
+    return ["System", "Task", "Protocol", "Queries", "Cache mode", *_detail_metrics(board), "TTFT (s)",
+            "TTFT p50 (s)", "TTFT p90 (s)", "Questions/s", "Search (s)", "Machine", "ragkit", "Created"]
 
 
 def _detail_cells(entry: RunEntry, board: Leaderboard) -> list[str]:
@@ -221,9 +221,10 @@ def _detail_cells(entry: RunEntry, board: Leaderboard) -> list[str]:
     counts = results.get("counts") or {}
     timings = results.get("timings") or {}
     return [entry.name, entry.task, str(results.get("protocol", "")),
-            str(counts.get("scored_queries", len(results["per_query"]))),
+            str(counts.get("scored_queries", len(results["per_query"]))), entry.cache_mode or "–",
             *[_fmt(aggregate.get(m)) for m in _detail_metrics(board)],
-            _fmt(aggregate.get("ttft_s"), 3), _fmt(timings.get("search_s"), 2), str(hardware),
+            _fmt(aggregate.get("ttft_s"), 3), _fmt(aggregate.get("ttft_p50_s"), 3), _fmt(aggregate.get("ttft_p90_s"), 3),
+            _fmt(timings.get("questions_per_s"), 3), _fmt(timings.get("search_s"), 2), str(hardware),
             str(results.get("ragkit_version", "?")), str(results.get("created", "?"))]
 
 
@@ -259,16 +260,30 @@ def plot_metric_per_task(board: Leaderboard) -> str:
     return _svg(fig)
 
 
-def plot_quality_vs_ttft(entries: list[RunEntry]) -> str:
-    """Answer quality against mean time to first token, one point per run, coloured by cache mode."""
-    from matplotlib.figure import Figure
-
+def quality_points(entries: list[RunEntry]) -> list[tuple[str, str, str, float, float]]:
+    """(label, cache mode, quality metric, mean TTFT, quality) per run with answers; an eval run
+    answered with a reference mode (`--reference full`) adds the reference's own point."""
     points = []
     for entry in entries:
         aggregate = entry.results["aggregate"]
         quality = next((m for m in QUALITY_METRICS if m in aggregate), None)
-        if "ttft_s" in aggregate and quality is not None:
-            points.append((entry, quality, float(aggregate["ttft_s"]), float(aggregate[quality])))
+        if "ttft_s" not in aggregate or quality is None:
+            continue
+        label = f"{entry.name} · {entry.task}"
+        points.append((label, entry.cache_mode or "?", quality, float(aggregate["ttft_s"]), float(aggregate[quality])))
+        ref = entry.results.get("reference_mode")
+        ref_quality = 1.0 if quality == "agreement" else aggregate.get(f"{ref}_{quality}")
+        if ref and f"{ref}_ttft_s" in aggregate and ref_quality is not None:
+            points.append((f"{label} (reference)", ref, quality, float(aggregate[f"{ref}_ttft_s"]),
+                           float(ref_quality)))
+    return points
+
+
+def plot_quality_vs_ttft(entries: list[RunEntry]) -> str:
+    """Answer quality against mean time to first token, one point per run and mode, coloured by cache mode."""
+    from matplotlib.figure import Figure
+
+    points = quality_points(entries)
     fig = Figure(figsize=(6.0, 3.6))
     ax = fig.add_subplot()
     if not points:
@@ -277,14 +292,13 @@ def plot_quality_vs_ttft(entries: list[RunEntry]) -> str:
         ax.set_xticks([])
         ax.set_yticks([])
     else:
-        modes = sorted({entry.cache_mode or "?" for entry, *_ in points})
+        modes = sorted({mode for _label, mode, *_ in points})
         for i, mode in enumerate(modes):
-            chosen = [p for p in points if (p[0].cache_mode or "?") == mode]
-            ax.scatter([p[2] for p in chosen], [p[3] for p in chosen], label=mode, color=f"C{i % 10}", s=40)
-            for entry, _quality, x, y in chosen:
-                ax.annotate(f"{entry.name} · {entry.task}", (x, y), fontsize=7, xytext=(4, 3),
-                            textcoords="offset points")
-        metrics = sorted({p[1] for p in points})
+            chosen = [p for p in points if p[1] == mode]
+            ax.scatter([p[3] for p in chosen], [p[4] for p in chosen], label=mode, color=f"C{i % 10}", s=40)
+            for label, _mode, _quality, x, y in chosen:
+                ax.annotate(label, (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        metrics = sorted({p[2] for p in points})
         ax.set_xlabel("mean TTFT (s)")
         ax.set_ylabel(" / ".join(metrics))
         ax.grid(alpha=0.3)

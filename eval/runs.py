@@ -5,7 +5,14 @@
 - `run.trec`     the scored ranking (after the protocol's exclusions and cut), TREC format, so
                  trec_eval or pytrec_eval can re-score it without ragkit;
 - `results.json` the results object below;
-- `config.json`  the resolved pipeline config (every default filled in).
+- `config.json`  the resolved pipeline config (every default filled in);
+- `answers.jsonl` only when answers were generated: one JSON object per answered query, in
+                 query order: query_id, answer, golds, chunk_ids (cited, in prompt order), mode,
+                 ttft_s, total_s, context_tokens, recomputed_tokens, recompute_share,
+                 cache_hits; with a
+                 reference mode also reference_mode, reference_answer, reference_ttft_s,
+                 agreement (share of the reference's tokens predicted alike) and kl
+                 (KL(reference || mode) of the first answer token).
 
 results.json, format_version 1 (keys marked * are required to read a folder back):
 
@@ -15,11 +22,15 @@ results.json, format_version 1 (keys marked * are required to read a folder back
                          when absent, derived from the config's dataset section
     protocol*            "beir" | "bright" | "coir"
     aggregate*           {metric: mean over scored queries}; retrieval metrics ("ndcg@10", ...),
-                         answer metrics ("em", "f1", "accuracy", "rouge_l") and the generator's
-                         cache metrics ("ttft_s", "recompute_share", "kl", "agreement") share it
+                         answer metrics ("em", "f1", "accuracy", "rouge_l", averaged over the
+                         queries with gold answers) and the generator's cache metrics ("ttft_s",
+                         "ttft_p50_s", "ttft_p90_s", "recompute_share", "chunk_hit_rate", "kl",
+                         "agreement") share it; a reference mode's own figures are prefixed
+                         with its name ("full_f1", "full_ttft_p50_s", ...)
     per_query*           {query id: {metric: value}}: every judged query, 0 where nothing was found
-    timings              {name: seconds or rate}
-    counts               {name: int}, e.g. queries, scored_queries, skipped_unjudged
+    timings              {name: seconds or rate}, e.g. search_s, answer_s, questions_per_s
+    counts               {name: int}, e.g. queries, scored_queries, answered_queries,
+                         queries_without_gold_answers
     ragkit_version, config_hash, corpus_fingerprint, seed, created (ISO 8601)
     machine              machine_info(): where the timings were measured
     cache_mode           generator cache mode when answers were generated (for quality/TTFT plots)
@@ -39,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from ragkit.errors import InputError
-from ragkit.storage import atomic_write_json, publish_dir
+from ragkit.storage import atomic_write_json, atomic_write_text, publish_dir
 from ragkit.types import Run
 
 from eval.trec import read_trec_run, write_trec_run
@@ -48,6 +59,7 @@ FORMAT_VERSION = 1
 RUN_FILE = "run.trec"
 RESULTS_FILE = "results.json"
 CONFIG_FILE = "config.json"
+ANSWERS_FILE = "answers.jsonl"
 REQUIRED_KEYS = ("format_version", "name", "protocol", "aggregate", "per_query")
 
 
@@ -137,8 +149,10 @@ def suite_summary(name: str, task_results: list[dict[str, Any]]) -> dict[str, An
     return {"name": name, "tasks": tasks, "average": average}
 
 
-def write_run(run_dir: Path, run: Run, results: dict[str, Any], config: dict[str, Any]) -> None:
-    """Write run.trec, results.json and config.json, replacing `run_dir` as one step."""
+def write_run(run_dir: Path, run: Run, results: dict[str, Any], config: dict[str, Any],
+              answers: list[dict[str, Any]] | None = None) -> None:
+    """Write run.trec, results.json, config.json and (given answers) answers.jsonl, replacing
+    `run_dir` as one step."""
     missing = [key for key in REQUIRED_KEYS if key not in results]
     if missing:
         raise ValueError(f"results lack {missing}; build them with eval.runs.make_results")
@@ -148,6 +162,8 @@ def write_run(run_dir: Path, run: Run, results: dict[str, Any], config: dict[str
         write_trec_run(tmp / RUN_FILE, run)
         atomic_write_json(tmp / RESULTS_FILE, results)
         atomic_write_json(tmp / CONFIG_FILE, config)
+        if answers is not None:
+            atomic_write_text(tmp / ANSWERS_FILE, "".join(json.dumps(a, ensure_ascii=False) + "\n" for a in answers))
 
 
 def read_results(run_dir: Path) -> dict[str, Any]:

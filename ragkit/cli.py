@@ -121,20 +121,39 @@ def query(
                    f"recomputed tokens: {result.recomputed_tokens}/{result.context_tokens}  mode: {result.mode}")
 
 
+def _reference_mode(value: Optional[str]) -> Optional[str]:
+    from chunk_cache.modes import MODES
+
+    if value is not None and value not in MODES:
+        raise typer.BadParameter(f"unknown mode {value!r}; allowed: {', '.join(MODES)}")
+    return value
+
+
 @app.command("eval")
 @user_errors
 def evaluate(
     config: Path = ConfigArg,
     as_json: bool = typer.Option(False, "--json", help="Also print the results object as JSON on stdout."),
+    answers: Optional[bool] = typer.Option(None, "--answers/--no-answers", help="Also answer every query from its "
+                                           "top generator.chunks chunks and score the answers against the "
+                                           "queries' gold answers (default: when the config has a generator section)."),
+    reference: Optional[str] = typer.Option(None, "--reference", callback=_reference_mode, help="Also answer each "
+                                            "prompt under this cache mode (e.g. full) and record token agreement "
+                                            "and first-token KL against it: the quality gate on a cache run."),
     overrides: Optional[List[str]] = SetOpt,
     quiet: bool = QuietOpt,
     skip_bad_lines: bool = SkipOpt,
 ) -> None:
     """Retrieve for every query, score against the qrels, write runs/<name>/ (run.trec, results.json, config).
 
-    Builds the index first when indexes/<name>/ does not exist yet."""
+    With a generator section in the config (or --answers) also answer every query with the configured cache.mode:
+    EM/F1 (eval.answer_metrics), TTFT p50/p90, questions/s, chunk hit rate and recompute share go
+    into results.json, each answer into answers.jsonl. Builds the index first when indexes/<name>/
+    does not exist yet."""
     pipe = _pipeline(config, overrides, quiet, skip_bad_lines)
-    results = pipe.evaluate()
+    if reference is not None and answers is False:
+        raise typer.BadParameter("--reference compares answers: drop --no-answers")
+    results = pipe.evaluate(answers=answers, reference=reference)
     if "tasks" in results:  # a suite: one row per task, then their average
         for task, summary in results["skipped"].items():
             typer.echo(f"warning: {task}: {summary}", err=True)
@@ -151,8 +170,28 @@ def evaluate(
         typer.echo(f"runs written under {results['run_dir']}/")
     else:
         metrics = results["aggregate"]
-        typer.echo("  ".join(f"{name} {value:.4f}" for name, value in metrics.items()))
+        shown = [*pipe.config.eval.metrics, *(pipe.config.eval.answer_metrics if "cache_mode" in results else [])]
+        typer.echo("  ".join(f"{name} {metrics[name]:.4f}" for name in shown if name in metrics))
+        if "cache_mode" in results:
+            typer.echo(_answer_summary(results))
         typer.echo(f"run written to {results['run_dir']}")
+
+
+def _answer_summary(results: dict) -> str:
+    """Timing, cache and (with a reference) agreement lines of an answer run."""
+    a, t, c = results["aggregate"], results["timings"], results["counts"]
+    lines = [f"answers ({results['cache_mode']}): {c['answered_queries']} questions, "
+             f"{c['queries_without_gold_answers']} without gold answers (retrieval only)  "
+             f"TTFT p50 {a['ttft_p50_s']:.3f}s p90 {a['ttft_p90_s']:.3f}s  {t['questions_per_s'] or 0:.3f} questions/s  "
+             f"chunk hit rate {a.get('chunk_hit_rate', 0):.2f}  recompute share {a.get('recompute_share', 0):.2f}"]
+    ref = results.get("reference_mode")
+    if ref:
+        scores = "  ".join(f"{k.removeprefix(ref + '_')} {v:.4f}" for k, v in a.items()
+                           if k.startswith(ref + "_") and not k.startswith(f"{ref}_ttft"))
+        lines.append(f"against {ref}: token agreement {a['agreement']:.3f}  first-token KL {a['kl']:.4f}  "
+                     f"{ref} TTFT p50 {a[ref + '_ttft_p50_s']:.3f}s ({a[ref + '_ttft_p50_s'] / a['ttft_p50_s']:.2f}x "
+                     f"{results['cache_mode']})  {ref} answers: {scores}")
+    return "\n".join(lines)
 
 
 @app.command()
@@ -321,14 +360,23 @@ def _age(seconds: float) -> str:
 def cache_warm(
     config: Path = ConfigArg,
     top: Optional[int] = typer.Option(None, "--top", min=1, help="Only the N chunks retrieved most often for the "
-                                      "config's queries (default: every chunk of the corpus)."),
+                                      "queries (default: every chunk of the corpus, or with --queries every chunk "
+                                      "those queries retrieve)."),
+    queries: Optional[str] = typer.Option(None, "--queries", help="The queries to pick chunks for: a query log "
+                                          "(.jsonl with a text/query field, or one question per line) or a split of "
+                                          "the config's dataset, e.g. dev (default: the config's own queries)."),
     overrides: Optional[List[str]] = SetOpt,
     quiet: bool = QuietOpt,
 ) -> None:
-    """Precompute chunk KV caches into cache.dir, so later answers reuse them."""
+    """Precompute chunk KV caches into cache.dir, so later answers reuse them.
+
+    Warm from a query log, then answer held-out queries and read the hit rate they got:
+    ragkit cache warm configs/musique-rag.toml --queries dev --top 200 && ragkit eval configs/musique-rag.toml"""
     pipe = _pipeline(config, overrides, quiet)
-    warmed = pipe.warm_cache(top=top)
-    typer.echo(f"warmed {warmed} chunks -> {pipe.config.cache.dir}")
+    texts = pipe.query_log(queries) if queries is not None else None
+    warmed = pipe.warm_cache(top=top, queries=texts)
+    source = f" for {len(texts)} queries of {queries}" if texts is not None else ""
+    typer.echo(f"warmed {warmed} chunks{source} -> {pipe.config.cache.dir}")
 
 
 @cache_app.command("stats")

@@ -93,6 +93,8 @@ class CacheConfig(ReuseSettings):  # mode (a chunk_cache.modes.MODES name), rati
 class EvalConfig:
     protocol: str = "beir"
     metrics: list[str] = field(default_factory=lambda: ["ndcg@10", "map@100", "recall@100", "mrr"])
+    # Scored against the queries' gold answers when `ragkit eval` answers: em, f1, accuracy (yes/no/maybe), rouge_l.
+    answer_metrics: list[str] = field(default_factory=lambda: ["em", "f1"])
     runs_dir: str = "runs"
 
 
@@ -114,6 +116,8 @@ class Config:
     base_dir: str = field(default=".", metadata={"internal": True})
     # Set on each per-task config of a suite: the task's folder name.
     task: str = field(default="", metadata={"internal": True})
+    # Whether the file (or an override) gave a [generator] section: then `ragkit eval` also answers.
+    has_generator: bool = field(default=False, metadata={"internal": True})
 
     def dataset_path(self) -> Path:
         path = Path(self.dataset.path)
@@ -135,6 +139,7 @@ class Config:
         data = dataclasses.asdict(self)
         data.pop("base_dir")
         data.pop("task")
+        data.pop("has_generator")
         return data
 
     def fingerprint(self) -> str:
@@ -300,7 +305,7 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def from_dict(data: dict[str, Any], base_dir: str | Path = ".", source: str | None = None) -> Config:
-    cfg = Config(base_dir=str(base_dir))
+    cfg = Config(base_dir=str(base_dir), has_generator="generator" in data)
     _fill(cfg, data, "", source)
     _check(cfg, source)
     return cfg

@@ -206,15 +206,21 @@ class Pipeline:
         """The dataset's judged queries (the reader applies dataset.limit_queries)."""
         return self.dataset.queries
 
-    def evaluate(self) -> dict[str, Any]:
-        """Run every query, score it by the configured protocol and write runs/<name>/."""
+    def evaluate(self, answers: bool | None = None, reference: str | None = None) -> dict[str, Any]:
+        """Run every query, score it by the configured protocol and write runs/<name>/.
+
+        With `answers` (default: whether the config has a [generator] section or `reference` is given)
+        every query is also answered from its top chunks and the answers scored (ragkit.answering);
+        `reference` names a cache mode (e.g. "full") the answers are compared against."""
+        from eval.generation import merge_scores
         from eval.protocols import apply_protocol
         from eval.retrieval import score_run
         from eval.runs import make_results, write_run
 
         if self.config.tasks:
-            return self._evaluate_suite()
+            return self._evaluate_suite(answers, reference)
         cfg = self.config
+        answers = (cfg.has_generator or reference is not None) if answers is None else answers
         qrels = self.dataset.qrels
         if qrels is None:
             raise InputError(cfg.dataset_path(), "this dataset has no relevance judgements (qrels) to evaluate against")
@@ -227,30 +233,40 @@ class Pipeline:
         t_search = time.perf_counter() - t1
         run, qrels = apply_protocol(cfg.eval.protocol, run, queries, qrels)
         aggregate, per_query = score_run(run, qrels, cfg.eval.metrics)
+        timings = {"index_load_or_build_s": round(t_index, 3), "search_s": round(t_search, 3),
+                   "qps": round(len(queries) / t_search, 2) if t_search > 0 else None}
+        counts = {"queries": len(queries), "scored_queries": len(per_query),
+                  "retrievers": len(loaded), "chunks": len(self._chunks or {}),
+                  "unjudged_queries_dropped": self.dataset.dropped_queries,
+                  "bad_lines_skipped": self.dataset.skipped.total}
+        extra: dict[str, Any] = {}
+        answered = None
+        if answers:
+            from ragkit.answering import evaluate_answers
+
+            answered = evaluate_answers(self, queries, reference)
+            aggregate, per_query = merge_scores((aggregate, per_query), (answered.aggregate, answered.per_query))
+            timings.update(answered.timings)
+            counts.update(answered.counts)
+            extra = {"cache_mode": cfg.cache.mode, "reference_mode": reference}
         config_dict = cfg.to_dict()
         results = make_results(
             cfg.name, cfg.eval.protocol, aggregate, per_query, config_dict,
             ragkit_version=ragkit.__version__, corpus_fingerprint=self.dataset.fingerprint, seed=cfg.seed,
-            timings={"index_load_or_build_s": round(t_index, 3), "search_s": round(t_search, 3),
-                     "qps": round(len(queries) / t_search, 2) if t_search > 0 else None},
-            counts={"queries": len(queries), "scored_queries": len(per_query),
-                    "retrievers": len(loaded), "chunks": len(self._chunks or {}),
-                    "unjudged_queries_dropped": self.dataset.dropped_queries,
-                    "bad_lines_skipped": self.dataset.skipped.total},
-            index_config_hash=cfg.fingerprint(),
+            timings=timings, counts=counts, index_config_hash=cfg.fingerprint(), **extra,
         )
         run_dir = cfg.run_dir()
-        write_run(run_dir, run, results, config_dict)
+        write_run(run_dir, run, results, config_dict, answered.records if answered else None)
         return {**results, "run_dir": str(run_dir)}
 
-    def _evaluate_suite(self) -> dict[str, Any]:
+    def _evaluate_suite(self, answers: bool | None, reference: str | None) -> dict[str, Any]:
         """Evaluate each task of `tasks` into runs/<name>/<task>/; runs/<name>/suite.json holds their average."""
         from eval.runs import suite_summary
 
         results, skipped = [], {}
         for task_config in self.config.task_configs():
             task = Pipeline(task_config, progress=self.progress, skip_bad_lines=self.skip_bad_lines)
-            results.append(task.evaluate())
+            results.append(task.evaluate(answers, reference))
             if task.dataset.skipped.total:
                 skipped[task_config.task] = task.dataset.skipped.summary()
         summary = suite_summary(self.config.name, results)
@@ -272,13 +288,15 @@ class Pipeline:
         hits = self.retrieve(question, k=self.config.generator.chunks)
         return self.generator.answer(question, [self.chunk(h.id) for h in hits], on_token=on_token)
 
-    def warm_cache(self, top: int | None = None) -> int:
-        """Precompute chunk KV: every chunk, or the `top` chunks most often retrieved for the queries."""
+    def warm_cache(self, top: int | None = None, queries: list[str] | None = None) -> int:
+        """Precompute chunk KV: every chunk, or the chunks retrieved for `queries` (default: the dataset's),
+        the `top` most often retrieved first. Returns how many were computed."""
         if self._chunks is None:
             self._load_index()
-        if top:
+        if top or queries is not None:
+            texts = [q.text for q in self.queries()] if queries is None else queries
             counts: dict[str, int] = {}
-            for hits in self.retrieve_batch([q.text for q in self.queries()], self.config.generator.chunks):
+            for hits in self.retrieve_batch(texts, self.config.generator.chunks):
                 for hit in hits:
                     counts[hit.id] = counts.get(hit.id, 0) + 1
             ids = sorted(counts, key=lambda cid: (-counts[cid], cid))[:top]
@@ -286,6 +304,19 @@ class Pipeline:
         else:
             chunks = list(self._chunks.values())
         return self.generator.warm(chunks, progress=self.progress)
+
+    def query_log(self, source: str) -> list[str]:
+        """Question texts from a query-log file, or from a split of this config's dataset (e.g. "dev")."""
+        from ragkit.readers.querylog import read_query_log
+
+        if Path(source).is_file():
+            return read_query_log(Path(source))
+        dataset = dataclasses.replace(self.config.dataset, split=source, limit_queries=0)
+        try:
+            queries = Pipeline(dataclasses.replace(self.config, dataset=dataset), progress=False).queries()
+        except InputError as exc:
+            raise InputError(source, f"neither a query-log file nor a split of the dataset ({exc})") from None
+        return [q.text for q in queries]
 
 
 def _write_chunks(path: Path, chunks: list[Chunk]) -> None:

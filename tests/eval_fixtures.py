@@ -65,3 +65,24 @@ def write_synthetic_runs(root: Path) -> None:
         results = make_results(f"musique-{mode}", "beir", aggregate, per_query, config, ragkit_version="test",
                                task="musique", cache_mode=mode)
         write_run(root / f"musique-{mode}", Run({}), results, config)
+
+
+def write_answer_eval_run(root: Path) -> dict:
+    """An `ragkit eval --reference full` run as Pipeline.evaluate writes it: retrieval and answer metrics per
+    query, blend's TTFT and questions/s, and full's own figures under `full_`."""
+    rng = random.Random(1)
+    per_query = {}
+    for i in range(20):
+        per_query[f"q{i}"] = {"ndcg@10": rng.random(), "f1": rng.random(), "em": float(rng.random() > 0.7),
+                              "ttft_s": 0.5 + rng.random() * 0.2, "agreement": 0.9 + rng.random() * 0.1,
+                              "kl": rng.random() * 0.01, "chunk_hit_rate": 1.0, "recompute_share": 0.2,
+                              "full_f1": rng.random(), "full_ttft_s": 2.0 + rng.random()}
+    aggregate = {m: sum(v[m] for v in per_query.values()) / 20 for m in per_query["q0"]}
+    aggregate.update({"ttft_p50_s": 0.6, "ttft_p90_s": 0.68, "full_ttft_p50_s": 2.5})
+    config = {"name": "musique-rag", "dataset": {"format": "beir", "path": "data/musique-rag"}}
+    results = make_results("musique-rag", "beir", aggregate, per_query, config, ragkit_version="test",
+                           task="musique-rag", cache_mode="blend", reference_mode="full",
+                           timings={"search_s": 0.1, "answer_s": 14.0, "questions_per_s": 1.43},
+                           counts={"queries": 20, "scored_queries": 20, "answered_queries": 20})
+    write_run(root / "musique-rag", Run({q: rank_hits({"p0001": 1.0}) for q in per_query}), results, config)
+    return results

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from eval.report import write_report
-from tests.eval_fixtures import write_synthetic_runs
+from tests.eval_fixtures import write_answer_eval_run, write_synthetic_runs
 
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -53,6 +53,7 @@ def _chromium(binary: str, profile: Path, *args: str) -> subprocess.CompletedPro
 def report_page(tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
     write_synthetic_runs(root / "runs")
+    write_answer_eval_run(root / "runs")
     info = write_report(root / "runs", root / "report", baseline="bm25")
     return Path(info["html"])
 
@@ -64,6 +65,18 @@ def test_page_is_self_contained(report_page):
     assert page.count("<svg") == 2 and "<script>" in page and "<style>" in page
 
 
+def test_answer_columns_and_quality_plot_come_from_an_eval_run(report_page):
+    page = report_page.read_text(encoding="utf-8")
+    runs_table = page[page.index('<table id="runs"'):]
+    for header in ("Cache mode", "TTFT p50 (s)", "TTFT p90 (s)", "Questions/s", "chunk_hit_rate", "agreement"):
+        assert f"<th>{header}</th>" in runs_table, header
+    row = next(r for r in runs_table.split("<tr>") if r.startswith("<td>musique-rag</td>"))
+    assert "<td>blend</td>" in row and "<td>1.430</td>" in row and "<td>0.600</td>" in row
+    plot = page[page.index('id="plot-quality-ttft"'):page.index("<h2>Runs</h2>")]
+    # the eval run's blend point and its full reference, beside the bench runs' modes
+    assert "musique-rag · musique-rag (reference)" in plot and "musique-rag · musique-rag<" in plot
+
+
 def test_headless_chromium_renders_table_and_plots(report_page, tmp_path):
     binary = chromium()
     url = report_page.resolve().as_uri()
@@ -72,7 +85,7 @@ def test_headless_chromium_renders_table_and_plots(report_page, tmp_path):
     match = re.search(r'<body[^>]*data-rendered="([^"]+)"', dom.stdout)
     assert match, "the page's script did not run"
     rendered = json.loads(html.unescape(match.group(1)))
-    assert rendered["rows"] == 3
+    assert rendered["rows"] == 4  # three retrieval systems and the answered eval run
     table_width, table_height = rendered["table"]
     assert table_width > 300 and table_height > 60
     assert len(rendered["plots"]) == 2 and all(w > 300 and h > 200 for w, h in rendered["plots"])

@@ -1,5 +1,8 @@
 """MuSiQue-style RAG samples (CacheBlend's `musique_s.json`): question, gold answers, fixed contexts.
 
+Gold answers are `answers` (CacheBlend's layout) or MuSiQue's own `answer`, each followed by
+its `answer_aliases` when present: scoring takes the best over all of them.
+
 The file is one JSON list (optionally gzipped), small enough to load whole. Entries are
 checked so the generator bench fails on a bad entry with its position, not mid-run.
 """
@@ -40,11 +43,15 @@ def read_musique(path: str | Path) -> list[dict[str, Any]]:
         where = f"entry {n}"
         if not isinstance(entry, dict):
             raise InputError(path, f"{where}: expected an object")
-        question, answers, ctxs = entry.get("question"), entry.get("answers"), entry.get("ctxs")
+        question, ctxs = entry.get("question"), entry.get("ctxs")
+        answers, aliases = entry["answers"] if "answers" in entry else [entry.get("answer")], \
+            entry.get("answer_aliases", [])
+        answers = answers + aliases if isinstance(answers, list) and isinstance(aliases, list) else None
         if not isinstance(question, str) or not question.strip():
             raise InputError(path, f"{where}: 'question' must be a non-empty string")
         if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
-            raise InputError(path, f"{where}: 'answers' must be a non-empty list of strings")
+            raise InputError(path, f"{where}: 'answers' must be a non-empty list of strings (or give 'answer' "
+                             "and a list 'answer_aliases')")
         if not isinstance(ctxs, list) or not all(isinstance(c, dict) and isinstance(c.get("text"), str)
                                                  for c in ctxs):
             raise InputError(path, f"{where}: 'ctxs' must be a list of objects with a 'text' string")

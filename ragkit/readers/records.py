@@ -71,12 +71,28 @@ def document_from(record: Mapping[str, Any], where: str | Path, line: int,
     )
 
 
+def gold_answers(value: Any, key: str, where: str | Path, line: int) -> tuple[str, ...]:
+    """Gold answers as given: a list of strings or one string (a yes/no/maybe label is one string)."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise InputError(where, f"field {key!r} must be a string or a list of strings, got {value!r:.60}", line,
+                         hint=SKIP_HINT)
+    return tuple(v for v in value if v.strip())
+
+
 def query_from(record: Mapping[str, Any], where: str | Path, line: int) -> Query:
+    """A query; gold answers come from its `answers` field, else from `metadata.answers`."""
     text = record_text(record, ("text", "query"), where, line)
     if not text.strip():
         raise InputError(where, "query text is empty", line, hint=SKIP_HINT)
+    metadata = record_metadata(record, where, line)
+    key = "answers" if "answers" in record else "metadata.answers"
+    answers = record["answers"] if "answers" in record else metadata.get("answers")
     return Query(id=record_id(record, ("_id", "id"), where, line), text=text,
-                 metadata=record_metadata(record, where, line))
+                 answers=gold_answers(answers, key, where, line), metadata=metadata)
 
 
 def stream_documents(records: Callable[[], Records], convert: Callable[..., Document], bad: BadLines,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -42,6 +42,7 @@ class Answer:
     recomputed_tokens: int
     tokens: list[int]
     recompute_share: float = 0.0  # chunk rows computed over every layer / (layers x chunk rows)
+    first_logits: torch.Tensor | None = field(default=None, repr=False)  # [V], with answer(keep_logits=True)
 
 
 def pick_device(setting: str, dtype: str = "auto") -> tuple[str, torch.dtype]:
@@ -125,7 +126,9 @@ class RagGenerator:
         return prefilled.logits, cache, int(layout.positions[-1]) + 1, stats
 
     def answer(self, question: str, chunks: list[Chunk], on_token: Callable[[str], None] | None = None,
-               mode: str | None = None) -> Answer:
+               mode: str | None = None, keep_logits: bool = False) -> Answer:
+        """Prefill with reuse, decode, then store what was computed; `keep_logits` keeps the first token's
+        logits on the Answer (a reference for KL without a second prefill)."""
         start = time.perf_counter()
         logits, cache, next_position, stats = self.prefill(question, chunks, mode)
         synchronize(self.model.device)
@@ -141,7 +144,9 @@ class RagGenerator:
                         self.prompt.stop_ids, self.sampling, stream)[0]
         total = time.perf_counter() - start
         stats["commit"](ttft)  # a miss costs one computation, in this process or any other
-        return self.make_answer(tokens, chunks, stats, ttft, total)
+        answer = self.make_answer(tokens, chunks, stats, ttft, total)
+        answer.first_logits = logits.cpu() if keep_logits else None
+        return answer
 
     def make_answer(self, tokens: list[int], chunks: list[Chunk], stats: dict, ttft: float, total: float) -> Answer:
         """The Answer of decoded `tokens` after a prefill that returned `stats`."""

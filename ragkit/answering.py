@@ -121,9 +121,9 @@ def _against_reference(generator, question: str, chunks: list[Chunk], reference:
     """Answer under the reference mode, then teacher-force both modes on its tokens. Runs before the
     configured mode answers, since forcing stores nothing and answering stores the chunks it computed
     (full prefill stores none; another reference mode may, and the configured mode then finds them)."""
-    ref = generator.answer(question, chunks, mode=reference)
+    ref = generator.answer(question, chunks, mode=reference, keep_logits=True)
     tokens = list(ref.tokens) + ([stop_id] if len(ref.tokens) < max_new_tokens and stop_id is not None else [])
-    ref_logits, _ = generator.teacher_force(question, chunks, tokens, mode=reference)
+    ref_logits = ref.first_logits
     logits, predicted = generator.teacher_force(question, chunks, tokens, mode=mode)
     agreement = sum(int(a == b) for a, b in zip(predicted, tokens)) / max(1, len(tokens))
     return {"reference_mode": reference, "reference_answer": ref.text, "reference_ttft_s": ref.ttft_s,

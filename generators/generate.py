@@ -61,10 +61,28 @@ def decode(model: Decoder, cache: KVCache, logits: torch.Tensor, next_positions:
                 on_token(row, token)
         if all(done) or step == max_new_tokens - 1:
             break
-        slot = torch.tensor([cache.length], device=model.device)
-        logits = model.forward(tokens[:, None], positions[:, None], cache, slot)[:, -1]
+        slots = torch.full((batch,), cache.length, device=model.device)
+        logits = decode_step(model, tokens, positions, cache, slots)
         positions = positions + 1
     return outputs
+
+
+def decode_step(model: Decoder, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                slots: torch.Tensor) -> torch.Tensor:
+    """One token per row: row b's `tokens[b]` at `positions[b]` goes to its own cache slot `slots[b]`
+    (rows of a batch may have different lengths); returns next-token logits [B, V]."""
+    rows = torch.arange(tokens.shape[0], device=model.device)
+    cache.ensure_capacity(int(slots.max()) + 1)
+    cache.positions[rows, slots] = positions
+    cache.length = max(cache.length, int(slots.max()) + 1)
+    x = model.embed_tokens(tokens[:, None])
+    rope = model.rope(positions[:, None])
+    for i in range(model.args.n_layers):
+        q, k, v = model.qkv(i, x, rope)
+        cache.keys[i, rows, :, slots] = k[:, :, 0]
+        cache.values[i, rows, :, slots] = v[:, :, 0]
+        x = model.finish(i, x, q, cache, positions[:, None])
+    return model.logits(x[:, -1])
 
 
 @torch.inference_mode()

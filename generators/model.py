@@ -258,6 +258,8 @@ class Decoder(nn.Module):
         if cache.ape is not None:
             return ape_attention(q, keys, values, cache.positions[:, : cache.length], positions,
                                  cache.context[: cache.length], cache.ape, self.softmax_scale)
+        if q.shape[2] == 1:  # decoding: one row per sequence
+            return decode_attention(q, keys, values, cache.positions[:, : cache.length], positions, self.softmax_scale)
         masks = masks if masks is not None else attention_masks(cache.positions[:, : cache.length], positions)
         return masked_attention(q, keys, values, masks, self.softmax_scale)
 
@@ -340,6 +342,22 @@ def masked_attention(q, keys, values, masks: list[MaskBlock], scale):
                                            attn_mask=mask, scale=scale, enable_gqa=gqa)
             for start, end, reach, mask in masks]
     return torch.cat(outs, dim=2)
+
+
+def decode_attention(q, keys, values, key_positions, query_positions, scale):
+    """One query row per sequence, q [B, H, 1, D], over keys/values [B, H_kv, T, D]; returns [B, H, 1, D].
+
+    Decoding reads every sequence's whole KV for one row: the query heads of a group share their KV
+    head's matrix product, so each KV head is read once (no per-step copy per query head), and slots
+    outside 0 <= position <= the row's position (padding, other rows' lengths) are masked.
+    """
+    B, H, _, D = q.shape
+    kv_heads = keys.shape[1]
+    grouped = q.reshape(B, kv_heads, H // kv_heads, D)  # query head h uses KV head h // G, like repeat_interleave
+    scores = (grouped @ keys.transpose(-1, -2)).float() * scale  # [B, H_kv, G, T]
+    visible = (key_positions >= 0) & (key_positions <= query_positions.reshape(B, 1))  # [B, T]
+    probs = scores.masked_fill(~visible[:, None, None, :], float("-inf")).softmax(-1)
+    return (probs.to(values.dtype) @ values).reshape(B, H, 1, D)
 
 
 def ape_attention(q, keys, values, key_positions, query_positions, context, ape: tuple[float, float], scale):

@@ -627,6 +627,41 @@ def bench_serve(
     _emit(result, as_json, format_report)
 
 
+@bench_app.command("batch")
+@user_errors
+def bench_batch(
+    config: Path = typer.Argument(Path("configs/musique-blend.toml"), help="Generator + cache settings."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results object as JSON on stdout."),
+    questions: int = typer.Option(32, "--questions", min=1, max=150, help="MuSiQue questions (bundled sample)."),
+    context: int = typer.Option(1536, "--context", min=64, help="Prompt tokens per question (passages cut to fit)."),
+    new_tokens: int = typer.Option(64, "--new-tokens", min=1, help="Tokens every sequence decodes in the "
+                                   "decode-heavy setting (stop tokens off)."),
+    batch_sizes: str = typer.Option("8,16,32", "--batch-sizes", help="Comma-separated engine batch sizes."),
+    threads: int = typer.Option(2, "--threads", min=1, help="torch CPU threads."),
+    overrides: Optional[List[str]] = SetOpt,
+) -> None:
+    """Batched decoding vs one question at a time from the same prefilled prompts: tokens/s, questions/s,
+    identical greedy outputs. OpenMP threads sleep at barriers (OMP_WAIT_POLICY=PASSIVE) unless the
+    environment says otherwise: spinning threads stall each other on a CPU shared with other jobs."""
+    import dataclasses
+
+    from ragkit.config import load_config, parse_overrides
+
+    try:
+        sizes = sorted({int(size) for size in batch_sizes.split(",")})
+    except ValueError:
+        raise typer.BadParameter(f"{batch_sizes!r}: expected comma-separated integers, e.g. 8,16,32") from None
+    if sizes[0] < 1:
+        raise typer.BadParameter("batch sizes must be at least 1")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read when torch starts its thread pool, below
+    from ragkit.bench import batch
+
+    cfg = load_config(config, parse_overrides(overrides or []))
+    result = batch.run(dataclasses.asdict(cfg.generator), dataclasses.asdict(cfg.cache), questions, context,
+                       new_tokens, sizes, threads, lambda msg: typer.echo(msg, err=True))
+    _emit(result, as_json, batch.format_report)
+
+
 def main() -> None:
     app()
 

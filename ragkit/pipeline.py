@@ -9,6 +9,7 @@ The CLI is a thin shell over this class:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import random
@@ -287,6 +288,21 @@ class Pipeline:
         """Retrieve the top `generator.chunks` chunks and answer from them, reusing their KV."""
         hits = self.retrieve(question, k=self.config.generator.chunks)
         return self.generator.answer(question, [self.chunk(h.id) for h in hits], on_token=on_token)
+
+    def ask_many(self, questions: list[str], on_token=None, batch_size: int = 16) -> list:
+        """Answer many questions: one batched retrieval, then the batched engine (questions sharing chunks run
+        together, decoding is batched); answers in question order. on_token(index, text) streams them."""
+        from generators.engine import AnswerEngine, Request
+
+        hits = self.retrieve_batch(questions, k=self.config.generator.chunks)
+        requests = [Request(q, [self.chunk(h.id) for h in found],
+                            on_token=None if on_token is None else functools.partial(on_token, i))
+                    for i, (q, found) in enumerate(zip(questions, hits))]
+        engine = AnswerEngine(self.generator, max_batch=batch_size)
+        try:
+            return engine.run(requests)
+        finally:
+            engine.close()
 
     def warm_cache(self, top: int | None = None, queries: list[str] | None = None) -> int:
         """Precompute chunk KV: every chunk, or the chunks retrieved for `queries` (default: the dataset's),

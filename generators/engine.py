@@ -247,7 +247,7 @@ class AnswerEngine:
         return self.rag.max_new_tokens if request.max_new_tokens is None else request.max_new_tokens
 
     def _prompt_rows(self, request: Request) -> int:
-        """Prompt rows before prefill (APE, which leaves separators out, never gets here)."""
+        """Prompt rows before prefill (APE requests are answered alone and never get here)."""
         return sum(len(seg.token_ids) for seg in self.rag.prompt.segments(request.question, request.chunks))
 
     def _reserve(self, rows: int, slots: int) -> bool:

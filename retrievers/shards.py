@@ -24,7 +24,7 @@ import json
 import math
 import re
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
@@ -55,22 +55,36 @@ def parse_bytes(text: str, key: str) -> int:
 
 
 class Runner(Protocol):
-    """Runs `fn(item, *shared)` for every item, maybe in parallel; results in item order."""
+    """Runs `fn(item, *shared)` for every item, maybe in parallel; results in item order.
+
+    `desc` and `rows` (documents per item) label a progress bar in documents per second.
+    """
 
     def share(self, value: Any) -> Any:
         """A handle to pass as a shared argument of many calls (sent once where that matters)."""
 
-    def map(self, fn: Callable, items: Sequence, *shared: Any) -> list: ...
+    def map(self, fn: Callable, items: Sequence, *shared: Any, desc: str = "", rows: Sequence[int] = ()) -> list: ...
 
 
 class LocalRunner:
     """Every step in this process, one after another (the default backend)."""
 
+    def __init__(self, progress: bool = False):
+        self.progress = progress
+
     def share(self, value: Any) -> Any:
         return value
 
-    def map(self, fn: Callable, items: Sequence, *shared: Any) -> list:
-        return [fn(item, *shared) for item in items]
+    def map(self, fn: Callable, items: Sequence, *shared: Any, desc: str = "", rows: Sequence[int] = ()) -> list:
+        from tqdm.auto import tqdm
+
+        sizes = list(rows) or [1] * len(items)
+        with tqdm(total=sum(sizes), desc=desc, unit="doc", disable=not self.progress, dynamic_ncols=True) as bar:
+            out = []
+            for item, size in zip(items, sizes):
+                out.append(fn(item, *shared))
+                bar.update(size)
+        return out
 
 
 @dataclass
@@ -79,8 +93,7 @@ class BuildPlan:
 
     shards: int = 1
     memory_budget: int = 4 << 30
-    runner: Runner = LocalRunner()
-    progress: bool = False
+    runner: Runner = field(default_factory=LocalRunner)
 
 
 def split(n: int, parts: int) -> list[tuple[int, int]]:
@@ -103,24 +116,31 @@ def build(spec: dict[str, Any], position: int, chunks: Sequence[Chunk], folder: 
 
     Dense kinds need `embeddings`: a finished `EmbeddingStore` whose rows are the chunks' in order.
     """
-    import retrievers
-
     kind = spec.get("type")
-    params = asdict(retrievers.build(spec, position).params) if kind == "bm25" else None
-    if kind == "bm25":
-        counts = _build_bm25(spec, position, chunks, folder, plan)
-    elif kind in DENSE_KINDS:
-        from retrievers import ondisk
-
-        params = {k: v for k, v in spec.items() if k != "type"}
-        if embeddings is None or embeddings.count != len(chunks):
-            raise ValueError("dense shards need the embeddings of every chunk")
-        builder = ondisk.build_ivf_shards if kind in ("ivf", "ivfpq") else _build_dense
-        counts = builder(spec, position, chunks, folder, plan, embeddings)
-    else:
+    if kind in DENSE_KINDS:
+        return build_from_embeddings(spec, position, [c.id for c in chunks], folder, plan, embeddings)
+    if kind != "bm25":
         raise ConfigError(f"retrieval.retrievers[{position}].type", f"cannot shard {kind!r}",
                           allowed=["bm25", *DENSE_KINDS])
-    manifest = {"format_version": FORMAT_VERSION, "type": kind, "params": params, "count": sum(counts),
+    return _write_manifest(spec, position, folder, _build_bm25(spec, position, chunks, folder, plan))
+
+
+def build_from_embeddings(spec: dict[str, Any], position: int, ids: Sequence[str], folder: Path, plan: BuildPlan,
+                          embeddings: Any) -> dict[str, Any]:
+    """A sharded dense index over a finished `EmbeddingStore` whose rows are `ids`, in order."""
+    from retrievers import ondisk
+
+    if embeddings is None or embeddings.count != len(ids):
+        raise ValueError("dense shards need the embeddings of every chunk")
+    builder = ondisk.build_ivf_shards if spec["type"] in ("ivf", "ivfpq") else _build_dense
+    return _write_manifest(spec, position, folder, builder(spec, position, ids, folder, plan, embeddings))
+
+
+def _write_manifest(spec: dict[str, Any], position: int, folder: Path, counts: list[int]) -> dict[str, Any]:
+    import retrievers
+
+    manifest = {"format_version": FORMAT_VERSION, "type": spec["type"], "count": sum(counts),
+                "params": asdict(retrievers.build(spec, position).params),
                 "shards": [{"dir": shard_dir(folder, i).name, "count": c} for i, c in enumerate(counts)]}
     atomic_write_json(folder / MANIFEST, manifest)
     return manifest
@@ -153,12 +173,14 @@ def _build_bm25(spec: dict, position: int, chunks: Sequence[Chunk], folder: Path
     runner = plan.runner
     chunks_ref = runner.share(chunks)
     parts = split(len(chunks), plan.shards)
-    stats = CorpusStats.merge(runner.map(_bm25_stats, parts, chunks_ref, spec, position))
+    stats = CorpusStats.merge(runner.map(_bm25_stats, parts, chunks_ref, spec, position, desc="bm25 statistics",
+                                         rows=[end - start for start, end in parts]))
     postings_per_chunk = stats.total_len / max(stats.n_docs, 1) + 1
     rows_in_budget = max(1, int(plan.memory_budget / 2 / (postings_per_chunk * BM25_BYTES_PER_POSTING)))
     parts = split(len(chunks), max(plan.shards, math.ceil(len(chunks) / rows_in_budget)))
     jobs = [(i, start, end, str(folder)) for i, (start, end) in enumerate(parts)]
-    return runner.map(_bm25_shard, jobs, chunks_ref, spec, position, stats)
+    return runner.map(_bm25_shard, jobs, chunks_ref, spec, position, runner.share(stats), desc="bm25 shards",
+                      rows=[end - start for start, end in parts])
 
 
 def _dense_shard(job: tuple[int, int, int, str], ids: Sequence[str], spec: dict, position: int, store_dir: str) -> int:
@@ -174,14 +196,14 @@ def _dense_shard(job: tuple[int, int, int, str], ids: Sequence[str], spec: dict,
     return len(shard)
 
 
-def _build_dense(spec: dict, position: int, chunks: Sequence[Chunk], folder: Path, plan: BuildPlan,
+def _build_dense(spec: dict, position: int, ids: Sequence[str], folder: Path, plan: BuildPlan,
                  embeddings) -> list[int]:
     """Exact / HNSW shards: each holds its rows' vectors in memory, so a shard fits the budget."""
     rows_in_budget = max(1, plan.memory_budget // 2 // (embeddings.dim * 4 * 2))
-    parts = split(len(chunks), max(plan.shards, math.ceil(len(chunks) / rows_in_budget)))
+    parts = split(len(ids), max(plan.shards, math.ceil(len(ids) / rows_in_budget)))
     jobs = [(i, start, end, str(folder)) for i, (start, end) in enumerate(parts)]
-    ids = plan.runner.share([c.id for c in chunks])
-    return plan.runner.map(_dense_shard, jobs, ids, spec, position, str(embeddings.directory))
+    return plan.runner.map(_dense_shard, jobs, plan.runner.share(ids), spec, position, str(embeddings.directory),
+                           desc=f"indexing {spec['type']}", rows=[end - start for start, end in parts])
 
 
 # -- loading and searching ------------------------------------------------------------------

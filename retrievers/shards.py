@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,20 +37,8 @@ from retrievers.base import indexed_text
 FORMAT_VERSION = 1
 MANIFEST = "shards.json"
 DENSE_KINDS = ("dense", "hnsw", "ivf", "ivfpq")
-BM25_BYTES_PER_POSTING = 100  # tokens as Python ints plus the COO -> CSC build of one shard, measured loosely
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def parse_bytes(text: str, key: str) -> int:
-    """"4GiB", "512 MB", "1e9" -> bytes; anything else is a ConfigError naming `key`."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmgt]i?b|b)?\s*", str(text), re.IGNORECASE)
-    if not match:
-        raise ConfigError(key, f"expected a size such as \"4GiB\" or \"512MB\", got {text!r}")
-    value = float(match.group(1)) * _UNITS[(match.group(2) or "").lower()]
-    if value < 2**20:
-        raise ConfigError(key, f"must be at least 1MiB, got {text!r}")
-    return int(value)
+BM25_BYTES_PER_POSTING = 100  # estimate: tokens as Python ints plus the COO -> CSC build of one shard
+DIM_GUESS = 1024  # sizes embedding parts before the model is loaded; wider than most embedders
 
 
 class Runner(Protocol):
@@ -64,6 +51,9 @@ class Runner(Protocol):
         """A handle to pass as a shared argument of many calls (sent once where that matters)."""
 
     def map(self, fn: Callable, items: Sequence, *shared: Any, desc: str = "", rows: Sequence[int] = ()) -> list: ...
+
+    def embed(self, store: Any, texts: Sequence[str], spec: dict[str, Any], position: int, part_rows: int) -> None:
+        """Fill the embedding store with the document embeddings of `texts` that it lacks."""
 
 
 class LocalRunner:
@@ -85,6 +75,12 @@ class LocalRunner:
                 out.append(fn(item, *shared))
                 bar.update(size)
         return out
+
+    def embed(self, store: Any, texts: Sequence[str], spec: dict[str, Any], position: int, part_rows: int) -> None:
+        import retrievers
+
+        encoder = retrievers.build(spec, position).encoder
+        store.fill(texts, lambda batch: encoder.encode(batch, "document"), part_rows, progress=self.progress)
 
 
 @dataclass
@@ -123,6 +119,19 @@ def build(spec: dict[str, Any], position: int, chunks: Sequence[Chunk], folder: 
         raise ConfigError(f"retrieval.retrievers[{position}].type", f"cannot shard {kind!r}",
                           allowed=["bm25", *DENSE_KINDS])
     return _write_manifest(spec, position, folder, _build_bm25(spec, position, chunks, folder, plan))
+
+
+def embed(spec: dict[str, Any], position: int, chunks: Sequence[Chunk], plan: BuildPlan):
+    """The resumable embedding store of these chunks: <cache_dir>/stores/<texts + encoder fingerprint>/."""
+    import retrievers
+    from retrievers.embedding_store import EmbeddingStore, rows_per_part, texts_fingerprint
+
+    probe = retrievers.build(spec, position)
+    texts = [indexed_text(c) for c in chunks]
+    fingerprint = texts_fingerprint(texts, probe.encoder.fingerprint())
+    store = EmbeddingStore(Path(probe.params.cache_dir) / "stores" / fingerprint, fingerprint)
+    plan.runner.embed(store, texts, spec, position, rows_per_part(plan.memory_budget, DIM_GUESS))
+    return store
 
 
 def build_from_embeddings(spec: dict[str, Any], position: int, ids: Sequence[str], folder: Path, plan: BuildPlan,

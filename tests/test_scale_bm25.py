@@ -13,7 +13,8 @@ import retrievers
 from ragkit.errors import ConfigError, IndexMismatchError
 from ragkit.types import Chunk
 from retrievers.base import indexed_text
-from retrievers.shards import BuildPlan, ShardedRetriever, build, parse_bytes, split
+from ragkit.config import parse_bytes
+from retrievers.shards import BuildPlan, ShardedRetriever, build, split
 from retrievers.sparse import CorpusStats
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "scifact"

@@ -1,0 +1,1 @@
+"""Benchmarks: callers of ragkit's API that print figures (`ragkit bench ...`)."""

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
-import json
 from pathlib import Path
 
 import numpy as np
@@ -11,31 +9,19 @@ import pytest
 
 import retrievers
 from ragkit.errors import ConfigError, IndexMismatchError
-from ragkit.types import Chunk
 from retrievers.base import indexed_text
 from ragkit.config import parse_bytes
 from retrievers.shards import BuildPlan, ShardedRetriever, build, split
 from retrievers.sparse import CorpusStats
-
-DATA = Path(__file__).resolve().parent.parent / "data" / "scifact"
-
-
-def _chunk(cid: str, text: str, title: str = "", **metadata) -> Chunk:
-    return Chunk(id=cid, doc_id=cid, text=text, token_ids=(), span=(0, len(text)), content_hash="", title=title,
-                 metadata=metadata)
+from tests.test_retrievers import make_chunk, scifact_slice  # noqa: F401 (a fixture)
 
 
 @pytest.fixture(scope="module")
-def corpus():
-    """300 SciFact abstracts plus near-duplicates (exact score ties across shards) and 30 queries."""
-    chunks = []
-    with gzip.open(DATA / "corpus.jsonl.gz", "rt", encoding="utf-8") as fh:
-        for i, line in zip(range(300), fh):
-            doc = json.loads(line)
-            chunks.append(_chunk(doc["_id"], doc["text"], doc.get("title", ""), year=2000 + i % 3))
-    chunks += [_chunk(f"dup{i}", chunks[i * 37].text, chunks[i * 37].title, year=2000) for i in range(8)]
-    queries = [json.loads(line)["text"] for line in (DATA / "queries.jsonl").read_text().splitlines()[:30]]
-    return chunks, queries
+def corpus(scifact_slice):
+    """400 SciFact abstracts plus duplicates (exact score ties across shards) and 40 queries."""
+    chunks, queries = scifact_slice
+    duplicates = [make_chunk(f"dup{i}", chunks[i * 37].text, chunks[i * 37].title, year=2000) for i in range(8)]
+    return chunks + duplicates, queries
 
 
 def _sharded(spec, chunks, folder: Path, **plan) -> ShardedRetriever:

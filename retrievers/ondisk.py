@@ -19,7 +19,11 @@ Layout of one shard folder:
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
+import os
+import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -34,6 +38,20 @@ from retrievers.embedding_store import EmbeddingStore, rows_per_part, take_rows
 from retrievers.shards import BuildPlan, link_or_copy, shard_dir, split
 
 MANIFEST = "ondisk.json"
+
+
+@contextlib.contextmanager
+def _c_stdout_to_stderr():
+    """faiss's on-disk lists report resizes and file moves with C printf; keep stdout for results (--json)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        ctypes.CDLL(None).fflush(None)
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def train(spec: dict[str, Any], position: int, store: EmbeddingStore, memory_budget: int) -> np.ndarray:
@@ -78,8 +96,9 @@ def _ivf_shard(job: tuple[int, int, int, str], ids: Sequence[str], store_dir: st
         faiss.write_index(index, str(blocks[-1]))
         del index
     merged = faiss.deserialize_index(trained)
-    merge_ondisk(merged, [str(b) for b in blocks], str(out / "lists.ivfdata"))
-    faiss.write_index(merged, str(out / "index.faiss"))
+    with _c_stdout_to_stderr():
+        merge_ondisk(merged, [str(b) for b in blocks], str(out / "lists.ivfdata"))
+        faiss.write_index(merged, str(out / "index.faiss"))
     for block in blocks:
         block.unlink()
     np.save(out / "ids.npy", np.array([cid.encode("utf-8") for cid in ids[start:end]], dtype=bytes))
@@ -98,7 +117,8 @@ class OnDiskIVF:
 
     def __init__(self, folder: Path, params: Any, manifest: dict[str, Any]):
         self.params, self.count, self.skip = params, manifest["count"], manifest["skip"]
-        self.index = faiss.read_index(str(folder / "index.faiss"), faiss.IO_FLAG_ONDISK_SAME_DIR)
+        with _c_stdout_to_stderr():
+            self.index = faiss.read_index(str(folder / "index.faiss"), faiss.IO_FLAG_ONDISK_SAME_DIR)
         faiss.extract_index_ivf(self.index).nprobe = params.nprobe
         self.ids = np.load(folder / "ids.npy", mmap_mode="r")
         self.vectors = [np.load(folder / name, mmap_mode="r") for name in manifest["vectors"]]

@@ -17,7 +17,6 @@ import gzip
 import json
 import multiprocessing
 import re
-import resource
 import shutil
 import tempfile
 import time
@@ -40,8 +39,10 @@ def _in_child(fn: Callable, *args: Any) -> tuple[Any, float]:
 
 
 def _measured(fn: Callable, *args: Any) -> tuple[Any, float]:
+    """VmHWM, not ru_maxrss: a spawned child's ru_maxrss starts at its parent's peak."""
     out = fn(*args)
-    return out, round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB, 3)
+    status = Path("/proc/self/status").read_text()
+    return out, round(int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) * 1024 / GIB, 3)
 
 
 def _size_gib(folder: Path) -> float:

@@ -2,15 +2,19 @@
 
 Layout of a cache folder:
 
-    manifest.json            format version, model fingerprint, dtypes seen
-    journal.jsonl            usage log (put / hit / del records) behind the eviction policy and stats
+    manifest.json            format and version (one folder holds entries of any number of models)
+    journal.jsonl            usage log (put / hit / del records) behind the eviction policy, stats and
+                             the list of a chunk's variants (put records carry the entry's key fields)
     entries/ab/<digest>.safetensors
     .lock                    file lock serialising journal appends, eviction and manifest changes
 
-Entry files are the truth; the journal only remembers sizes, recompute costs and hit counts.
+Entry files are the truth; the journal only remembers keys, sizes, recompute costs and hit counts.
 A writer publishes a file by temp file + fsync + rename, so a reader sees a whole entry or none.
-Every file carries the model fingerprint, its key digest and a sha256 over its metadata and
-tensor bytes; a file that fails any check is deleted and reported as a miss, never used.
+Every file carries its key (model fingerprint, dtype, context, chunk hash), the key's digest, an
+xxh3-64 of its metadata and tensor bytes (checked on every load: ~20x cheaper than sha256) and a
+sha256 (checked by `ragkit cache stats --verify`); a file that fails a check is deleted and
+reported as a miss, never used. Since the digest names the model, a lookup for one model never
+returns another's entry, and entries of several models and dtypes live side by side.
 The journal is appended to without fsync: a record lost in a crash costs a statistic, and
 opening the folder reconciles the journal with the files that actually exist.
 """
@@ -25,10 +29,12 @@ import os
 import re
 import shutil
 import weakref
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import torch
+import xxhash
 from filelock import FileLock
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
@@ -38,7 +44,7 @@ from ragkit.errors import IndexMismatchError, InputError
 from ragkit.storage import _alive, atomic_write_bytes, atomic_write_json
 
 FORMAT = "ragkit-kv-cache"
-VERSION = 1
+VERSION = 2  # 2: entries of several models per folder, key fields in the journal, xxh3 checks
 MANIFEST = "manifest.json"
 JOURNAL = "journal.jsonl"
 ENTRIES = "entries"
@@ -62,9 +68,13 @@ class CorruptEntry(Exception):
         self.kind = kind
 
 
-def checksum(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> str:
-    """sha256 over the metadata (except the checksum itself) and every tensor's name, dtype, shape and bytes."""
-    digest = hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k != "sha256"}, sort_keys=True).encode())
+CHECKSUMS = {"xxh3": xxhash.xxh3_64, "sha256": hashlib.sha256}  # fast one checked on load, strong one on --verify
+
+
+def checksum(tensors: dict[str, torch.Tensor], meta: dict[str, str], kind: str = "sha256") -> str:
+    """Hash of the metadata (except the checksums) and every tensor's name, dtype, shape and bytes."""
+    digest = CHECKSUMS[kind](json.dumps({k: v for k, v in meta.items() if k not in CHECKSUMS},
+                                        sort_keys=True).encode())
     for name in sorted(tensors):
         tensor = tensors[name]
         digest.update(f"\0{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
@@ -75,20 +85,20 @@ def checksum(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> str:
 def encode_entry(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> bytes:
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
     meta = {**meta, "format": FORMAT, "version": str(VERSION)}
-    meta["sha256"] = checksum(tensors, meta)
+    meta.update({kind: checksum(tensors, meta, kind) for kind in CHECKSUMS})
     return safetensors_bytes(tensors, metadata=meta)
 
 
-def read_entry(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Memory-map an entry and verify its checksum. Raises FileNotFoundError or CorruptEntry."""
+def read_entry(path: Path, verify: str = "xxh3") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Memory-map an entry and check its `verify` checksum. Raises FileNotFoundError or CorruptEntry."""
     try:
         with safe_open(str(path), framework="pt", device="cpu") as fh:
             meta = fh.metadata() or {}
             tensors = {name: fh.get_tensor(name) for name in fh.keys()}
         if meta.get("format") != FORMAT or meta.get("version") != str(VERSION):
             raise CorruptEntry("format", f"{meta.get('format')!r} version {meta.get('version')!r}")
-        if meta.get("sha256") != checksum(tensors, meta):
-            raise CorruptEntry("checksum", "the stored sha256 does not match the contents")
+        if meta.get(verify) != checksum(tensors, meta, verify):
+            raise CorruptEntry("checksum", f"the stored {verify} does not match the contents")
         if "keys" not in tensors or "values" not in tensors or not meta.get("start", "").isdigit():
             raise CorruptEntry("format", "no keys, values or start")
     except FileNotFoundError:
@@ -101,19 +111,18 @@ def read_entry(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 class DiskTier:
     """Entry files under `root`, kept within `budget` bytes; several processes may share it."""
 
-    def __init__(self, root: Path, model: str, budget: int, policy: EvictionPolicy):
+    def __init__(self, root: Path, budget: int, policy: EvictionPolicy):
         self.root = Path(root)
-        self.model = model
         self.budget = budget
         self.policy = policy
         self.usage: dict[str, EntryStats] = {}
+        self.keys: dict[str, EntryKey] = {}  # digest -> the key fields its put record named
         self.bytes = 0
         self.hits = self.misses = self.evictions = 0
         self.dropped: dict[str, int] = {}
         self._journal_id: tuple[int, int] | None = None
         self._offset = 0  # bytes of the journal already applied to `usage`
         self._records = 0  # records in the journal, for compaction
-        self._dtypes: list[str] = []
         self._pending: list[dict] = []  # hit records not yet in the journal
         self._early_hits: dict[str, list[float]] = {}  # hit times of entries whose put record is not seen yet
         _refuse_foreign_folder(self.root)
@@ -132,24 +141,13 @@ class DiskTier:
         return self.root / ENTRIES / digest[:2] / f"{digest}{SUFFIX}"
 
     def _open_manifest(self) -> None:
-        manifest = read_manifest(self.root)
-        if manifest is None:
-            atomic_write_json(self.root / MANIFEST, {"format": FORMAT, "version": VERSION, "model": self.model,
-                                                     "dtypes": []})
-            return
-        if manifest["model"] != self.model:
-            raise IndexMismatchError(
-                f"{self.root}: this KV cache was written for model {manifest['model']!r}, not {self.model!r}; "
-                "set another cache.dir or run `ragkit cache clear CONFIG`")
-        self._dtypes = list(manifest.get("dtypes", []))
+        if read_manifest(self.root) is None:
+            atomic_write_json(self.root / MANIFEST, {"format": FORMAT, "version": VERSION})
 
-    def _note_dtype(self, dtype: str) -> None:
-        """Record a new dtype in the manifest (file lock held)."""
-        manifest = read_manifest(self.root) or {}
-        dtypes = sorted(set(manifest.get("dtypes", [])) | set(self._dtypes) | {dtype})
-        atomic_write_json(self.root / MANIFEST, {"format": FORMAT, "version": VERSION, "model": self.model,
-                                                 "dtypes": dtypes})
-        self._dtypes = dtypes
+    def variants(self, model: str, dtype: str, chunk_hash: str) -> list[tuple[str, EntryKey]]:
+        """(digest, key fields) of every entry of this chunk for this model and dtype, any context."""
+        wanted = (model, dtype)
+        return [(d, k) for d, k in self.keys.items() if k.chunk == chunk_hash and (k.model, k.dtype) == wanted]
 
     # -- the journal --------------------------------------------------------------------------
     def _sync(self) -> None:
@@ -162,6 +160,7 @@ class DiskTier:
         identity = (stat.st_dev, stat.st_ino) if stat else None
         if identity != self._journal_id or (stat and stat.st_size < self._offset):
             self.usage.clear()
+            self.keys.clear()
             self._early_hits.clear()
             self.bytes, self._offset, self._records, self._journal_id = 0, 0, 0, identity
         if stat is None or stat.st_size == self._offset:
@@ -191,6 +190,8 @@ class DiskTier:
                 stats.record_hit(t)
             self.bytes += stats.nbytes - (old.nbytes if old else 0)
             self.usage[digest] = stats
+            if "k" in record:
+                self.keys[digest] = EntryKey(str(record["m"]), str(record["y"]), str(record["p"]), str(record["k"]))
         elif op == "hit":
             if digest in self.usage:
                 self.usage[digest].record_hit(float(record["t"]))
@@ -198,6 +199,7 @@ class DiskTier:
                 self._early_hits.setdefault(digest, []).append(float(record["t"]))
         elif op == "del" and digest in self.usage:
             self.bytes -= self.usage.pop(digest).nbytes
+            self.keys.pop(digest, None)
 
     def _append(self, records: list[dict]) -> None:
         """Append and apply queued hits and `records` (file lock held, journal synced)."""
@@ -228,7 +230,7 @@ class DiskTier:
     def _compact(self) -> None:
         """Rewrite the journal as one put record per entry; other processes see a new file and reload."""
         records = [{"op": "put", "d": d, "n": s.nbytes, "t": s.created, "u": s.last_used, "c": s.cost_s,
-                    "h": s.hits, "f": s.frequency} for d, s in self.usage.items()]
+                    "h": s.hits, "f": s.frequency, **self._key_fields(d)} for d, s in self.usage.items()]
         payload = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records).encode()
         atomic_write_bytes(self.root / JOURNAL, payload)
         self._early_hits.clear()
@@ -253,9 +255,16 @@ class DiskTier:
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
         records = [{"op": "del", "d": d} for d in self.usage if d not in present]
-        records += [{"op": "put", "d": d, "n": st.st_size, "t": st.st_mtime}
-                    for d, st in present.items() if d not in self.usage or self.usage[d].nbytes != st.st_size]
+        for digest, st in present.items():
+            if digest not in self.usage or self.usage[digest].nbytes != st.st_size or digest not in self.keys:
+                key = _header_key(self.path(digest))  # a file its writer's put record never reached
+                if key is not None:
+                    records.append({"op": "put", "d": digest, "n": st.st_size, "t": st.st_mtime, **key.record()})
         self._append(records)
+
+    def _key_fields(self, digest: str) -> dict:
+        key = self.keys.get(digest)
+        return key.record() if key else {}
 
     # -- entries -------------------------------------------------------------------------------
     def write(self, digest: str, tensors: dict[str, torch.Tensor], meta: dict[str, str], cost_s: float,
@@ -267,7 +276,7 @@ class DiskTier:
                 self.refresh()
             if digest in self.usage:
                 return True
-        data = encode_entry(tensors, {**meta, "model": self.model, "key": digest})
+        data = encode_entry(tensors, {**meta, "key": digest})
         if len(data) > (self.budget if make_room else self.budget - self.bytes):
             return False
         try:
@@ -276,11 +285,10 @@ class DiskTier:
             log.warning("could not write KV cache entry %s: %s", self.path(digest), exc)
             return False
         now = tick()
+        key = EntryKey(meta["model"], meta["dtype"], meta["prefix_hash"], meta["chunk_hash"])
         with self._lock:
             self._sync()
-            if meta.get("dtype") and meta["dtype"] not in self._dtypes:
-                self._note_dtype(meta["dtype"])
-            self._append([{"op": "put", "d": digest, "n": len(data), "t": now, "c": cost_s}])
+            self._append([{"op": "put", "d": digest, "n": len(data), "t": now, "c": cost_s, **key.record()}])
             victims = choose_victims(self.usage, self.bytes - self.budget, self.policy, now, keep=[digest])
             for victim in victims:
                 with contextlib.suppress(FileNotFoundError):
@@ -289,24 +297,27 @@ class DiskTier:
             self._append([{"op": "del", "d": v} for v in victims])
         return True
 
-    def load(self, digest: str) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
-        """A verified entry, or None (missing, or damaged / foreign and now deleted)."""
-        entry = self._verified(digest)
+    def load(self, digest: str, model: str, verify: str = "xxh3") -> tuple[dict[str, torch.Tensor],
+                                                                             dict[str, str]] | None:
+        """A verified entry of `model`, or None (missing, or damaged / foreign and now deleted)."""
+        entry = self._verified(digest, model, verify)
         if entry is None:
             self.misses += 1
         else:
             self.hits += 1
         return entry
 
-    def contains(self, digest: str) -> bool:
-        """Whether `load` would succeed: reads and verifies the entry (~1 ms per MB), drops a bad one."""
-        return self._verified(digest) is not None
+    def contains(self, digest: str, model: str) -> bool:
+        """Whether `load` would succeed: reads and verifies the entry, drops a bad one."""
+        return self._verified(digest, model, "xxh3") is not None
 
-    def _verified(self, digest: str) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+    def _verified(self, digest: str, model: str | None, verify: str) -> tuple[dict[str, torch.Tensor],
+                                                                            dict[str, str]] | None:
+        """The entry if it passes every check (`model` None: any model's), else None."""
         try:
-            tensors, meta = read_entry(self.path(digest))
-            if meta.get("model") != self.model:
-                raise CorruptEntry("model", f"written for model {meta.get('model')!r}, not {self.model!r}")
+            tensors, meta = read_entry(self.path(digest), verify)
+            if model is not None and meta.get("model") != model:
+                raise CorruptEntry("model", f"written for model {meta.get('model')!r}, not {model!r}")
             if meta.get("key") != digest:
                 raise CorruptEntry("key", f"holds key {meta.get('key')!r}")
         except FileNotFoundError:
@@ -339,19 +350,45 @@ class DiskTier:
             self._sync()
             self._append([])
 
+    def verify_all(self) -> int:
+        """Check every entry's sha256 (any model's), dropping bad ones; returns how many passed."""
+        return sum(self._verified(digest, None, "sha256") is not None for digest in list(self.usage))
+
     def clear(self) -> int:
-        """Delete every entry and the journal, keep this model's manifest; returns the entries removed."""
+        """Delete every entry and the journal, keep the manifest; returns the entries removed."""
         with self._lock:
             removed = clear_files(self.root)
             self._pending.clear()
             self._sync()
-            self._dtypes = []
             self._open_manifest()
         return removed
 
     def summary(self) -> dict:
         return {"entries": len(self.usage), "bytes": self.bytes, "budget": self.budget, "hits": self.hits,
                 "misses": self.misses, "evictions": self.evictions, "dropped": dict(self.dropped)}
+
+
+@dataclass(frozen=True)
+class EntryKey:
+    """An entry's key fields as its file and the journal record them (chunk_cache.store.CacheKey's fields)."""
+
+    model: str
+    dtype: str
+    prefix: str
+    chunk: str
+
+    def record(self) -> dict[str, str]:
+        return {"m": self.model, "y": self.dtype, "p": self.prefix, "k": self.chunk}
+
+
+def _header_key(path: Path) -> EntryKey | None:
+    """The key fields in an entry file's header (no tensor is read); None if the header is unreadable."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as fh:
+            meta = fh.metadata() or {}
+        return EntryKey(meta["model"], meta["dtype"], meta["prefix_hash"], meta["chunk_hash"])
+    except (*_UNREADABLE, FileNotFoundError):
+        return None
 
 
 def _append_records(lock: FileLock, journal: Path, records: list[dict]) -> None:
@@ -378,7 +415,7 @@ def read_manifest(root: Path) -> dict | None:
     except (OSError, ValueError) as exc:
         raise IndexMismatchError(f"{path}: unreadable KV cache manifest ({exc}); run `ragkit cache clear CONFIG` "
                                  "or set another cache.dir") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or "model" not in manifest:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise IndexMismatchError(f"{path}: not a ragkit KV cache manifest; set another cache.dir")
     if manifest.get("version") != VERSION:
         raise IndexMismatchError(f"{path}: KV cache format version {manifest.get('version')} (this ragkit reads "

@@ -1,119 +1,299 @@
-"""Prefill an assembled prompt under one reuse mode (`cache.mode`).
+"""The reuse path of one decoder, top to bottom: plan -> assemble -> recompute -> commit.
 
-full    every row computed (the reference).
-prefix  exact-prefix reuse only: the shared prefix and the leading chunks whose KV was computed
-        behind exactly the tokens now before them; everything after is computed (vLLM/SGLang).
-naive   every cached chunk reused as rotated; only separators, uncached chunks and the question run.
-ape     APE: chunks share positions after the prefix; the question attends to them at temperature T
-        and their total weight is rescaled by S (log-sum-exp merge); nothing recomputed.
-blend   CacheBlend: the first `full_layers` layers recompute every non-exact row; at the next layer
-        the reused rows are ranked by how far their fresh V deviates from the stored V, weighted by
-        the attention the question rows pay them; the top `ratio` and every computed row run
-        through the remaining layers.
-craft   Cache-Craft: each chunk recomputes a fraction alpha * CCI * (1 - beta) of its tokens, those
-        that attended most outside themselves when cached; beta is the share of the chunk's present
-        context that it was encoded with (the shared prefix).
-Recomputed rows always attend with the exact causal mask (key position <= query position).
+    plan       per chunk of the prompt, the entry to reuse: an exact one (computed behind exactly
+               the tokens now before it), else the variant whose stored context overlaps most with
+               the present one (chunk_cache.craft's beta'), else none: the chunk is computed here
+    assemble   the prompt's rows, positions and cache, reused keys rotated to their new positions
+    recompute  the rows the mode selects (chunk_cache.modes), layer by layer, each attending with
+               the exact causal mask; Cache-Craft statistics of the chunks computed here
+    commit     store what was computed, so that a miss costs one computation in any process: behind
+               an exact prefix under that prefix's key, else under an `approx` key (chunk_cache.keys)
+
+`ChunkReuse.prefill` runs the first three; the generator decodes from the cache it returns, then commits.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
+from typing import Iterable
 
 import torch
 
-from chunk_cache.assembly import CHUNK, Layout, Segment
+from chunk_cache.assembly import CHUNK, PREFIX, Layout, Segment, assemble
+from chunk_cache.craft import ChunkStatistics, attention_probs, overlap, stat_layers
+from chunk_cache.decoder import ReuseDecoder
+from chunk_cache.keys import KeyScheme
+from chunk_cache.modes import ANY, NONE, Candidates, Deviation, Mode, ReusedChunk, ReuseSettings, make_mode
+from chunk_cache.store import CacheKey, ChunkKV, KVStore
 
-MODES = ["full", "prefix", "naive", "ape", "blend", "craft"]
+MAX_VARIANTS = 4  # stored variants of one chunk compared per lookup (each may cost a disk read)
 
 
-@dataclass(frozen=True)
-class ReuseSettings:
-    mode: str = "blend"
-    ratio: float = 0.15
-    full_layers: int = 2
-    ape_temperature: float = 0.9
-    ape_scale: float = 0.9
-    craft_alpha: float = 1.0
+@dataclass
+class Miss:
+    """A chunk computed in this prompt, to be stored under `key` by commit."""
+
+    index: int  # segment index
+    key: CacheKey
+    context: tuple[str, ...]  # chunk hashes before it
+
+
+@dataclass
+class Plan:
+    segments: list[Segment]
+    mode: Mode
+    settings: ReuseSettings
+    entries: dict[int, ChunkKV] = field(default_factory=dict)  # segment index -> stored KV reused
+    exact: set[int] = field(default_factory=set)  # indices whose entry is exact where it now sits
+    overlap: dict[int, float] = field(default_factory=dict)  # inexact index -> beta' of its variant
+    misses: list[Miss] = field(default_factory=list)
 
 
 @dataclass
 class Prefilled:
     logits: torch.Tensor  # [V] fp32, next-token logits after the last prompt row
-    recomputed_context: int  # chunk rows that ran through the upper layers (computed or re-computed)
     context: int  # chunk rows in the prompt
+    recomputed: int  # chunk rows that ran through the last layer (computed or recomputed)
+    recompute_share: float  # chunk rows computed, summed over every layer, / (layers x chunk rows)
+    statistics: dict[int, dict[str, torch.Tensor]]  # miss segment index -> Cache-Craft extras
 
 
-def prefill(model, layout: Layout, cache, segments: list[Segment], settings: ReuseSettings) -> Prefilled:
-    """Compute what the mode requires so that `cache` holds the whole prompt; return the last logits."""
-    chunk_rows = _chunk_rows(layout, segments)
-    model.ape = None
-    if settings.mode == "blend":
-        logits, rows = _blend(model, layout, cache, settings)
-        return Prefilled(logits, int((rows & chunk_rows).sum()), int(chunk_rows.sum()))
-    rows = ~layout.reused
-    if settings.mode == "craft":
-        rows = rows | _craft_rows(layout, segments, settings.craft_alpha)
-    if settings.mode == "ape":
-        model.ape = (settings.ape_temperature, settings.ape_scale)
-    idx = rows.nonzero()[:, 0]
-    logits = model.forward(layout.token_ids[idx][None].to(model.device), layout.positions[idx][None].to(model.device),
-                           cache, idx.to(model.device))
-    return Prefilled(logits[0, -1], int((rows & chunk_rows).sum()), int(chunk_rows.sum()))
+class ChunkReuse:
+    """The reuse path behind one object; the store and key scheme decide where entries live."""
+
+    def __init__(self, model: ReuseDecoder, store: KVStore, keys: KeyScheme):
+        self.model, self.store, self.keys = model, store, keys
+        self._head: ChunkKV | None = None
+
+    # --- plan -----------------------------------------------------------------------------
+    def plan(self, segments: list[Segment], settings: ReuseSettings) -> Plan:
+        mode = make_mode(settings.mode)
+        plan = Plan(segments, mode, settings)
+        if mode.lookup == NONE:
+            return plan
+        self.store.flush()  # see the entries other processes stored since the last prompt
+        plan.entries[0], plan.exact = self.head(), {0}
+        before: list[int] = list(segments[0].token_ids)
+        chunks_before: list[str] = []
+        leading = not mode.parallel  # every row so far is what full prefill computes
+        for index, seg in enumerate(segments[1:], start=1):
+            if seg.kind == CHUNK:
+                exact_key = self.keys.exact(before, seg.token_ids)
+                kv = self.store.get(exact_key) if leading else None
+                if kv is not None:
+                    plan.entries[index] = kv
+                    plan.exact.add(index)
+                else:
+                    now_before = [] if mode.parallel else chunks_before  # APE's chunks do not see each other
+                    found = self._best_variant(seg, now_before, mode) if mode.lookup == ANY else None
+                    if found is None and mode.parallel:  # APE cannot compute a chunk in place
+                        found = self.encode(seg.token_ids), 1.0
+                    if found is None:
+                        key = exact_key if leading else self.keys.approx(before, seg.token_ids)
+                        plan.misses.append(Miss(index, key, tuple(chunks_before)))
+                    else:
+                        plan.entries[index], plan.overlap[index] = found
+                        leading = False
+                chunks_before.append(exact_key.chunk_hash)
+            before.extend(seg.token_ids)
+        return plan
+
+    def _best_variant(self, seg: Segment, chunks_before: list[str], mode: Mode) -> tuple[ChunkKV, float] | None:
+        """The stored variant of the chunk needing least recomputation here: highest beta' (Cache-Craft),
+        and for modes that read statistics, one that carries them."""
+        best, best_rank = None, None
+        for key in self.store.variants(self.keys.dtype, self.keys.shared(seg.token_ids).chunk_hash)[:MAX_VARIANTS]:
+            kv = self.store.get(key)
+            if kv is None:
+                continue
+            beta = overlap(kv.context, kv.extras.get("inter_by_chunk"), chunks_before)
+            rank = (not mode.needs_statistics or "cci" in kv.extras, beta)
+            if best_rank is None or rank > best_rank:
+                best, best_rank = (kv, beta), rank
+        return best
+
+    def head(self) -> ChunkKV:
+        """The shared head's KV, stored like a chunk encoded behind nothing."""
+        if self._head is None:
+            key = self.keys.head()
+            kv = self.store.get(key)
+            if kv is None:
+                n = len(self.keys.head_ids)
+                cache = self.model.new_cache(1, n)
+                positions = torch.arange(n, device=self.model.device)
+                self.model.forward(torch.tensor([self.keys.head_ids], device=self.model.device), positions[None],
+                                   cache, positions)
+                kv = ChunkKV(cache.keys[:, 0].clone(), cache.values[:, 0].clone(), start=0)
+                self.store.put(key, kv)
+            self._head = kv
+        return self._head
+
+    # --- assemble -------------------------------------------------------------------------
+    def assemble(self, plan: Plan, extra: int):
+        """(Layout, cache with `extra` free rows); APE's temperature and scale ride on the cache."""
+        layout, cache = assemble(self.model, plan.segments, plan.entries, plan.exact, extra,
+                                 parallel=plan.mode.parallel)
+        return layout, cache
+
+    # --- recompute ------------------------------------------------------------------------
+    def recompute(self, plan: Plan, layout: Layout, cache) -> Prefilled:
+        chunk_rows = _rows_of(layout, plan.segments, CHUNK)
+        statistics = {m.index: self._statistics(layout, plan, m.index) for m in plan.misses}
+        if plan.mode.parallel:
+            logits = self._parallel(layout, cache, plan.settings)
+            layer_rows = [~layout.reused] * self.model.args.n_layers
+        else:
+            if plan.mode.layerwise is None:
+                rows = ~layout.reused | plan.mode.static(self._candidates(layout, plan), plan.settings)
+                checks = []
+            else:  # every row not known to be exact runs until the first check layer
+                rows, checks = ~layout.exact, plan.mode.layerwise.checks(plan.settings)
+            logits, layer_rows = self._run(layout, cache, rows, checks, plan, statistics)
+        computed = sum(int((r & chunk_rows).sum()) for r in layer_rows)
+        context = int(chunk_rows.sum())
+        return Prefilled(logits, context, int((layer_rows[-1] & chunk_rows).sum()),
+                         computed / max(1, context * len(layer_rows)),
+                         {i: s.extras() for i, s in statistics.items()})
+
+    def _candidates(self, layout: Layout, plan: Plan) -> Candidates:
+        reused = [ReusedChunk(*layout.spans[i], plan.entries[i].extras, plan.overlap.get(i, 0.0))
+                  for i in sorted(plan.entries) if i not in plan.exact and plan.segments[i].kind == CHUNK]
+        return Candidates(layout.size, reused)
+
+    def _statistics(self, layout: Layout, plan: Plan, index: int) -> ChunkStatistics:
+        """Cache-Craft statistics of chunk `index`: attention to the head (sink excluded) and earlier chunks."""
+        head = layout.spans[0]
+        groups = [(head[0] + 1, head[1])] + [layout.spans[i] for i in range(1, index)
+                                             if plan.segments[i].kind == CHUNK]
+        return ChunkStatistics(layout.spans[index], groups)
+
+    def _run(self, layout: Layout, cache, rows: torch.Tensor, checks: list[tuple[int, float]], plan: Plan,
+             statistics: dict[int, ChunkStatistics]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Compute `rows` layer by layer; at each check layer keep the best-scoring share of the reused,
+        inexact rows (computed rows always stay). Returns last-row logits and the rows of every layer."""
+        model, device = self.model, self.model.device
+        idx = rows.nonzero()[:, 0]
+        slots = idx.to(device)
+        positions = layout.positions[idx][None].to(device)
+        cache.positions[0, slots] = positions[0]
+        x = model.embed_tokens(layout.token_ids[idx][None].to(device))
+        rope = model.rope(positions)
+        masks = model.masks_for(cache, positions, slots)
+        candidates = layout.reused & ~layout.exact  # what a check may drop
+        sampled = set(stat_layers(model.args.n_layers)) if statistics else set()
+        layer_rows, pending = [], dict(checks)
+        for i in range(model.args.n_layers):
+            q, k, v = model.qkv(i, x, rope)
+            keep = None
+            if i in pending:
+                keep = self._select(i, idx, q, k, v, slots, positions, cache, candidates, pending[i],
+                                    plan.mode.layerwise.score)
+            cache.keys[i, :, :, slots] = k
+            cache.values[i, :, :, slots] = v
+            if i in sampled:
+                for index, stats in statistics.items():
+                    s, e = layout.spans[index]
+                    where = torch.searchsorted(idx, torch.arange(s, e)).to(device)
+                    stats.add(attention_probs(q[:, :, where], cache.keys[i, :, :, : e], cache.positions[0, :e],
+                                              positions[0, where], model.softmax_scale))
+            if keep is not None:
+                sel = keep.nonzero()[:, 0].to(device)
+                idx, x, q, slots, positions = idx[keep], x[:, sel], q[:, :, sel], slots[sel], positions[:, sel]
+                rope = (rope[0][:, :, sel], rope[1][:, :, sel])
+                masks = model.masks_for(cache, positions, slots)
+            current = torch.zeros(layout.size, dtype=torch.bool)
+            current[idx] = True
+            layer_rows.append(current)
+            x = model.finish(i, x, q, cache, positions, masks)
+        return model.logits(x[:, -1:])[0, -1], layer_rows
+
+    def _select(self, layer: int, idx, q, k, v, slots, positions, cache, candidates: torch.Tensor, share: float,
+                score) -> torch.Tensor:
+        """Which of the running rows `idx` keep running after check `layer`: every computed row, and the
+        top `share` of all reused, inexact rows of the prompt by the mode's score."""
+        running = candidates[idx]
+        keep = ~running
+        n_pick = min(int(running.sum()), math.ceil(share * int(candidates.sum())))
+        if n_pick:
+            stored_k = cache.keys[layer, :, :, slots].float()  # [1, H_kv, S, D], before fresh rows overwrite them
+            stored_v = cache.values[layer, :, :, slots].float()
+            tail = idx > int(idx[running].max())  # rows after the last reused one: the question
+
+            def attention_read() -> torch.Tensor:
+                cache.keys[layer, :, :, slots] = k  # the question reads fresh rows, as it will
+                read = _attention_received(self.model, layer, q[:, :, tail.to(q.device)],
+                                           positions[:, tail.to(q.device)], cache)
+                return read[slots].cpu()
+
+            deviation = Deviation((k.float() - stored_k).pow(2).sum(dim=(0, 1, 3)).cpu(),
+                                  (v.float() - stored_v).pow(2).sum(dim=(0, 1, 3)).cpu(), attention_read)
+            scores = score(deviation)
+            scores[~running] = -1.0
+            keep[scores.topk(n_pick).indices] = True
+        return keep
+
+    def _parallel(self, layout: Layout, cache, settings: ReuseSettings) -> torch.Tensor:
+        """APE: each context's computed rows (title, separator) attend to the head and their own context
+        only; then the question attends to every context at temperature T, rescaled by S."""
+        model, device = self.model, self.model.device
+        computed = ~layout.reused
+        for context in layout.context[computed].unique().tolist():
+            if context < 0:
+                continue
+            rows = computed & (layout.context == context)
+            hidden = (layout.context >= 0) & (layout.context != context)
+            saved = cache.positions[0, : layout.size].clone()
+            cache.positions[0, : layout.size][hidden.to(device)] = -1  # other contexts are invisible to it
+            idx = rows.nonzero()[:, 0]
+            model.forward(layout.token_ids[idx][None].to(device), layout.positions[idx][None].to(device), cache,
+                          idx.to(device))
+            saved[idx.to(device)] = cache.positions[0, idx.to(device)]
+            cache.positions[0, : layout.size] = saved
+        cache.ape = (settings.ape_temperature, settings.ape_scale)
+        idx = (computed & (layout.context < 0)).nonzero()[:, 0]
+        return model.forward(layout.token_ids[idx][None].to(device), layout.positions[idx][None].to(device), cache,
+                             idx.to(device))[0, -1]
+
+    # --- commit ---------------------------------------------------------------------------
+    def commit(self, plan: Plan, layout: Layout, cache, prefilled: Prefilled, prefill_s: float) -> None:
+        """Store each chunk computed in this prompt, with its statistics and the chunks before it."""
+        for miss in plan.misses:
+            s, e = layout.spans[miss.index]
+            kv = ChunkKV(cache.keys[:, 0, :, s:e].clone(), cache.values[:, 0, :, s:e].clone(),
+                         start=int(layout.positions[s]), extras=prefilled.statistics.get(miss.index, {}),
+                         context=miss.context)
+            self.store.put(miss.key, kv, recompute_cost_s=prefill_s * (e - s) / max(1, layout.size))
+
+    # --- the steps in order ------------------------------------------------------------------
+    def prefill(self, segments: list[Segment], settings: ReuseSettings, extra: int):
+        """Plan, assemble and recompute a prompt; returns (plan, Prefilled, layout, cache). The caller
+        commits once it has decoded, so storing the misses never delays the first token."""
+        plan = self.plan(segments, settings)
+        layout, cache = self.assemble(plan, extra)
+        return plan, self.recompute(plan, layout, cache), layout, cache
+
+    def encode(self, chunk_ids: Iterable[int]) -> ChunkKV:
+        """The chunk computed behind the shared head alone, stored under its shared key (a warm)."""
+        segments = [Segment(PREFIX, self.keys.head_ids), Segment(CHUNK, tuple(chunk_ids))]
+        plan = Plan(segments, make_mode("naive"), ReuseSettings(mode="naive"), entries={0: self.head()}, exact={0},
+                    misses=[Miss(1, self.keys.shared(chunk_ids), ())])
+        layout, cache = self.assemble(plan, 0)
+        start = time.perf_counter()
+        prefilled = self.recompute(plan, layout, cache)
+        self.commit(plan, layout, cache, prefilled, time.perf_counter() - start)
+        s, e = layout.spans[1]
+        return ChunkKV(cache.keys[:, 0, :, s:e], cache.values[:, 0, :, s:e], start=s,
+                       extras=prefilled.statistics[1])
 
 
-def _chunk_rows(layout: Layout, segments: list[Segment]) -> torch.Tensor:
+def _rows_of(layout: Layout, segments: list[Segment], kind: str) -> torch.Tensor:
     rows = torch.zeros(layout.size, dtype=torch.bool)
     for seg, (s, e) in zip(segments, layout.spans):
-        if seg.kind == CHUNK:
+        if seg.kind == kind:
             rows[s:e] = True
     return rows
-
-
-def _blend(model, layout: Layout, cache, settings: ReuseSettings):
-    """CacheBlend after `full_layers` full layers; returns (logits, rows recomputed).
-
-    At the check layer each reused row scores its V deviation times the attention the question
-    rows pay it: a stale row that nothing downstream reads matters less than one the answer reads.
-    """
-    device = model.device
-    active = ~layout.exact  # rows the full layers compute: everything not known to be exact
-    idx = active.nonzero()[:, 0]
-    slots = idx.to(device)
-    positions = layout.positions[idx][None].to(device)
-    cache.positions[0, slots] = positions[0]
-    x = model.embed_tokens(layout.token_ids[idx][None].to(device))
-    rope = model.rope(positions)
-    masks = model.masks_for(cache, positions)
-    n_layers = model.args.n_layers
-    check = min(settings.full_layers, n_layers)
-    for i in range(check):
-        x = model.layer(i, x, positions, slots, cache, rope, masks)
-    candidates = (layout.reused & ~layout.exact)[idx]  # reused rows among `idx`
-    keep = ~candidates  # computed rows (separators, uncached chunks, question) always run
-    if check < n_layers:
-        q, k, v = model.qkv(check, x, rope)
-        n_pick = math.ceil(settings.ratio * int(candidates.sum()))
-        stored_v = cache.values[check, :, :, slots]  # [1, H_kv, S, D] before the fresh rows overwrite it
-        cache.keys[check, :, :, slots] = k
-        cache.values[check, :, :, slots] = v
-        if n_pick:
-            deviation = (v.float() - stored_v.float()).pow(2).sum(dim=(0, 1, 3))  # [S]
-            tail = idx > int(idx[candidates].max())  # the rows after the last reused one: the question
-            read = _attention_received(model, check, q[:, :, tail.to(device)], positions[:, tail.to(device)], cache)
-            score = (deviation * read[slots]).cpu()
-            score[~candidates] = -1.0
-            keep[score.topk(n_pick).indices] = True
-        sel = keep.nonzero()[:, 0].to(device)
-        x, positions, slots, rope = x[:, sel], positions[:, sel], slots[sel], (rope[0][:, :, sel], rope[1][:, :, sel])
-        masks = model.masks_for(cache, positions)
-        x = model.finish(check, x, q[:, :, sel], cache, positions, masks)
-        for i in range(check + 1, n_layers):
-            x = model.layer(i, x, positions, slots, cache, rope, masks)
-    rows = torch.zeros(layout.size, dtype=torch.bool)
-    rows[idx[keep]] = True
-    return model.logits(x[:, -1:])[0, -1], rows
 
 
 def _attention_received(model, layer: int, q: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
@@ -125,27 +305,3 @@ def _attention_received(model, layer: int, q: torch.Tensor, positions: torch.Ten
     key_positions = cache.positions[0, : cache.length]
     hidden = (key_positions < 0)[None, :] | (key_positions[None, :] > positions[0][:, None])  # [S, T]
     return scores.masked_fill(hidden[None], float("-inf")).softmax(-1).sum(dim=(0, 1))
-
-
-def _craft_rows(layout: Layout, segments: list[Segment], alpha: float) -> torch.Tensor:
-    """Rows Cache-Craft recomputes: per reused, non-exact chunk, the top CFO share by inter-attention."""
-    rows = torch.zeros(layout.size, dtype=torch.bool)
-    prefix_rows = 0
-    for index, (seg, (s, e)) in enumerate(zip(segments, layout.spans)):
-        if seg.kind != CHUNK:
-            if s == 0 and e > 0:
-                prefix_rows = e
-            continue
-        if not layout.reused[s] or layout.exact[s]:
-            continue
-        stats = layout.extras.get(index, {})
-        # An entry stored without statistics (by prefix mode) counts as fully context-dependent.
-        cci = float(stats["cci"]) if "cci" in stats else 1.0
-        inter = stats["inter"] if "inter" in stats else torch.zeros(e - s)
-        beta = prefix_rows / max(s, 1)  # share of the present context the chunk was encoded with
-        cfo = min(1.0, max(0.0, alpha * cci * (1.0 - beta)))
-        n = math.ceil(cfo * (e - s))
-        if n:
-            rows[s + inter.topk(n).indices] = True
-    return rows
-

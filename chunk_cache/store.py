@@ -1,10 +1,13 @@
 """Tiered, content-addressed store of per-chunk KV caches: device memory -> host memory -> disk.
 
-An entry is addressed by (model fingerprint, dtype, shared-prefix hash, chunk token hash), so a
-cache can never hand one model's or one prefix's KV to another. Each tier has a byte budget and
+An entry is addressed by (model fingerprint, dtype, context, chunk token hash), so a cache can never
+hand one model's KV to another or pass rows computed behind one context off as another's
+(chunk_cache.keys says what each context promises); `variants` lists a chunk's entries of every
+context, in this process's tiers and in the shared disk folder. Each tier has a byte budget and
 evicts by a pluggable policy (chunk_cache.eviction). Memory tiers hold an entry in one place and
 move it to the first tier on a hit; disk is written through on `put`, so a warmed cache survives
-the process, and disk reads are verified (fingerprint, key, sha256) before use (chunk_cache.disk).
+the process, and disk reads are verified (fingerprint, key, xxh3) before use (chunk_cache.disk). The
+store's lock guards only its memory tiers: files are read, hashed, serialised and fsynced outside it.
 """
 
 from __future__ import annotations
@@ -18,20 +21,18 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
-from chunk_cache.disk import (ENTRIES, LOCK, MANIFEST, SUFFIX, DiskTier, clear_files, entry_files,
-                              read_manifest)
+from chunk_cache.disk import ENTRIES, LOCK, MANIFEST, SUFFIX, DiskTier, clear_files, entry_files, read_manifest
+from chunk_cache.dtypes import KV_DTYPES
 from chunk_cache.eviction import EntryStats, EvictionPolicy, choose_victims, make_policy, tick
 from ragkit.errors import IndexMismatchError
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
 class CacheKey:
-    model: str  # model fingerprint (from generators; opaque here)
-    dtype: str  # "float32" | "bfloat16"
-    prefix_hash: str  # token_hash of the ids the chunk was encoded behind (the shared prefix, an exact
-    # prefix, or a caller's marker such as generators' "<prefix hash>+context" for rows computed in a request)
+    model: str  # model fingerprint (opaque here)
+    dtype: str  # one of chunk_cache.dtypes.KV_DTYPES
+    prefix_hash: str  # the context the rows were computed behind (chunk_cache.keys names each kind)
     chunk_hash: str  # token_hash(chunk token ids) == Chunk.content_hash
 
     def digest(self) -> str:
@@ -48,6 +49,7 @@ class ChunkKV:
     values: torch.Tensor  # [L, H_kv, T, D]
     start: int  # absolute position of the chunk's first token when encoded
     extras: dict[str, torch.Tensor] = field(default_factory=dict)  # per-chunk statistics (e.g. Cache-Craft)
+    context: tuple[str, ...] = ()  # chunk hashes of the chunks before it when computed (Cache-Craft's S_old)
 
     def nbytes(self) -> int:
         tensors = [self.keys, self.values, *self.extras.values()]
@@ -66,15 +68,15 @@ class ChunkKV:
             return t.pin_memory() if pin and not t.is_pinned() else t
 
         return ChunkKV(move(self.keys), move(self.values), self.start,
-                       {name: move(t) for name, t in self.extras.items()})
+                       {name: move(t) for name, t in self.extras.items()}, self.context)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"keys": self.keys, "values": self.values, **{f"extra.{n}": t for n, t in self.extras.items()}}
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor], start: int) -> ChunkKV:
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], start: int, context: tuple[str, ...] = ()) -> ChunkKV:
         extras = {name[len("extra."):]: t for name, t in tensors.items() if name.startswith("extra.")}
-        return cls(tensors["keys"], tensors["values"], start, extras)
+        return cls(tensors["keys"], tensors["values"], start, extras, context)
 
 
 @dataclass
@@ -130,8 +132,8 @@ class KVStore:
     """Chunk KV caches for one model, in memory tiers and (with `root`) a disk folder.
 
     `root=None` keeps memory tiers only. On a CPU `device` there is no device tier: host memory
-    is the first tier. Opening a `root` written for another model fingerprint raises
-    IndexMismatchError. Safe to share between threads; several processes may share `root`.
+    is the first tier. A `root` may hold other models' entries too; they are never returned.
+    Safe to share between threads; several processes may share `root`.
     """
 
     def __init__(self, root: Path | None, model_fingerprint: str, *, device: str = "cpu", device_bytes: int = 0,
@@ -143,7 +145,7 @@ class KVStore:
         self._memory = [MemoryTier("host", torch.device("cpu"), host_bytes, self.policy, pin=on_accelerator)]
         if on_accelerator:
             self._memory.insert(0, MemoryTier("device", self.device, device_bytes, self.policy))
-        self._disk = DiskTier(Path(root), model_fingerprint, disk_bytes, self.policy) if root is not None else None
+        self._disk = DiskTier(Path(root), disk_bytes, self.policy) if root is not None else None
         self._lock = threading.RLock()
         self.hits = self.misses = 0
 
@@ -151,25 +153,31 @@ class KVStore:
         """The entry on `device`, or None. Checks tiers in order and moves a hit to the first tier."""
         digest = self._digest(key)
         with self._lock:
+            held = self._take_from_memory(digest)
+        if held is None:  # read and check the file without the lock; another thread may load it too
+            held = self._load(key, digest, tick())
+        if held is None:
+            with self._lock:
+                self.misses += 1
+            return None
+        with self._lock:
+            spilled = self._hold(digest, held)
             now = tick()
-            for level, tier in enumerate(self._memory):
-                held = tier.lookup(digest)
-                if held is not None:
-                    if level > 0:
-                        tier.remove(digest)
-                        self._hold(digest, held)
-                    break
-            else:
-                held = self._load(key, digest, now)
-                if held is None:
-                    self.misses += 1
-                    return None
-                self._hold(digest, held)
             held.usage.record_hit(now)
             if self._disk is not None:
                 self._disk.record_hits([digest], now)
             self.hits += 1
-            return held.kv.to(self.device)
+        self._write_spilled(spilled)
+        return held.kv.to(self.device)
+
+    def _take_from_memory(self, digest: str) -> Held | None:
+        """A memory tier's entry, removed from that tier so that `_hold` re-places it first (lock held)."""
+        for tier in self._memory:
+            held = tier.lookup(digest)
+            if held is not None:
+                tier.remove(digest)
+                return held
+        return None
 
     def put(self, key: CacheKey, kv: ChunkKV, recompute_cost_s: float = 0.0) -> None:
         """Store an entry (replacing one with the same key); `recompute_cost_s` feeds the value policy."""
@@ -177,16 +185,29 @@ class KVStore:
         if kv.keys.shape != kv.values.shape or kv.keys.dim() != 4:
             raise ValueError(f"keys {tuple(kv.keys.shape)} and values {tuple(kv.values.shape)} must both be "
                              "[layers, kv_heads, tokens, head_dim]")
-        if kv.keys.dtype != DTYPES.get(key.dtype):
+        if key.dtype not in KV_DTYPES or kv.keys.dtype != getattr(torch, key.dtype):
             raise ValueError(f"key says dtype {key.dtype!r} but the tensors are {kv.keys.dtype}")
+        now = tick()
+        held = Held(key, kv, EntryStats(kv.nbytes(), now, now, cost_s=recompute_cost_s))
         with self._lock:
-            now = tick()
             for tier in self._memory:
                 tier.remove(digest)
-            held = Held(key, kv, EntryStats(kv.nbytes(), now, now, cost_s=recompute_cost_s))
-            if self._disk is not None:
-                self._write(held, make_room=True)
-            self._hold(digest, held)
+            spilled = self._hold(digest, held)
+        if self._disk is not None:  # write-through, outside the lock
+            self._write(held, make_room=True)
+        self._write_spilled(spilled)
+
+    def variants(self, dtype: str, chunk_hash: str) -> list[CacheKey]:
+        """Keys of every stored entry of this chunk for this store's model and `dtype`, any context:
+        in this process's memory tiers (first) and, through the disk folder's journal, written by any process."""
+        with self._lock:
+            held = sorted({held.key for tier in self._memory for held in tier.entries.values()
+                           if held.key.chunk_hash == chunk_hash and held.key.dtype == dtype}, key=_context)
+            on_disk = [] if self._disk is None else sorted(
+                {CacheKey(k.model, k.dtype, k.prefix, k.chunk) for _, k in self._disk.variants(self.model, dtype,
+                                                                                              chunk_hash)}
+                - set(held), key=_context)
+        return held + on_disk
 
     def __contains__(self, key: object) -> bool:
         if not isinstance(key, CacheKey):
@@ -195,7 +216,7 @@ class KVStore:
         with self._lock:
             if any(digest in tier.entries for tier in self._memory):
                 return True
-            return self._disk is not None and self._disk.contains(digest)
+        return self._disk is not None and self._disk.contains(digest, self.model)
 
     def stats(self) -> dict:
         """Per tier: entries, bytes, budget, hits, misses, evictions; overall hit rate; per entry: size, hits, age."""
@@ -233,31 +254,40 @@ class KVStore:
             raise ValueError(f"key for model {key.model!r} asked of the store of model {self.model!r}")
         return key.digest()
 
-    def _hold(self, digest: str, held: Held) -> None:
-        """Place an entry in the first memory tier; what overflows moves down a tier, and from the
-        last memory tier to disk if it is not there already and disk has room."""
+    def _hold(self, digest: str, held: Held) -> list[Held]:
+        """Place an entry in the first memory tier; what overflows moves down a tier. Returns what
+        overflows the last memory tier, for `_write_spilled` once the lock is released (lock held)."""
         pending = [(digest, held)]
         for tier in self._memory:
             pending = [spilled for item in pending for spilled in tier.insert(*item)]
+        return [spilled for _, spilled in pending]
+
+    def _write_spilled(self, spilled: list[Held]) -> None:
+        """Entries no memory tier keeps go to disk if they are not there already and disk has room."""
         if self._disk is not None:
-            for _, spilled in pending:
-                self._write(spilled, make_room=False)
+            for held in spilled:
+                self._write(held, make_room=False)
 
     def _write(self, held: Held, make_room: bool) -> None:
-        meta = {"dtype": held.key.dtype, "prefix_hash": held.key.prefix_hash, "chunk_hash": held.key.chunk_hash,
-                "start": str(int(held.kv.start)), "cost_s": repr(float(held.usage.cost_s))}
+        meta = {"model": held.key.model, "dtype": held.key.dtype, "prefix_hash": held.key.prefix_hash,
+                "chunk_hash": held.key.chunk_hash, "start": str(int(held.kv.start)),
+                "context": json.dumps(list(held.kv.context)), "cost_s": repr(float(held.usage.cost_s))}
         self._disk.write(held.key.digest(), held.kv.tensors(), meta, held.usage.cost_s, make_room=make_room)
 
     def _load(self, key: CacheKey, digest: str, now: float) -> Held | None:
-        loaded = self._disk.load(digest) if self._disk is not None else None
+        loaded = self._disk.load(digest, self.model) if self._disk is not None else None
         if loaded is None:
             return None
         tensors, meta = loaded
-        kv = ChunkKV.from_tensors(tensors, int(meta["start"]))
+        kv = ChunkKV.from_tensors(tensors, int(meta["start"]), tuple(json.loads(meta.get("context", "[]"))))
         known = self._disk.usage.get(digest)
         usage = EntryStats(kv.nbytes(), known.created, now, known.cost_s, known.hits, known.frequency_at(now)) \
             if known else EntryStats(kv.nbytes(), now, now)
         return Held(key, kv, usage)
+
+
+def _context(key: CacheKey) -> str:
+    return key.prefix_hash
 
 
 def _entry_row(digest: str, tier: str, usage: EntryStats, now: float) -> dict:
@@ -266,22 +296,33 @@ def _entry_row(digest: str, tier: str, usage: EntryStats, now: float) -> dict:
 
 
 def cache_stats(root: Path, budget: int = 20 << 30, verify: bool = False, top: int = 10) -> dict | None:
-    """What a cache folder holds (None if there is none), read without knowing the model: entries,
-    bytes, hits, ages and the most used entries; `verify` checks every entry and drops bad ones."""
+    """What a cache folder holds (None if there is none), read without knowing any model: entries,
+    bytes, hits and ages overall and per model (with its dtypes), the most used entries; `verify`
+    checks every entry's sha256 and drops bad ones."""
     root = Path(root)
     manifest = read_manifest(root) if root.is_dir() else None
     if manifest is None:
         return None
-    disk = DiskTier(root, manifest["model"], budget, make_policy("lru"))
+    disk = DiskTier(root, budget, make_policy("lru"))
+    if verify:
+        good = disk.verify_all()
     now = tick()
     rows = sorted((_entry_row(d, "disk", u, now) for d, u in disk.usage.items()),
                   key=lambda r: (-r["hits"], r["digest"]))
+    models: dict[str, dict] = {}
+    for row in rows:
+        key = disk.keys.get(row["digest"])
+        row["model"], row["dtype"] = (key.model, key.dtype) if key else ("?", "?")
+        per = models.setdefault(row["model"], {"entries": 0, "bytes": 0, "hits": 0, "dtypes": set()})
+        per["entries"] += 1
+        per["bytes"] += row["bytes"]
+        per["hits"] += row["hits"]
+        per["dtypes"].add(row["dtype"])
     ages = [r["age_s"] for r in rows]
-    info = {"dir": str(root), "model": manifest["model"], "dtypes": manifest.get("dtypes", []),
+    info = {"dir": str(root), "models": {m: {**v, "dtypes": sorted(v["dtypes"])} for m, v in sorted(models.items())},
             "entries": len(rows), "bytes": disk.bytes, "budget": budget, "hits": sum(r["hits"] for r in rows),
             "newest_age_s": min(ages, default=None), "oldest_age_s": max(ages, default=None), "top": rows[:top]}
     if verify:
-        good = sum(disk.load(digest) is not None for digest in list(disk.usage))
         info["verified"] = {"ok": good, "dropped": dict(disk.dropped)}
     return info
 

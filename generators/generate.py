@@ -68,6 +68,22 @@ def decode(model: Decoder, cache: KVCache, logits: torch.Tensor, next_positions:
 
 
 @torch.inference_mode()
+def teacher_forced_logits(model: Decoder, cache: KVCache, logits: torch.Tensor, next_position: int,
+                          reference: list[int]) -> torch.Tensor:
+    """Next-token logits [len(reference), V] after a prefill (its last logits [V]) and after each reference
+    prefix. The forced rows are written past the prompt; a caller that decodes afterwards rewinds
+    `cache.length`."""
+    steps = [logits[None]]
+    if len(reference) > 1:
+        start = cache.length
+        rows = torch.tensor([reference[:-1]], device=model.device)
+        slots = torch.arange(start, start + rows.shape[1], device=model.device)
+        steps.append(model.forward(rows, (next_position + slots - start)[None], cache, slots,
+                                   logits_rows=slice(None))[0])
+    return torch.cat(steps)
+
+
+@torch.inference_mode()
 def prefill_batch(model: Decoder, prompts: list[list[int]], extra: int) -> tuple[KVCache, torch.Tensor, torch.Tensor]:
     """Full prefill of several prompts in one forward (right-padded); returns cache, last logits [B, V]
     and each row's next position [B]."""

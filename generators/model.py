@@ -61,6 +61,12 @@ class ModelArgs:
         missing = [key for key in _REQUIRED_KEYS if key not in config]
         if missing:
             raise InputError(path, f"missing {', '.join(missing)} for a {arch} model")
+        window = config.get("sliding_window")
+        if window and config.get("use_sliding_window", True) and window < config.get("max_position_embeddings", 0):
+            raise InputError(path, f"this {arch} model attends through a sliding window of {window} tokens, which "
+                             "ragkit's decoder does not implement (prompts past the window would be computed wrongly)",
+                             hint="use a model without sliding-window attention (e.g. Mistral v0.2+, Llama, Qwen2 "
+                             "with use_sliding_window false)")
         dim, n_heads = config["hidden_size"], config["num_attention_heads"]
         args = cls(
             architecture=arch,
@@ -148,8 +154,9 @@ class KVCache:
     """Preallocated keys and values of every layer (gpt-fast style), post-RoPE.
 
     `positions[b, t]` is the RoPE position slot t was computed at (-1: empty or padding); a query
-    attends to slot t iff 0 <= positions[b, t] <= its own position. `context` marks APE's parallel
-    context slots (attended with a temperature), None outside APE.
+    attends to slot t iff 0 <= positions[b, t] <= its own position. Under APE, `context` marks the
+    parallel context slots and `ape` holds (temperature, scale) for queries over them: per-request
+    state, so it lives here and never on the decoder.
     """
 
     keys: torch.Tensor  # [L, B, H_kv, capacity, D]
@@ -157,6 +164,7 @@ class KVCache:
     positions: torch.Tensor  # [B, capacity] int64
     length: int = 0
     context: torch.Tensor | None = None  # [capacity] bool
+    ape: tuple[float, float] | None = None
 
     @classmethod
     def empty(cls, args: ModelArgs, batch: int, capacity: int, dtype: torch.dtype, device) -> "KVCache":
@@ -193,8 +201,6 @@ class Decoder(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)  # [D/2] fp32, raw (no attention scaling)
         self.attention_scaling = attention_scaling
         self.softmax_scale = args.head_dim ** -0.5
-        # APE (temperature T, scale S) for queries over cache slots marked `context`; set per request.
-        self.ape: tuple[float, float] | None = None
         self.source = ""  # the folder the weights came from (for the cache fingerprint)
 
     @property
@@ -249,9 +255,9 @@ class Decoder(nn.Module):
         if masks == CAUSAL:
             return F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=self.softmax_scale,
                                                   enable_gqa=True)
-        if self.ape is not None and cache.context is not None:
+        if cache.ape is not None:
             return ape_attention(q, keys, values, cache.positions[:, : cache.length], positions,
-                                 cache.context[: cache.length], self.ape, self.softmax_scale)
+                                 cache.context[: cache.length], cache.ape, self.softmax_scale)
         masks = masks if masks is not None else attention_masks(cache.positions[:, : cache.length], positions)
         return masked_attention(q, keys, values, masks, self.softmax_scale)
 
@@ -262,10 +268,17 @@ class Decoder(nn.Module):
         cache.values[i, :, :, slots] = v
         return self.finish(i, x, q, cache, positions, masks)
 
-    def masks_for(self, cache: KVCache, positions: torch.Tensor) -> "list[MaskBlock] | None":
-        """Masks for rows at `positions` over the cache as it is laid out now (None under APE)."""
-        if self.ape is not None and cache.context is not None:
+    def masks_for(self, cache: KVCache, positions: torch.Tensor,
+                  slots: torch.Tensor | None = None) -> "list[MaskBlock] | str | None":
+        """Masks for rows at `positions` (in cache `slots`) over the cache as it is laid out now: CAUSAL
+        when the rows fill the cache from slot 0 in position order (SDPA's causal kernel), None under APE."""
+        if cache.ape is not None:
             return None
+        n = positions.shape[1]
+        if slots is not None and cache.length == n == len(slots):
+            expected = torch.arange(n, device=slots.device)
+            if bool((slots == expected).all()) and bool((positions == expected).all()):
+                return CAUSAL
         return attention_masks(cache.positions[:, : cache.length], positions)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -281,10 +294,7 @@ class Decoder(nn.Module):
         cache.ensure_capacity(end)
         cache.positions[:, slots] = positions
         cache.length = max(cache.length, end)
-        # Rows that fill the cache from slot 0 in order may use SDPA's causal kernel.
-        causal = cache.length == tokens.shape[1] and bool((slots == torch.arange(end, device=slots.device)).all()) \
-            and bool((positions == torch.arange(end, device=positions.device)).all())
-        masks = CAUSAL if causal else self.masks_for(cache, positions)
+        masks = self.masks_for(cache, positions, slots)
         x = self.embed_tokens(tokens)
         rope = self.rope(positions)
         for i in range(self.args.n_layers):

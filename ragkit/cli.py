@@ -282,7 +282,8 @@ def cache_stats(
     as_json: bool = typer.Option(False, "--json", help="Print the statistics as JSON."),
     overrides: Optional[List[str]] = SetOpt,
 ) -> None:
-    """Show what cache.dir holds: model, entries, size against the budget, hits, ages, most used entries."""
+    """Show what cache.dir holds: entries, size against the budget, hits, ages, most used entries, and the same per
+    model (one folder holds entries of several models and dtypes side by side)."""
     from chunk_cache.store import cache_stats as read_stats
 
     root, cache = _cache_dir(config, overrides)
@@ -293,10 +294,12 @@ def cache_stats(
     if info is None:
         typer.echo(f"no KV cache at {root}")
         return
-    typer.echo(f"KV cache {info['dir']}  model {info['model']}  dtypes {', '.join(info['dtypes']) or '-'}")
     share = info["bytes"] / info["budget"] if info["budget"] else 0.0
-    typer.echo(f"entries {info['entries']}  size {_size(info['bytes'])} of {_size(info['budget'])} ({share:.1%})  "
-               f"hits {info['hits']}")
+    typer.echo(f"KV cache {info['dir']}  entries {info['entries']}  size {_size(info['bytes'])} of "
+               f"{_size(info['budget'])} ({share:.1%})  hits {info['hits']}")
+    for model, per in info["models"].items():
+        typer.echo(f"  model {model}  dtypes {', '.join(per['dtypes'])}  entries {per['entries']}  "
+                   f"size {_size(per['bytes'])}  hits {per['hits']}")
     if info["entries"]:
         typer.echo(f"newest {_age(info['newest_age_s'])} old, oldest {_age(info['oldest_age_s'])} old")
         typer.echo(f"{'entry':<16} {'hits':>6} {'size':>10} {'age':>8} {'recompute':>10}")
@@ -324,18 +327,15 @@ def cache_clear(config: Path = ConfigArg, overrides: Optional[List[str]] = SetOp
         typer.echo(f"removed {removed['entries']} entries ({_size(removed['bytes'])}) from {root}")
 
 
-BENCH_MODES = ["full", "prefix", "naive", "ape", "blend", "craft", "blend@0.05"]
+def _bench_modes(value: Optional[str]) -> Optional[str]:
+    from chunk_cache.modes import MODES
 
-
-def _bench_modes(value: str) -> str:
-    from chunk_cache.reuse import MODES
-
-    for variant in value.split(","):
+    for variant in (value or "").split(",") if value else []:
         mode, at, ratio = variant.partition("@")
         if mode not in MODES:
             raise typer.BadParameter(f"unknown mode {mode!r}; allowed: {', '.join(MODES)}")
-        if at and not (mode == "blend" and _is_share(ratio)):
-            raise typer.BadParameter(f"{variant!r}: only blend takes @RATIO, a number in [0, 1]")
+        if at and not (MODES[mode].layerwise is not None and _is_share(ratio)):
+            raise typer.BadParameter(f"{variant!r}: @RATIO is for blend/cacheblend, in [0, 1]")
     return value
 
 
@@ -346,13 +346,21 @@ def _is_share(text: str) -> bool:
         return False
 
 
+def _default_bench_modes() -> str:
+    from chunk_cache.modes import MODES
+
+    return ",".join([*MODES, "blend@0.05"])
+
+
 @bench_app.command("cache")
 @user_errors
 def bench_cache(
     config: Path = typer.Argument(Path("configs/musique-blend.toml"), help="Generator + cache settings."),
     as_json: bool = typer.Option(False, "--json", help="Print the results object as JSON on stdout."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="MuSiQue questions for workload (a); all 150 "
-                                        "by default (a full-prefill TTFT is ~30 s per question on one CPU core)."),
+                                        "by default (a full-prefill TTFT is ~50 s per question on one CPU core)."),
+    offset: int = typer.Option(0, "--offset", min=0, help="Skip the first N questions: blend's defaults were tuned "
+                               "on the first 24, so --offset 24 is the held-out run."),
     chunks: int = typer.Option(10, "--chunks", min=1, help="Passages per question in workload (a)."),
     sweep_questions: int = typer.Option(2, "--sweep-questions", min=0, help="Questions per point of the 5/10/20 "
                                         "x 256-token sweep (0 skips it)."),
@@ -360,36 +368,45 @@ def bench_cache(
     cap_mib: int = typer.Option(256, "--cap-mib", min=1, help="Host cache budget in workload (b), MiB."),
     runs_dir: Optional[Path] = typer.Option(None, "--runs-dir", help="Also write one run folder per mode "
                                             "(answers, EM/F1, TTFT, KL, agreement) for `ragkit report`."),
-    modes: str = typer.Option(",".join(BENCH_MODES), "--modes", callback=_bench_modes,
+    modes: str = typer.Option(None, "--modes", callback=_bench_modes, show_default="every mode and blend@0.05",
                               help="Comma-separated modes for workload (a); blend@R runs blend at ratio R "
                               "(e.g. blend@0.5). full always runs: it is the reference."),
+    musique: Path = typer.Option(Path("data/musique/musique_s.json.gz"), "--musique", help="The MuSiQue sample "
+                                 "(JSON list of {question, answers, ctxs}) for workload (a)."),
+    stream_config: Path = typer.Option(Path("configs/scifact-bm25.toml"), "--stream-config", help="Pipeline whose "
+                                       "queries and retrieved chunks make workload (b)'s request stream."),
+    threads: int = typer.Option(1, "--threads", min=1, help="torch threads (1 was fastest on a shared 2-core CPU)."),
     overrides: Optional[List[str]] = SetOpt,
 ) -> None:
     """Reuse modes side by side: TTFT, recompute, agreement with full prefill; (b) recurring SciFact chunks."""
     import dataclasses
 
+    import torch
+
     from eval.answers import exact_match, token_f1
-    from generators import bench
+    from ragkit.bench import cache as bench
     from ragkit.config import load_config, parse_overrides
+    from ragkit.errors import InputError
 
     cfg = load_config(config, parse_overrides(overrides or []))
+    if not musique.is_file():
+        raise InputError(musique, "MuSiQue sample not found", hint="run from the ragkit checkout or pass --musique")
+    torch.set_num_threads(threads)
     log = (lambda msg: typer.echo(msg, err=True))
     retrieval_requests = None
     if requests:
         from ragkit.pipeline import Pipeline
 
-        pipe = Pipeline.from_config(Path(__file__).resolve().parents[1] / "configs" / "scifact-bm25.toml",
-                                    progress=False)
+        pipe = Pipeline.from_config(stream_config, progress=False)
         queries = pipe.queries()[:max(10, requests // 2)]
         order = bench.request_stream(len(queries), requests)
         hits = pipe.retrieve_batch([q.text for q in queries], 5)
         retrieval_requests = [(queries[i].text, [pipe.chunk(h.id) for h in hits[i]]) for i in order]
     result = bench.run_bench(
-        dataclasses.asdict(cfg.generator), dataclasses.asdict(cfg.cache),
-        Path(__file__).resolve().parents[1] / "data" / "musique" / "musique_s.json.gz", limit,
-        modes.split(","), chunks, (5, 10, 20) if sweep_questions else (), 256,
+        dataclasses.asdict(cfg.generator), dataclasses.asdict(cfg.cache), musique, limit,
+        (modes or _default_bench_modes()).split(","), chunks, (5, 10, 20) if sweep_questions else (), 256,
         sweep_questions, retrieval_requests, cap_mib << 20,
-        lambda pred, golds: (exact_match(pred, golds), token_f1(pred, golds)), log)
+        lambda pred, golds: (exact_match(pred, golds), token_f1(pred, golds)), log, offset)
     if runs_dir is not None:
         _write_mode_runs(runs_dir, cfg, result["modes"])
     _emit(result, as_json, bench.format_report)
@@ -426,7 +443,7 @@ def bench_store(
     """KV store costs per entry: put, verified disk get, sha256, plain file read, host hit (synthetic KV)."""
     import torch
 
-    from chunk_cache import bench
+    from ragkit.bench import store as bench
 
     torch.set_num_threads(1)
     result = bench.run(tokens=tuple(tokens or (128, 512, 2048)), entries=entries)
@@ -442,12 +459,17 @@ def bench_retrieval(
     scale: Optional[int] = typer.Option(None, "--scale", min=1, help="Chunks in the scale set (default 200,000)."),
     reference_queries: int = typer.Option(100, "--reference-queries", min=1, help="Queries timed for rank-bm25 "
                                           "(it scores every document in Python)."),
+    data: Path = typer.Option(Path("data/scifact"), "--data", help="SciFact in BEIR layout (corpus.jsonl.gz, "
+                              "queries.jsonl, qrels/test.tsv)."),
 ) -> None:
     """BM25 vs raw bm25s / rank-bm25, dense exact vs HNSW vs IVF-PQ vs raw FAISS, on SciFact and a 200k scale set."""
-    from retrievers.bench import format_report, run_retrieval_bench
+    from ragkit.bench.retrieval import format_report, run_retrieval_bench
+    from ragkit.errors import InputError
 
+    if not (data / "corpus.jsonl.gz").is_file():
+        raise InputError(data, "no SciFact corpus.jsonl.gz here", hint="run from the ragkit checkout or pass --data")
     docs, queries, default_scale = (300, 30, 20_000) if quick else (0, 0, 200_000)
-    result = run_retrieval_bench(docs, queries, scale or default_scale, min(reference_queries, queries or 10**9),
+    result = run_retrieval_bench(data, docs, queries, scale or default_scale, min(reference_queries, queries or 10**9),
                                  log=lambda msg: typer.echo(msg, err=True))
     _emit(result, as_json, format_report)
 

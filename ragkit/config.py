@@ -18,15 +18,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from chunk_cache.dtypes import GENERATOR_DTYPES
+from chunk_cache.eviction import POLICIES
+from chunk_cache.modes import MODES, ReuseSettings
 from ragkit.errors import ConfigError
 
 DATASET_FORMATS = ["beir", "jsonl", "textdir", "bright", "coir"]
 PROTOCOLS = ["beir", "bright", "coir"]
 FUSIONS = ["none", "rrf", "weighted"]
 NORMALIZATIONS = ["minmax", "zscore"]
-CACHE_MODES = ["full", "prefix", "naive", "ape", "blend", "craft"]
-EVICTIONS = ["lru", "value"]
-DTYPES = ["auto", "float32", "bfloat16", "float16"]
 BACKENDS = ["local", "ray"]
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
                "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -96,15 +96,9 @@ class GeneratorConfig:
 
 
 @dataclass
-class CacheConfig:
-    mode: str = "blend"
+class CacheConfig(ReuseSettings):  # mode (a chunk_cache.modes.MODES name), ratio, full_layers, ... and:
     dir: str = ".ragkit/kv"
-    ratio: float = 0.15
-    full_layers: int = 2
-    ape_temperature: float = 0.9
-    ape_scale: float = 0.9
-    craft_alpha: float = 1.0
-    device_bytes: int = 0
+    device_bytes: int = 4 << 30  # hot chunks stay on the GPU (no device tier on the CPU)
     host_bytes: int = 2 << 30
     disk_bytes: int = 20 << 30
     eviction: str = "lru"
@@ -202,16 +196,16 @@ _CHOICES = {
     "dataset.format": DATASET_FORMATS,
     "retrieval.fusion": FUSIONS,
     "retrieval.normalization": NORMALIZATIONS,
-    "cache.mode": CACHE_MODES,
-    "cache.eviction": EVICTIONS,
-    "generator.dtype": DTYPES,
+    "cache.mode": list(MODES),
+    "cache.eviction": list(POLICIES),
+    "generator.dtype": list(GENERATOR_DTYPES),
     "eval.protocol": PROTOCOLS,
     "cluster.backend": BACKENDS,
 }
 
 _POSITIVE = {"chunking.size", "retrieval.k", "retrieval.chunk_k", "generator.max_new_tokens", "generator.chunks",
              "cluster.shards", "cluster.embed_actors"}
-_NON_NEGATIVE = {"chunking.overlap", "dataset.limit_queries", "cache.full_layers", "cache.ratio",
+_NON_NEGATIVE = {"chunking.overlap", "dataset.limit_queries", "cache.full_layers", "cache.ratio", "cache.epic_tokens",
                  "cache.device_bytes", "cache.host_bytes", "cache.disk_bytes", "generator.temperature",
                  "cluster.gpus_per_actor"}
 

@@ -22,7 +22,7 @@ import ragkit
 from ragkit.config import Config, load_config
 from ragkit.errors import IndexMismatchError, InputError, RagkitError
 from ragkit.readers import Dataset, open_dataset
-from ragkit.storage import atomic_write_json, folder_lock, publish_dir, recover_dir
+from ragkit.storage import atomic_write_json, folder_lock, hash_file, publish_dir, recover_dir
 from ragkit.types import Chunk, Hit, Query, Run, rank_hits
 
 # 2: the manifest lists a sha256 per file, checked on every load.
@@ -342,11 +342,7 @@ def _file_checksums(folder: Path) -> dict[str, str]:
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
+    return hash_file(path, hashlib.sha256())
 
 
 def _verify_checksums(folder: Path, files: Any, rebuild: str) -> None:

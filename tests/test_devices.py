@@ -130,7 +130,7 @@ def test_low_precision_default_answers_like_fp32_within_bf16_error(model_dir, de
     rag = _rag(model_dir, device, "auto" if device == "cuda" else "bfloat16")
     chunks = _chunks(rag)
     rag.warm(chunks, progress=False)
-    kv = rag.store.get(rag.key(rag.head_hash, chunks[2].token_ids))
+    kv = rag.store.get(rag.keys.shared(chunks[2].token_ids))
     assert kv.keys.dtype == torch.bfloat16 and kv.keys.device.type == device
     full, cache, _, _ = rag.prefill(QUESTION, chunks, mode="full")
     blend, _ = _logits(rag, QUESTION, chunks, "blend", ratio=1.0)

@@ -10,13 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from chunk_cache.assembly import encode_chunk
+from chunk_cache.keys import APPROX
+from chunk_cache.reuse import ChunkReuse
 from chunk_cache.rope import rerotate
-from chunk_cache.store import KVStore
+from chunk_cache.store import CacheKey, ChunkKV, KVStore
 from generators import model as model_module
 from generators.model import ape_attention, attention_masks, masked_attention, rope_frequencies
 from ragkit.config import CacheConfig, GeneratorConfig
-from ragkit.errors import ConfigError, IndexMismatchError
+from ragkit.errors import ConfigError
 from ragkit.types import Chunk, token_hash
 
 torch.set_num_threads(1)
@@ -215,21 +216,21 @@ def test_prefix_mode_stores_what_it_computed_like_a_prefix_cache(rag, sample):
 def test_ape_ignores_entries_stored_behind_earlier_chunks(rag, sample):
     """APE lays chunks side by side, so a chunk encoded behind another is no exact prefix for it."""
     question, chunks = sample
-    saved, rag.store, rag._prefix_kv = rag.store, KVStore(None, rag.fingerprint), None
+    saved, rag.store = rag.store, KVStore(None, rag.fingerprint)
     try:
         rag.warm(chunks, progress=False)
         before, _ = _logits(rag, question, chunks, "ape")
         rag.answer(question, chunks, mode="prefix")  # stores chunks 2 and 3 behind the chunks before them
         after, _ = _logits(rag, question, chunks, "ape")
     finally:
-        rag.store, rag._prefix_kv = saved, None
+        rag.store = saved
     assert torch.equal(before, after)
 
 
 def _uncached(rag, monkeypatch, text: str) -> Chunk:
     """A chunk not in the cache; encoding any chunk behind the prefix fails the test (a miss is computed once)."""
     ids = rag.prompt.chunk_ids(text)
-    monkeypatch.setattr(rag, "encode", lambda _ids: pytest.fail("a miss must not be encoded a second time"))
+    monkeypatch.setattr(rag.reuse, "encode", lambda _ids: pytest.fail("a miss must not be encoded a second time"))
     return Chunk(id=f"new#{token_hash(ids)[:8]}", doc_id="new", text="", token_ids=ids, span=(0, 0),
                  content_hash=token_hash(ids))
 
@@ -241,8 +242,9 @@ def test_uncached_chunk_is_computed_once_and_its_rows_stored(rag, sample, monkey
     ids = fresh.token_ids
     first = rag.answer(question, chunks + [fresh], mode="naive")
     assert first.cache_hits == 3 and first.recomputed_tokens == len(ids)
-    stored = rag.store.get(rag.key(rag.in_context_hash, ids))
-    assert stored is not None and rag.store.get(rag.key(rag.head_hash, ids)) is None
+    [key] = rag.store.variants(rag.keys.dtype, token_hash(ids))  # computed behind inexact rows: exact nowhere
+    assert key.prefix_hash.startswith(APPROX) and rag.store.get(rag.keys.shared(ids)) is None
+    stored = rag.store.get(key)
     # The entry holds the rows as computed in that request, at the position they sat at.
     _logits_, cache, _pos, _stats = rag.prefill(question, chunks + [fresh], mode="naive")
     segments = rag.prompt.segments(question, chunks + [fresh])
@@ -264,8 +266,8 @@ def test_uncached_leading_chunk_is_stored_as_its_shared_prefix_encoding(rag, sam
     fresh = _uncached(rag, monkeypatch, "A second uncached passage, on the Thames barrier.")
     ids = fresh.token_ids
     rag.answer(question, [fresh] + chunks, mode="naive")
-    stored = rag.store.get(rag.key(rag.head_hash, ids))
-    encoded = encode_chunk(rag.model, rag.prefix_kv(), ids)
+    stored = rag.store.get(rag.keys.shared(ids))
+    encoded = ChunkReuse(rag.model, KVStore(None, rag.fingerprint), rag.keys).encode(ids)
     assert stored is not None and (stored.values - encoded.values).abs().max() < 1e-4
 
 
@@ -285,19 +287,24 @@ def test_misses_behind_an_exact_prefix_make_a_repeat_exact_and_stay_reusable_els
     assert (full - blend).abs().max() < 1e-3
     # Behind another chunk the second's rows are reused, inexactly: a recompute candidate, not a miss.
     _l, _c, _p, moved = rag.prefill(question, [chunks[0], second], mode="blend", ratio=1.0)
-    assert moved["cache_hits"] == 2 and not moved["misses"]
+    assert moved["cache_hits"] == 2
     assert moved["recomputed_tokens"] == len(second.token_ids)
 
 
-def test_exact_prefix_aliases_are_bounded_oldest_first(rag, monkeypatch):
-    from generators import rag as rag_module
-
-    monkeypatch.setattr(rag_module, "MAX_ALIASES", 2)
-    monkeypatch.setattr(rag, "_computed_under", {})
-    keys = [rag.key(f"prefix-{i}", [i]) for i in range(3)]
-    for key in keys + [keys[1]]:
-        rag._remember_exact(key)
-    assert list(rag._computed_under.values()) == [keys[2], keys[1]]
+def test_a_chunks_variants_are_found_by_other_processes_through_the_folder(tmp_path):
+    """No per-process alias: a store opened later on the same folder lists every variant of a chunk."""
+    writer = KVStore(tmp_path / "kv", "m")
+    kv = ChunkKV(torch.ones(1, 1, 2, 4), torch.ones(1, 1, 2, 4), start=9, context=("c1", "c0"))
+    keys = [CacheKey("m", "float32", context, "chunk") for context in ("exact-a", APPROX + "b")]
+    for key in keys:
+        writer.put(key, kv)
+    writer.put(CacheKey("m", "float32", "exact-a", "other-chunk"), kv)
+    reader = KVStore(tmp_path / "kv", "m", host_bytes=0)
+    assert reader.variants("float32", "chunk") == sorted(keys, key=lambda k: k.prefix_hash)
+    assert reader.variants("bfloat16", "chunk") == [] and reader.get(keys[1]).context == ("c1", "c0")
+    writer.put(CacheKey("m", "float32", "exact-c", "chunk"), kv)  # written after the reader opened the folder
+    reader.flush()
+    assert len(reader.variants("float32", "chunk")) == 3
 
 
 @pytest.mark.slow
@@ -323,17 +330,17 @@ def test_sampled_answers_follow_the_run_seed(rag, sample, tmp_path):
 
 @pytest.mark.slow
 def test_bench_holds_a_questions_chunks_that_an_earlier_question_cached(rag, sample):
-    from generators.bench import hold
+    from ragkit.bench.cache import hold
 
     _question, (c0, c1, c2) = sample
     saved = rag.store
-    entry = saved.get(rag.key(rag.head_hash, c0.token_ids))
+    entry = saved.get(rag.keys.shared(c0.token_ids))
     try:  # room for two chunks; c0 was cached first, so it is the one LRU would drop next
         rag.store = KVStore(None, rag.fingerprint, host_bytes=2 * entry.nbytes() + 1024)
         rag.warm([c0], progress=False)
         rag.warm([c1], progress=False)
         hold(rag, [c0, c2])
-        assert [rag.key(rag.head_hash, c.token_ids) in rag.store for c in (c0, c1, c2)] == [True, False, True]
+        assert [rag.keys.shared(c.token_ids) in rag.store for c in (c0, c1, c2)] == [True, False, True]
     finally:
         rag.store = saved
 
@@ -348,19 +355,20 @@ def test_unknown_mode_is_a_config_error():
 
 
 @pytest.mark.slow
-def test_cache_folder_of_another_model_is_refused(tmp_path):
+def test_cache_folder_holding_another_models_entries_is_shared_not_refused(tmp_path):
     from generators.rag import RagGenerator
 
-    KVStore(tmp_path / "kv", "some-other-model")
+    KVStore(tmp_path / "kv", "some-other-model").put(CacheKey("some-other-model", "float32", "p", "c"),
+                                                     ChunkKV(torch.ones(1, 1, 2, 4), torch.ones(1, 1, 2, 4), 0))
     cache = dataclasses.asdict(CacheConfig())
     cache["dir"] = str(tmp_path / "kv")
-    with pytest.raises(IndexMismatchError, match="written for model"):
-        RagGenerator(dataclasses.asdict(GeneratorConfig()), cache)
+    rag = RagGenerator(dataclasses.asdict(GeneratorConfig()), cache)
+    assert rag.store.variants("float32", "c") == []  # the other model's entry is never ours
 
 
 @pytest.mark.slow
 def test_bench_pieces_report_consistent_figures(rag, sample):
-    from generators import bench
+    from ragkit.bench import cache as bench
 
     question, chunks = sample
     items = [(question, chunks[:2], ["Exeter College"]), ("Who wrote it?", chunks[1:], ["Thomas Nabbes"])]
@@ -384,7 +392,6 @@ def test_bench_pieces_report_consistent_figures(rag, sample):
     def make_rag(mode, eviction, cap):
         rag.settings = dataclasses.replace(rag.settings, mode=mode)
         rag.store = KVStore(None, rag.fingerprint, host_bytes=cap, eviction=eviction)
-        rag._prefix_kv = None
         return rag
 
     saved = rag.settings, rag.store
@@ -392,6 +399,6 @@ def test_bench_pieces_report_consistent_figures(rag, sample):
         stream = [items[i][:2] for i in [0, 1, 0]]
         served = bench.retrieval_workload(make_rag, stream, 1 << 30, lambda _m: None)
     finally:
-        (rag.settings, rag.store), rag._prefix_kv = saved, None
+        rag.settings, rag.store = saved
     assert served["full"]["chunk_hit_rate"] == 0.0 and served["full"]["throughput_vs_full"] == 1.0
     assert served["blend+lru"]["chunk_hit_rate"] > 0  # chunks recur across the stream

@@ -85,7 +85,7 @@ def test_disk_round_trip_is_bit_exact_across_processes_views(tmp_path, dtype, na
     loaded = fresh.get(make_key(3, dtype=name))
     assert loaded is not None and loaded.keys.dtype == dtype and same(loaded, kv)
     assert fresh.stats()["tiers"]["disk"]["hits"] == 1
-    assert json.loads((tmp_path / "kv" / MANIFEST).read_text())["dtypes"] == [name]
+    assert cache_stats(tmp_path / "kv")["models"][MODEL]["dtypes"] == [name]
 
 
 def test_to_the_same_device_is_free():
@@ -288,9 +288,11 @@ def test_an_entry_written_by_another_model_is_dropped_then_recomputed(tmp_path):
     root = tmp_path / "kv"
     KVStore(root, MODEL).put(make_key(1), make_kv(1))
     # Another model's writer puts its own tensors (with a valid checksum) at our key's path.
-    foreign = DiskTier(tmp_path / "other", "another-model", 1 << 20, LRUPolicy())
+    foreign = DiskTier(tmp_path / "other", 1 << 20, LRUPolicy())
     digest = make_key(1).digest()
-    foreign.write(digest, make_kv(2).tensors(), {"start": "2"}, 0.0)
+    other = make_key(1, model="another-model")
+    foreign.write(digest, make_kv(2).tensors(), {"start": "2", "model": other.model, "dtype": other.dtype,
+                                                 "prefix_hash": other.prefix_hash, "chunk_hash": other.chunk_hash}, 0.0)
     os.replace(foreign.path(digest), entry_path(root, make_key(1)))
     store = KVStore(root, MODEL)
     assert store.get(make_key(1)) is None
@@ -324,13 +326,21 @@ def test_contains_means_get_would_succeed(tmp_path):
 
 
 # -- the folder: manifest, journal, reconciliation -------------------------------------------------
-def test_opening_a_folder_written_for_another_model_is_a_clear_error(tmp_path):
+def test_one_folder_holds_several_models_and_dtypes_side_by_side(tmp_path):
     root = tmp_path / "kv"
     KVStore(root, "model-a").put(make_key(1, model="model-a"), make_kv(1))
-    with pytest.raises(IndexMismatchError, match=r"model 'model-a', not 'model-b'.*cache\.dir.*ragkit cache clear"):
-        KVStore(root, "model-b")
-    assert clear_cache(root)["entries"] == 1
-    KVStore(root, "model-b")  # after a clear the folder is free for the new model
+    KVStore(root, "model-a").put(make_key(1, model="model-a", dtype="bfloat16"), make_kv(1, dtype=torch.bfloat16))
+    b = KVStore(root, "model-b")  # no refusal: entries carry their model
+    assert b.get(make_key(1, model="model-b")) is None  # never model-a's entry for the same chunk
+    assert b.variants("float32", make_key(1).chunk_hash) == []
+    b.put(make_key(1, model="model-b"), make_kv(5))
+    assert same(KVStore(root, "model-a").get(make_key(1, model="model-a")), make_kv(1))
+    assert same(KVStore(root, "model-b").get(make_key(1, model="model-b")), make_kv(5))
+    assert [k.model for k in KVStore(root, "model-a").variants("float32", make_key(1).chunk_hash)] == ["model-a"]
+    models = cache_stats(root)["models"]
+    assert {m: (v["entries"], v["dtypes"]) for m, v in models.items()} == {
+        "model-a": (2, ["bfloat16", "float32"]), "model-b": (1, ["float32"])}
+    assert clear_cache(root)["entries"] == 3
 
 
 def test_clear_reports_what_it_removed_and_spares_foreign_files(tmp_path):

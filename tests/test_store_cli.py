@@ -40,7 +40,8 @@ def test_stats_reports_entries_hits_and_verifies(cache_config):
         store.get(make_key(2))
     store.flush()
     info = json.loads(runner.invoke(app, ["cache", "stats", str(cfg), "--json"]).stdout)
-    assert (info["model"], info["entries"], info["hits"], info["budget"]) == (MODEL, 3, 4, 1000000)
+    assert (list(info["models"]), info["entries"], info["hits"], info["budget"]) == ([MODEL], 3, 4, 1000000)
+    assert info["models"][MODEL] == {"entries": 3, "bytes": info["bytes"], "hits": 4, "dtypes": ["float32"]}
     assert info["top"][0]["digest"] == make_key(2).digest() and info["top"][0]["cost_s"] == 0.5
     text = runner.invoke(app, ["cache", "stats", str(cfg)]).stdout
     assert f"model {MODEL}" in text and "entries 3" in text and make_key(2).digest()[:16] in text
@@ -81,8 +82,8 @@ def test_bench_store_measures_each_length(tmp_path):
 
 
 @pytest.mark.parametrize("modes, problem", [("full,magic", "unknown mode 'magic'"),
-                                            ("blend@1.5", "only blend takes @RATIO"),
-                                            ("craft@0.2", "only blend takes @RATIO")])
+                                            ("blend@1.5", "@RATIO is for blend/cacheblend"),
+                                            ("craft@0.2", "@RATIO is for blend/cacheblend")])
 def test_bench_cache_refuses_bad_modes_before_loading_anything(modes, problem):
     result = runner.invoke(app, ["bench", "cache", "--modes", modes, "--limit", "1"])
     assert result.exit_code == 2 and problem in result.output

@@ -1,1 +1,1 @@
-"""Benchmarks: callers of ragkit's API that print figures (`ragkit bench ...`)."""
+"""`ragkit bench ...`: measurements that call the public API and print ratios measured side by side."""

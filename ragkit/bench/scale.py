@@ -1,7 +1,7 @@
 """`ragkit bench scale`: streaming, sharded indexes at size, in one process and on Ray with 2 shards.
 
 Data (real text and real embeddings, resampled to size):
-- Dense: clustered real MiniLM embeddings, built as `retrievers.bench` builds its 200k set: each
+- Dense: clustered real MiniLM embeddings, built as `ragkit.bench.retrieval` builds its 200k set: each
   vector is a SciFact document embedding (the first `centres` documents) plus Gaussian noise of
   norm 0.6, renormalised; generated part by part into the embedding store (float16), never all
   in RAM. Queries are SciFact test query embeddings; truth is exact inner-product top-10,
@@ -96,7 +96,7 @@ def _embed_centres(centres: int, queries: int, cache_dir: str) -> tuple[np.ndarr
 
 
 def _write_clustered(store_dir: str, centres: np.ndarray, n: int, part_rows: int) -> int:
-    from retrievers.bench import clustered_embeddings
+    from ragkit.bench.retrieval import clustered_embeddings
     from retrievers.embedding_store import EmbeddingStore
 
     store = EmbeddingStore(store_dir, f"clustered-{n}", dtype="float16")

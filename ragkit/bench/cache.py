@@ -10,8 +10,6 @@ eviction; hit rate, bytes and end-to-end throughput against full and prefix.
 
 from __future__ import annotations
 
-import gzip
-import json
 import math
 import random
 import statistics
@@ -22,15 +20,19 @@ from typing import Callable
 
 import torch
 
+from chunk_cache.reuse import ChunkReuse
 from chunk_cache.store import KVStore
+from generators.generate import teacher_forced_logits
 from generators.rag import synchronize
+from ragkit.readers.musique import read_musique
 from ragkit.types import Chunk, token_hash
 
 Scorer = Callable[[str, list[str]], tuple[float, float]]  # (prediction, golds) -> (EM, F1)
 
 
-def load_musique(path: Path, limit: int | None) -> list[dict]:
-    examples = json.loads(gzip.open(path).read())
+def load_musique(path: Path, limit: int | None, offset: int = 0) -> list[dict]:
+    """The sample's questions after the first `offset` (held out from tuning), at most `limit` of them."""
+    examples = read_musique(path)[offset:]
     return examples[:limit] if limit else examples
 
 
@@ -63,19 +65,6 @@ def variant_settings(variant: str) -> dict:
 DECISIVE_MARGIN = 1.0
 
 
-def force(rag, cache, logits: torch.Tensor, next_position: int, reference: list[int]) -> torch.Tensor:
-    """Teacher forcing: next-token logits [len(reference), V] after the prompt and each reference prefix.
-    The forced rows are written past the prompt; the caller rewinds `cache.length`."""
-    steps = [logits[None]]
-    if len(reference) > 1:
-        prompt_len = cache.length
-        rows = torch.tensor([reference[:-1]], device=rag.model.device)
-        slots = torch.arange(prompt_len, prompt_len + rows.shape[1], device=rag.model.device)
-        steps.append(rag.model.forward(rows, (next_position + slots - prompt_len)[None], cache, slots,
-                                       logits_rows=slice(None))[0])
-    return torch.cat(steps)
-
-
 @torch.inference_mode()
 def measure(rag, question: str, chunks: list[Chunk], variant: str, reference: list[int] | None):
     """One timed prefill under `variant`, then (untimed) teacher forcing on `reference` and greedy decoding.
@@ -89,9 +78,10 @@ def measure(rag, question: str, chunks: list[Chunk], variant: str, reference: li
     ttft = time.perf_counter() - start
     prompt_len = cache.length
     result = {"ttft_s": ttft, "logits": logits, "matches": 0, "predicted": [],
-              "recomputed": stats["recomputed_tokens"], "context": stats["context_tokens"]}
+              "recomputed": stats["recomputed_tokens"], "context": stats["context_tokens"],
+              "layer_share": stats["recompute_share"]}
     if reference:
-        result["predicted"] = force(rag, cache, logits, next_position, reference).argmax(-1).tolist()
+        result["predicted"] = teacher_forced_logits(rag.model, cache, logits, next_position, reference).argmax(-1).tolist()
         result["matches"] = sum(int(a == b) for a, b in zip(result["predicted"], reference))
         cache.length = prompt_len  # rewind: decoding overwrites the forced rows
     tokens = decode(rag.model, cache, logits[None], torch.tensor([next_position]), rag.max_new_tokens,
@@ -99,7 +89,7 @@ def measure(rag, question: str, chunks: list[Chunk], variant: str, reference: li
     if reference is None:
         cache.length = prompt_len
         forced = tokens + ([_stop(rag)] if len(tokens) < rag.max_new_tokens else [])
-        top2 = force(rag, cache, logits, next_position, forced).topk(2, dim=-1).values
+        top2 = teacher_forced_logits(rag.model, cache, logits, next_position, forced).topk(2, dim=-1).values
         result["margins"] = (top2[:, 0] - top2[:, 1]).tolist()
     result["tokens"] = tokens
     result["text"] = rag.prompt.tokenizer.decode(tokens, skip_special_tokens=True).strip()
@@ -110,7 +100,7 @@ def hold(rag, chunks: list[Chunk]) -> None:
     """Make every chunk of the question cached and most recent, so that the entries stored while it
     is answered evict other questions' chunks, not one of its own that an earlier question cached."""
     for chunk in chunks:
-        rag.store.get(rag.key(rag.head_hash, chunk.token_ids))  # a hit refreshes the entry's recency
+        rag.store.get(rag.keys.shared(chunk.token_ids))  # a hit refreshes the entry's recency
     rag.warm(chunks, progress=False)
 
 
@@ -145,8 +135,9 @@ def compare_modes(rag, items: list[tuple[str, list[Chunk], list[str]]], modes: l
             r["decisive_matches"] = sum(int(d and a == b) for d, a, b in zip(decisive, r["predicted"], reference))
         for mode in modes:
             rows[mode][-1]["golds"] = golds
-        progress(f"question {n + 1}/{len(items)}: " + "  ".join(
-            f"{m} {rows[m][-1]['ttft_s']:.2f}s" for m in modes))
+        progress(f"question {n + 1}/{len(items)} (TTFT/agreement/KL1): " + "  ".join(
+            f"{m} {r['ttft_s']:.2f}s/{r['matches'] / max(1, r['reference']):.3f}/{r.get('kl', 0.0):.3f}"
+            for m, r in ((m, rows[m][-1]) for m in modes)))
     return summarise(rows, scorer)
 
 
@@ -165,7 +156,10 @@ def summarise(rows: dict[str, list[dict]], scorer: Scorer | None) -> dict:
             "ttft_p90_s": ttfts[min(len(ttfts) - 1, math.ceil(0.9 * len(ttfts)) - 1)],
             "speedup_vs_full": medians["full"] / medians[mode],
             "speedup_vs_prefix": medians["prefix"] / medians[mode] if "prefix" in medians else None,
-            "recompute_share": sum(r["recomputed"] for r in results) / max(1, sum(r["context"] for r in results)),
+            # chunk rows computed summed over every layer (the fully recomputed leading layers included)
+            "recompute_share": sum(r["layer_share"] * r["context"] for r in results)
+            / max(1, sum(r["context"] for r in results)),
+            "last_layer_share": sum(r["recomputed"] for r in results) / max(1, sum(r["context"] for r in results)),
             "context_tokens_mean": statistics.mean(r["context"] for r in results),
             "recomputed_tokens_mean": statistics.mean(r["recomputed"] for r in results),
             "token_agreement": sum(r["matches"] for r in results) / max(1, sum(r["reference"] for r in results)),
@@ -184,33 +178,32 @@ def summarise(rows: dict[str, list[dict]], scorer: Scorer | None) -> dict:
         entry["per_question"] = [
             {"text": r["text"], "golds": r.get("golds", []), "ttft_s": r["ttft_s"], "kl": r.get("kl", 0.0),
              "agreement": r["matches"] / max(1, r["reference"]), "reference_tokens": r["reference"],
-             "recomputed_tokens": r["recomputed"],
+             "recomputed_tokens": r["recomputed"], "recompute_share": r["layer_share"],
              "context_tokens": r["context"]} for r in results]
         out[mode] = entry
     return out
 
 
 def disk_load_speedup(rag, chunks: list[Chunk], repeats: int = 3) -> dict:
-    """Seconds to encode a chunk (prefill behind the prefix) vs to read its KV back from a disk cache
-    opened fresh (no memory tier holds it; files may sit in the OS page cache)."""
-    from chunk_cache.assembly import encode_chunk
-
+    """Seconds to encode a chunk (prefill behind the shared head, into memory) vs to read its KV back
+    from a disk cache opened fresh (no memory tier holds it; files may sit in the OS page cache)."""
     with tempfile.TemporaryDirectory() as tmp:
         writer = KVStore(Path(tmp), rag.fingerprint, host_bytes=0)
+        encoder = ChunkReuse(rag.model, KVStore(None, rag.fingerprint, device=str(rag.model.device)), rag.keys)
+        encoder.head()
         encode_s, load_s = [], []
-        prefix = rag.prefix_kv()
         for chunk in chunks:
             start = time.perf_counter()
             with torch.inference_mode():
-                kv = encode_chunk(rag.model, prefix, chunk.token_ids)
+                kv = encoder.encode(chunk.token_ids)
             synchronize(rag.model.device)
             encode_s.append(time.perf_counter() - start)
-            writer.put(rag.key(rag.head_hash, chunk.token_ids), kv)
+            writer.put(rag.keys.shared(chunk.token_ids), kv)
         for _ in range(repeats):
             reader = KVStore(Path(tmp), rag.fingerprint, device=str(rag.model.device), host_bytes=0)
             for chunk in chunks:
                 start = time.perf_counter()
-                kv = reader.get(rag.key(rag.head_hash, chunk.token_ids))
+                kv = reader.get(rag.keys.shared(chunk.token_ids))
                 synchronize(rag.model.device)
                 load_s.append(time.perf_counter() - start)
                 assert kv is not None
@@ -274,31 +267,30 @@ def retrieval_workload(make_rag: Callable[[str, str, int], object], requests: li
 
 
 def musique_workload(rag, examples: list[dict], modes: list[str], n_chunks: int, scorer: Scorer,
-                     progress: Callable[[str], None]) -> dict:
-    items = [(ex["question"], passage_chunks(rag, ex, n_chunks, None, f"q{i}"), ex["answers"])
+                     progress: Callable[[str], None], offset: int = 0) -> dict:
+    items = [(ex["question"], passage_chunks(rag, ex, n_chunks, None, f"q{offset + i}"), ex["answers"])
              for i, ex in enumerate(examples)]
     return compare_modes(rag, items, modes, scorer, progress)
-
 
 
 def run_bench(generator: dict, cache: dict, musique: Path, limit: int | None, modes: list[str], n_chunks: int,
               sweep_counts: tuple[int, ...], sweep_tokens: int, sweep_questions: int,
               retrieval_requests: list[tuple[str, list[Chunk]]] | None, retrieval_cap_bytes: int,
-              scorer: Scorer, progress: Callable[[str], None]) -> dict:
+              scorer: Scorer, progress: Callable[[str], None], offset: int = 0) -> dict:
     """Both workloads; settings are the generator and cache config dicts (the cache is memory-only here)."""
     from generators.rag import RagGenerator
 
-    torch.set_num_threads(1)  # faster than 2 on the shared 2-core machine (see BENCHMARKS.md)
     memory_only = {**cache, "dir": "", "host_bytes": max(cache["host_bytes"], 2 << 30)}
     rag = RagGenerator(generator, memory_only)
-    examples = load_musique(musique, limit)
+    examples = load_musique(musique, limit, offset)
     result = {"settings": {"model": generator["model"], "ratio": cache["ratio"], "full_layers": cache["full_layers"],
                            "ape": [cache["ape_temperature"], cache["ape_scale"]], "craft_alpha": cache["craft_alpha"],
                            "max_new_tokens": generator["max_new_tokens"], "questions": len(examples),
+                           "offset": offset, "epic_tokens": cache["epic_tokens"],
                            "chunks": n_chunks, "threads": torch.get_num_threads(), "device": str(rag.model.device),
-                           "dtype": rag.dtype_name}}
-    progress(f"workload a: {len(examples)} MuSiQue questions x {n_chunks} passages")
-    result["modes"] = musique_workload(rag, examples, modes, n_chunks, scorer, progress)
+                           "dtype": rag.keys.dtype}}
+    progress(f"workload a: {len(examples)} MuSiQue questions (from question {offset}) x {n_chunks} passages")
+    result["modes"] = musique_workload(rag, examples, modes, n_chunks, scorer, progress, offset)
     result["disk"] = disk_load_speedup(rag, passage_chunks(rag, examples[0], 3, None, "disk"))
     result["disk_load_speedup_vs_recompute"] = result["disk"]["speedup"]
     if sweep_counts:
@@ -313,9 +305,10 @@ def run_bench(generator: dict, cache: dict, musique: Path, limit: int | None, mo
 
 
 def format_report(result: dict) -> str:
-    lines = [f"workload a: MuSiQue, {result['settings']['questions']} questions x {result['settings']['chunks']} "
-             f"passages, {result['settings']['device']} {result['settings']['dtype']}, "
-             f"{result['settings']['threads']} thread(s)",
+    settings = result["settings"]
+    lines = [f"workload a: MuSiQue, {settings['questions']} questions from question {settings.get('offset', 0)} x "
+             f"{settings['chunks']} passages, {settings['device']} {settings['dtype']}, {settings['threads']} thread(s)"
+             "; recomp = chunk rows computed over all layers (leading full layers included)",
              f"{'mode':<11}{'TTFT med':>10}{'p90':>9}{'vs full':>9}{'vs prefix':>10}{'recomp':>8}{'agree':>7}"
              f"{'decis.':>7}{'KL1':>8}{'EM':>6}{'F1':>6}"]
     for mode, r in result["modes"].items():

@@ -25,7 +25,6 @@ import numpy as np
 
 from ragkit.types import Chunk, Hit
 
-DATA = Path(__file__).resolve().parent.parent / "data" / "scifact"
 WINDOW, STRIDE = 48, 4
 NOISE_NORM = 0.6
 
@@ -34,15 +33,15 @@ def _chunk(cid: str, text: str, title: str = "") -> Chunk:
     return Chunk(id=cid, doc_id=cid, text=text, token_ids=(), span=(0, len(text)), content_hash="", title=title)
 
 
-def load_scifact(limit_docs: int = 0, limit_queries: int = 0):
+def load_scifact(data: Path, limit_docs: int = 0, limit_queries: int = 0):
     """One chunk per document, the test queries that have judgements, and the qrels."""
-    with gzip.open(DATA / "corpus.jsonl.gz", "rt", encoding="utf-8") as fh:
+    with gzip.open(data / "corpus.jsonl.gz", "rt", encoding="utf-8") as fh:
         docs = [json.loads(line) for line in fh]
     qrels: dict[str, dict[str, int]] = {}
-    for line in (DATA / "qrels" / "test.tsv").read_text(encoding="utf-8").splitlines()[1:]:
+    for line in (data / "qrels" / "test.tsv").read_text(encoding="utf-8").splitlines()[1:]:
         qid, did, grade = line.split("\t")
         qrels.setdefault(qid, {})[did] = int(grade)
-    queries = [json.loads(line) for line in (DATA / "queries.jsonl").read_text(encoding="utf-8").splitlines()]
+    queries = [json.loads(line) for line in (data / "queries.jsonl").read_text(encoding="utf-8").splitlines()]
     queries = [(q["_id"], q["text"]) for q in queries if q["_id"] in qrels]
     if limit_queries:
         queries = queries[:limit_queries]
@@ -196,7 +195,7 @@ def dense_side_by_side(ids: list[str], vectors: np.ndarray, queries: np.ndarray,
     return out
 
 
-def run_retrieval_bench(limit_docs: int = 0, limit_queries: int = 0, scale_chunks: int = 200_000,
+def run_retrieval_bench(data: Path, limit_docs: int = 0, limit_queries: int = 0, scale_chunks: int = 200_000,
                         reference_queries: int = 100, cache_dir: str = ".ragkit/embeddings",
                         log: Callable[[str], None] = lambda message: None) -> dict:
     """All figures of `ragkit bench retrieval` as one JSON-ready dict."""
@@ -207,7 +206,7 @@ def run_retrieval_bench(limit_docs: int = 0, limit_queries: int = 0, scale_chunk
 
     faiss.omp_set_num_threads(1)
     torch.set_num_threads(1)
-    chunks, queries, qrels = load_scifact(limit_docs, limit_queries)
+    chunks, queries, qrels = load_scifact(data, limit_docs, limit_queries)
     query_texts = [text for _, text in queries]
     report: dict = {"machine": {"python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
                                 "faiss_gpus": faiss.get_num_gpus(), "threads": 1},

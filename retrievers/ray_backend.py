@@ -26,7 +26,7 @@ except ImportError:  # the default local backend needs no Ray
     ray = None
 
 TASK_RETRIES = 2
-SHARD_ACTOR_CPUS = 0.25  # a shard actor mostly waits for queries; several share a CPU
+SHARD_ACTOR_CPUS = 0  # shard actors mostly wait: reserving no CPU, they never block build tasks or embedders
 
 
 def connect(cluster: Any) -> None:
@@ -78,7 +78,8 @@ class RayRunner:
         batch_size = int(spec.get("batch_size", 64))
         dataset = ray.data.from_items(list(texts[first:])).map_batches(
             _Embedder, fn_constructor_kwargs={"spec": spec, "position": position}, batch_size=batch_size,
-            compute=ray.data.ActorPoolStrategy(size=self.cluster.embed_actors), num_gpus=self.cluster.gpus_per_actor or None)
+            compute=ray.data.ActorPoolStrategy(size=self.cluster.embed_actors),
+            num_gpus=self.cluster.gpus_per_actor or None)
         with tqdm(total=len(texts), initial=first, desc="embedding (ray)", unit="doc", disable=not self.progress,
                   dynamic_ncols=True) as bar:
             for batch in dataset.iter_batches(batch_size=part_rows, batch_format="numpy"):

@@ -6,6 +6,7 @@ embeds about 20 documents per second on this machine)."""
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import os
@@ -18,6 +19,7 @@ import psutil
 import pytest
 import ray
 
+from ragkit.config import ClusterConfig
 from ragkit.errors import RagkitError
 from ragkit.pipeline import Pipeline
 from ragkit.storage import recover_dir
@@ -93,15 +95,28 @@ def shared(tmp_path_factory):
     return root / "emb", _scifact_slice(root / "slice")
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_ray_two_shards_rank_like_one_process(two_nodes, shared, tmp_path, case):
-    retrievers, fusion, dense = CASES[case]
-    retrievers = retrievers.replace("CACHE", str(shared[0]))
-    data = shared[1] if dense else SCIFACT
-    single = _pipeline(tmp_path, "single", data, retrievers, fusion=fusion)
-    on_ray = _pipeline(tmp_path, "ray", data, retrievers, RAY, fusion=fusion)
+def _built(tmp: Path, data: Path, retrievers: str, fusion: str) -> tuple[Pipeline, Pipeline]:
+    """One process, unsharded; and Ray with 2 shards: both indexed."""
+    single = _pipeline(tmp, "single", data, retrievers, fusion=fusion)
+    on_ray = _pipeline(tmp, "ray", data, retrievers, RAY, fusion=fusion)
     single.index()
     on_ray.index()
+    return single, on_ray
+
+
+@pytest.fixture(scope="module")
+def scifact_bm25(two_nodes, tmp_path_factory):
+    """Whole-SciFact BM25, built once for the ranking test and the kill test."""
+    return _built(tmp_path_factory.mktemp("bm25"), SCIFACT, CASES["bm25"][0], "none")
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_ray_two_shards_rank_like_one_process(two_nodes, shared, tmp_path, request, case):
+    retrievers, fusion, dense = CASES[case]
+    if dense:
+        single, on_ray = _built(tmp_path, shared[1], retrievers.replace("CACHE", str(shared[0])), fusion)
+    else:
+        single, on_ray = request.getfixturevalue("scifact_bm25")
     assert len(on_ray.retrievers[0].manifest["shards"]) == 2
     texts = [q.text for q in single.queries()]
     expected, got = single.retrieve_batch(texts, 100), on_ray.retrieve_batch(texts, 100)
@@ -115,14 +130,13 @@ def test_ray_two_shards_rank_like_one_process(two_nodes, shared, tmp_path, case)
         assert round(single_ndcg, 4) == 0.6797  # BEIR SciFact Lucene BM25 with ragkit's chunking
 
 
-def test_killed_ray_worker_is_retried_or_stops_the_build(two_nodes, tmp_path):
+def test_killed_ray_worker_is_retried_or_stops_the_build(scifact_bm25):
     """SIGKILL the worker running a BM25 build task: Ray retries it, or the build stops with an
     error; either way the folder then holds a complete index (the previous or the new), never a part."""
-    local = _pipeline(tmp_path, "k", SCIFACT, '[{ type = "bm25" }]', "[cluster]\nshards = 2")
-    local.index()
+    single, built = scifact_bm25
     questions = ["vitamin D bone fracture", "statins and heart disease", "sleep and memory"]
-    reference = local.retrieve_batch(questions, 20)
-    on_ray = _pipeline(tmp_path, "k", SCIFACT, '[{ type = "bm25" }]', RAY)
+    reference = single.retrieve_batch(questions, 20)
+    on_ray = Pipeline(built.config, progress=False)
     killed: list[int] = []
 
     def kill_a_build_task():
@@ -148,8 +162,8 @@ def test_killed_ray_worker_is_retried_or_stops_the_build(two_nodes, tmp_path):
     assert killed, "no build task was seen running"
     folder = on_ray.config.index_dir()
     recover_dir(folder)
-    fresh = _pipeline(tmp_path, "k", SCIFACT, '[{ type = "bm25" }]', "[cluster]\nshards = 2")
-    assert fresh.retrieve_batch(questions, 20) == reference, outcome
+    fresh = Pipeline(dataclasses.replace(built.config, cluster=ClusterConfig(shards=2)), progress=False)
+    assert fresh.retrieve_batch(questions, 20) == reference, outcome  # loaded in this process
     assert not list(folder.parent.glob(f".{folder.name}.tmp-*"))
 
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 import gzip
 import json
 import multiprocessing
+import os
+import platform
 import re
 import shutil
 import tempfile
@@ -197,7 +199,8 @@ def run_scale_bench(dense_vectors: int = 50_000, bm25_chunks: int = 50_000, cent
         store_dir = str(root / "store")
         start = time.perf_counter()
         _write_clustered(store_dir, centre_vectors, dense_vectors, 100_000)
-        report: dict[str, Any] = {"machine": "dev-2c (2-core CPU shared with other jobs)", "memory_budget": memory_budget}
+        report: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+                                  "memory_budget": memory_budget}
         dense: dict[str, Any] = {"vectors": dense_vectors, "generate_s": round(time.perf_counter() - start, 2),
                                  "source": f"SciFact MiniLM embeddings of {centres} documents + noise of norm 0.6"}
         ids = _Ids(dense_vectors)

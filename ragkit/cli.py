@@ -662,6 +662,31 @@ def bench_batch(
     _emit(result, as_json, batch.format_report)
 
 
+@bench_app.command("scale")
+@user_errors
+def bench_scale(
+    as_json: bool = typer.Option(False, "--json", help="Print the results object as JSON on stdout."),
+    dense_vectors: int = typer.Option(50_000, "--dense-vectors", min=1000, help="Clustered real MiniLM embeddings "
+                                      "in the dense set (the full-size figure: 10000000)."),
+    bm25_chunks: int = typer.Option(50_000, "--bm25-chunks", min=1000, help="Chunks of resampled SciFact sentences "
+                                    "(the full-size figure: 2000000)."),
+    centres: int = typer.Option(300, "--centres", min=10, help="SciFact documents whose embeddings are the "
+                                "cluster centres (embedded once, then cached; all 5183 for the full run)."),
+    queries: int = typer.Option(100, "--queries", min=1, help="SciFact test queries timed and scored."),
+    memory_budget: str = typer.Option("1GiB", "--memory-budget", help="Build memory budget, as index.memory_budget."),
+    nlist: int = typer.Option(0, "--nlist", min=0, help="IVF lists (0: 4 * sqrt(vectors))."),
+    nprobe: int = typer.Option(32, "--nprobe", min=1, help="IVF lists probed per query."),
+    workdir: Optional[Path] = typer.Option(None, "--workdir", help="Where the indexes are built (deleted after); "
+                                           "needs about 1 KiB per dense vector."),
+) -> None:
+    """Streaming, sharded indexes at size: build docs/s, peak RSS, size, latency, QPS, recall; Ray vs one process."""
+    from ragkit.bench.scale import format_report, run_scale_bench
+
+    result = run_scale_bench(dense_vectors, bm25_chunks, centres, queries, memory_budget, nlist, nprobe,
+                             str(workdir) if workdir else None, log=lambda msg: typer.echo(msg, err=True))
+    _emit(result, as_json, format_report)
+
+
 def main() -> None:
     app()
 

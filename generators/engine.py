@@ -15,7 +15,8 @@ gains from chunk reuse, not from batching. The engine therefore:
   row with its own stop tokens and budget. A finished row leaves at once (the last row moves into
   its place) and queued requests join between steps, within `max_batch` rows and `max_kv_bytes`.
 
-A server calls `submit` and `step` in its own loop (and `cancel` for a request nobody waits for);
+A server calls `submit` and `step` in its own loop (`cancel` for a request nobody waits for, `stop`
+for one whose output ended on the caller's terms);
 `run` answers a list. APE lays every prompt's
 chunks side by side and attends to them with a temperature carried by its cache (one context mask
 per cache, not per row), so APE requests are answered one at a time when they reach the head of the queue.
@@ -225,10 +226,14 @@ class AnswerEngine:
         for row, sequence in enumerate(self.rows):
             if sequence.ticket == ticket:
                 self._free(row)
-                if self.idle:
-                    self.cache = None
                 return True
         return False
+
+    def stop(self, ticket: int) -> Answer:
+        """End a running request now, as a stop token would (the caller saw its output end); its answer
+        so far. Call between steps."""
+        (row,) = [row for row, sequence in enumerate(self.rows) if sequence.ticket == ticket]
+        return self._retire(row)[1]
 
     def close(self) -> None:
         self._prefetcher.shutdown(wait=True)
@@ -428,6 +433,8 @@ class AnswerEngine:
             self.cache.positions[row] = self.cache.positions[last]
             self.rows[row] = self.rows[last]
         self.rows.pop()
+        if self.idle:
+            self.cache = None  # give the batch cache's memory back
         return sequence
 
     def _decode(self) -> None:

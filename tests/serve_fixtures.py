@@ -96,6 +96,9 @@ class GatedEngine:
     def cancel(self, ticket: int) -> bool:
         return self.rows.pop(ticket, None) is not None
 
+    def stop(self, ticket: int) -> None:
+        del self.rows[ticket]
+
     def step(self) -> list:
         if not self.gate.wait(0.02):
             return []
@@ -142,6 +145,8 @@ class GatedService:
                 for i in range(k)]
 
     def start(self, ticket):
+        from ragkit.serve.scheduler import Started
+
         job = ticket.job
         self.started.append(job.question)
         ticket.emit("retrieved", self.search(job.question, job.k))
@@ -153,7 +158,7 @@ class GatedService:
                                  "cache_hits": 1, "context_tokens": 10, "recomputed_tokens": 2,
                                  "completion_tokens": self.engine.tokens, "finish_reason": "length"})
 
-        return lambda piece: ticket.emit("token", piece), finish
+        return Started(lambda piece: ticket.emit("token", piece), finish)
 
     def cache_stats(self) -> dict:
         return {"hit_rate": 0.5, "tiers": {"host": 123}}

@@ -154,6 +154,17 @@ def test_a_cancelled_request_frees_its_row_and_the_others_go_on(rag, requests, a
 
 
 @pytest.mark.slow
+def test_stop_ends_a_running_request_with_its_answer_so_far(rag, requests, alone):
+    _fresh_store(rag, requests)
+    engine = AnswerEngine(rag, max_batch=2)
+    ticket = engine.submit(requests[2])
+    engine.step(), engine.step(), engine.step()
+    answer = engine.stop(ticket)
+    assert answer.tokens == alone[2].tokens[:3] and answer.chunk_ids == alone[2].chunk_ids
+    assert engine.idle and engine.cache is None
+
+
+@pytest.mark.slow
 def test_temperature_per_request_samples_as_the_request_would_alone(rag, requests, alone, monkeypatch):
     _fresh_store(rag, requests)
     engine = AnswerEngine(rag, max_batch=2)

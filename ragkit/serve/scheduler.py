@@ -147,20 +147,31 @@ class Engine(Protocol):
 
     def cancel(self, ticket: int) -> bool: ...
 
+    def stop(self, ticket: int) -> Any: ...
+
+
+@dataclass
+class Started:
+    """A job turned into an engine request."""
+
+    request: Any  # its on_token streams to the ticket and never raises
+    finish: Callable[[Any], None]  # emits `done` from the engine's answer
+    ended: Callable[[], bool] = lambda: False  # the output wants no more tokens (a stop string, the size cap)
+
 
 class Answering(Protocol):
     """What turns a job into an engine request (service.RagService; a model-free one in tests)."""
 
     engine: Engine
 
-    def start(self, ticket: Ticket) -> tuple[Any, Callable[[Any], None]]:
-        """Retrieve and emit `retrieved`; returns the engine request (its on_token streams to the
-        ticket and never raises) and what emits `done` from the engine's answer."""
+    def start(self, ticket: Ticket) -> Started:
+        """Retrieve and emit `retrieved`, then make the engine request."""
 
 
 class EngineScheduler:
     """One thread drives the batched engine: between decode steps it drops the jobs whose client
-    left or whose deadline passed (their batch rows are freed) and admits waiting jobs into free
+    left or whose deadline passed (their batch rows are freed), stops those whose output ended on a
+    stop string or the size cap (answered at once, their rows freed too), and admits waiting jobs into free
     rows, first come, first served. At most `queue_size` jobs wait, and none that would finish past
     its deadline at the recent pace (a job's time in the batch x the batches ahead of it).
 
@@ -173,7 +184,7 @@ class EngineScheduler:
         self._engine = answering.engine
         self.queue_size = queue_size
         self._pending: deque[Ticket] = deque()
-        self._running: dict[int, tuple[Ticket, Callable[[Any], None], float]] = {}  # engine ticket -> job
+        self._running: dict[int, tuple[Ticket, Started, float]] = {}  # engine ticket -> job, its start time
         self._cond = threading.Condition()
         self._closing = False
         self._service_s = 0.0  # moving average of one job's time in the batch (0 until measured), for Retry-After
@@ -240,9 +251,9 @@ class EngineScheduler:
             ticket.fail(504, "the request passed its deadline while queued")
             return
         try:
-            request, finish = self._answering.start(ticket)
+            started = self._answering.start(ticket)
             ticket.check()
-            self._running[self._engine.submit(request)] = (ticket, finish, time.monotonic())
+            self._running[self._engine.submit(started.request)] = (ticket, started, time.monotonic())
         except Cancelled:
             pass
         except Exception as exc:
@@ -250,27 +261,29 @@ class EngineScheduler:
             ticket.fail(500, f"internal error while answering ({type(exc).__name__}); the server goes on")
 
     def _step(self) -> None:
-        for number, (ticket, _, _) in list(self._running.items()):
+        finished = []
+        for number, (ticket, started, _) in list(self._running.items()):
             if ticket.cancelled or ticket.expired():  # the client left or the deadline passed: free the row
                 self._engine.cancel(number)
                 del self._running[number]
-        if not self._running:
-            return
-        try:
-            finished = self._engine.step()
-        except Exception as exc:
-            log.exception("answering failed")
-            for number, (ticket, _, _) in self._running.items():
-                self._engine.cancel(number)
-                ticket.fail(500, f"internal error while answering ({type(exc).__name__}); the server goes on")
-            self._running.clear()
-            return
+            elif started.ended():
+                finished.append((number, self._engine.stop(number)))
+        if len(finished) < len(self._running):
+            try:
+                finished += self._engine.step()
+            except Exception as exc:
+                log.exception("answering failed")
+                for number, (ticket, _, _) in self._running.items():
+                    self._engine.cancel(number)
+                    ticket.fail(500, f"internal error while answering ({type(exc).__name__}); the server goes on")
+                self._running.clear()
+                return
         for number, answer in finished:
-            ticket, finish, started = self._running.pop(number)
-            took = time.monotonic() - started  # the pace, from answers that ran to the end
+            ticket, started, since = self._running.pop(number)
+            took = time.monotonic() - since  # the pace, from answers that ran to the end
             self._service_s = 0.8 * self._service_s + 0.2 * took if self._service_s else took
             try:
-                finish(answer)
+                started.finish(answer)
             except Exception as exc:
                 log.exception("reporting an answer failed")
                 ticket.fail(500, f"internal error while answering ({type(exc).__name__}); the server goes on")

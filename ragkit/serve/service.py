@@ -3,7 +3,8 @@ and the KV store's memory tiers stay warm from one request to the next.
 
 `start(ticket)` turns a job into a request of the batched engine (`AnswerEngine`, driven by the
 EngineScheduler): retrieve, then a request carrying the job's own budget and temperature, with an
-on_token callback that streams text and applies stop strings and the output cap.
+on_token callback that streams text and applies stop strings and the output cap (where the
+output ends, the scheduler stops the request's row).
 """
 
 from __future__ import annotations
@@ -11,13 +12,13 @@ from __future__ import annotations
 import json
 import threading
 import time
-from typing import Any, Callable
+from typing import Any
 
 from generators.engine import AnswerEngine, Request
 from generators.rag import Answer
 from generators.weights import load_tokenizer
 from ragkit.pipeline import Pipeline
-from ragkit.serve.scheduler import Job, Ticket
+from ragkit.serve.scheduler import Started, Ticket
 
 # Room left for the title line and separator around each retrieved chunk in the prompt.
 PER_CHUNK_OVERHEAD = 32
@@ -63,7 +64,7 @@ class RagService:
         return {"id": hit.id, "doc_id": chunk.doc_id, "rank": hit.rank, "score": round(float(hit.score), 6),
                 "title": chunk.title, "text": chunk.text}
 
-    def start(self, ticket: Ticket) -> tuple[Request, Callable[[Answer], None]]:
+    def start(self, ticket: Ticket) -> Started:
         job = ticket.job
         hits = self.search(job.question, job.k)
         ticket.emit("retrieved", hits)
@@ -83,7 +84,7 @@ class RagService:
                 "recomputed_tokens": answer.recomputed_tokens, "completion_tokens": len(answer.tokens),
                 "finish_reason": "length" if output.truncated or budget_spent else "stop"})
 
-        return request, finish
+        return Started(request, finish, lambda: output.ended)
 
     def cache_stats(self) -> dict[str, Any]:
         stats = self.generator.store.stats()
@@ -110,7 +111,7 @@ class _Output:
     def add(self, piece: str) -> None:
         self.first_token_at = self.first_token_at or time.monotonic()
         if self.ended:
-            return  # decoding runs on to its token budget; nothing more is sent
+            return
         self.text += piece
         cut = min((i for i in (self.text.find(s) for s in self.stops) if i >= 0), default=-1)
         if cut >= 0:

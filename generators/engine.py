@@ -16,8 +16,7 @@ gains from chunk reuse, not from batching. The engine therefore:
   its place) and queued requests join between steps, within `max_batch` rows and `max_kv_bytes`.
 
 A server calls `submit` and `step` in its own loop (`cancel` for a request nobody waits for, `stop`
-for one whose output ended on the caller's terms);
-`run` answers a list. APE lays every prompt's
+for one whose output ended on the caller's terms); `run` answers a list. APE lays every prompt's
 chunks side by side and attends to them with a temperature carried by its cache (one context mask
 per cache, not per row), so APE requests are answered one at a time when they reach the head of the queue.
 """

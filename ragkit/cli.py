@@ -296,8 +296,10 @@ def serve(
     port: int = typer.Option(8000, "--port", min=1, max=65535, help="TCP port."),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="RAGKIT_API_KEY", help="Require "
                                           "`Authorization: Bearer KEY` on every route but /health."),
-    queue: int = typer.Option(16, "--queue", min=1, help="Requests that may wait for the answering slot; beyond "
+    queue: int = typer.Option(16, "--queue", min=1, help="Requests that may wait for a batch row; beyond "
                               "it: 429 with Retry-After."),
+    batch: int = typer.Option(8, "--batch", min=1, help="Requests decoded together: new requests join the "
+                              "running batch between decode steps, up to this many; the rest wait in the queue."),
     deadline: float = typer.Option(120.0, "--deadline", min=1.0, help="Seconds a request may take from arrival "
                                    "to its last token; past it the request is cancelled (504)."),
     max_k: int = typer.Option(20, "--max-k", min=1, help="Largest k (chunks) a request may ask for."),
@@ -325,11 +327,11 @@ def serve(
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         typer.echo(f"warning: serving on {host} without --api-key: anyone who can reach it may use it", err=True)
     pipe = _pipeline(config, overrides, quiet)
-    options = ServeOptions(queue=queue, deadline_s=deadline, api_key=api_key, max_k=max_k, max_tokens=max_tokens,
+    options = ServeOptions(queue=queue, batch=batch, deadline_s=deadline, api_key=api_key, max_k=max_k, max_tokens=max_tokens,
                            arena=tuple(arena.split(",")), preferences=preferences,
                            **({"modes": tuple(modes.split(","))} if modes else {}))
     server = build_server(pipe, options)
-    typer.echo(f"serving {pipe.config.name} on http://{host}:{port}/ (queue {queue}, deadline {deadline:g} s)",
+    typer.echo(f"serving {pipe.config.name} on http://{host}:{port}/ (batch {batch}, queue {queue}, deadline {deadline:g} s)",
                err=True)
     run(server, host=host, port=port, log_level="warning" if quiet else "info")
 

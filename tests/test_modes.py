@@ -201,8 +201,8 @@ def test_a_tail_behind_an_exact_prefix_may_use_the_lower_right_causal_kernel(tin
 
     from generators import model as model_module
 
-    chunks = _chunks(tiny_rag, ["Exeter College is in Oxford.", "The Thames flows through Oxford."])
-    tiny_rag.warm(chunks, progress=False)
+    chunks = _chunks(tiny_rag, ["A tail test passage on the Severn.", "Another tail test passage on the Wye."])
+    tiny_rag.warm(chunks, progress=False)  # behind titles, no chunk is an exact prefix: all after the head runs
     blocks, *_ = tiny_rag.prefill("Where is Exeter College?", chunks, mode="prefix")
     seen = []
     original = model_module.Decoder.masks_for

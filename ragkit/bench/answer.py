@@ -1,0 +1,293 @@
+"""`ragkit bench answer`: end-to-end answering per reuse mode, and the baselines a user would pick instead.
+
+Per RAG config (MuSiQue, SciFact): the first N test questions with gold answers, retrieved once.
+Three cache states, each on a fresh store in a temporary folder (the bench leaves no cache behind):
+  cold      nothing cached; the configured mode answers, storing what it computes as it goes;
+  log       warmed from a query log (the dataset's dev split) first, then the held-out test questions;
+  corpus    the chunks warmed beforehand (`--warm all`: every corpus chunk, what `ragkit cache warm`
+            does; `retrieved`: only the chunks the benched questions retrieve, the same hits for a
+            fraction of the one-off time), then every mode side by side: EM/F1, teacher-forced token
+            agreement and first-token KL against full prefill, TTFT p50/p90, questions/s one at a time
+            and through the batched AnswerEngine.
+The warm's one-off time is reported apart from the answering. Baselines on the same prompts (the
+segments' token ids joined) and greedy decoding: Hugging Face transformers on the same weights
+(forward TTFT and `generate` with its own cache), and llama.cpp's full prefill on the bundled GGUF
+when `llama_cpp` imports. Decode-heavy batching comes from `ragkit.bench.batch`.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from chunk_cache.store import KVStore
+from eval.answers import exact_match, token_f1
+from eval.generation import first_token_kl
+from generators.engine import AnswerEngine, Request
+from generators.rag import RagGenerator, synchronize
+from ragkit.types import Chunk
+
+Item = tuple[str, list[Chunk], list[str]]  # question, retrieved chunks, gold answers
+Log = Callable[[str], None]
+
+
+def percentile(values: list[float], share: float) -> float:
+    """Nearest-rank percentile (share in (0, 1]) of a non-empty list."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(share * len(ordered)) - 1)]
+
+
+def fresh_store(rag: RagGenerator, folder: Path, host_bytes: int) -> None:
+    """Serve `rag` from an empty store whose disk tier lives in `folder` (overflow of a large warm)."""
+    rag.store = KVStore(folder, rag.fingerprint, device=str(rag.model.device), host_bytes=host_bytes,
+                        disk_bytes=1 << 40)
+
+
+def prompt_ids(rag: RagGenerator, question: str, chunks: list[Chunk]) -> list[int]:
+    """The full prompt as one token list: what a plain decoder (transformers, llama.cpp) is given."""
+    return [t for segment in rag.prompt.segments(question, chunks) for t in segment.token_ids]
+
+
+def _stop(rag: RagGenerator) -> int:
+    eos = rag.prompt.tokenizer.eos_token_id
+    return eos if eos in rag.prompt.stop_ids else min(rag.prompt.stop_ids)
+
+
+def _timing(answers: list, chunks: int) -> dict:
+    ttfts = [a.ttft_s for a in answers]
+    return {"ttft_p50_s": round(percentile(ttfts, 0.5), 4), "ttft_p90_s": round(percentile(ttfts, 0.9), 4),
+            "questions_per_s": round(len(answers) / sum(a.total_s for a in answers), 4),
+            "hit_rate": round(sum(a.cache_hits for a in answers) / max(1, chunks), 4)}
+
+
+def answer_all(rag: RagGenerator, items: list[Item], mode: str | None = None) -> dict:
+    """One question at a time under `mode` (default: the configured one): TTFT, questions/s, chunk hit rate."""
+    answers = [rag.answer(question, chunks, mode=mode) for question, chunks, _golds in items]
+    return {"mode": mode or rag.settings.mode, "questions": len(items),
+            **_timing(answers, sum(len(chunks) for _q, chunks, _g in items))}
+
+
+def batched_rate(rag: RagGenerator, items: list[Item], mode: str, batch: int) -> float:
+    """Questions/s of the batched engine answering every item under `mode`."""
+    engine = AnswerEngine(rag, max_batch=batch)
+    start = time.perf_counter()
+    try:
+        engine.run([Request(question, chunks, mode=mode) for question, chunks, _golds in items])
+    finally:
+        engine.close()
+    return round(len(items) / (time.perf_counter() - start), 4)
+
+
+def compare_modes(rag: RagGenerator, items: list[Item], modes: list[str], batch: int, log: Log) -> dict:
+    """Every mode on every item, interleaved per question: quality against gold and against full prefill,
+    TTFT, questions/s one at a time; then each mode through the batched engine."""
+    modes = ["full"] + [m for m in modes if m != "full"]
+    answers: dict[str, list] = {m: [] for m in modes}
+    scores: dict[str, list[dict]] = {m: [] for m in modes}
+    for n, (question, chunks, golds) in enumerate(items):
+        reference = rag.answer(question, chunks, mode="full", keep_logits=True)
+        forced = reference.tokens + ([_stop(rag)] if len(reference.tokens) < rag.max_new_tokens else [])
+        answers["full"].append(reference)
+        scores["full"].append({"agreement": 1.0, "kl": 0.0, "tokens": reference.tokens})
+        others = modes[1:]
+        shift = n % max(1, len(others))  # rotate the order, so no mode always runs right after full
+        for mode in others[shift:] + others[:shift]:
+            answer = rag.answer(question, chunks, mode=mode, keep_logits=True)
+            _logits, predicted = rag.teacher_force(question, chunks, forced, mode=mode)
+            scores[mode].append({"agreement": sum(int(a == b) for a, b in zip(predicted, forced)) / len(forced),
+                                 "kl": first_token_kl(reference.first_logits.float().numpy(),
+                                                      answer.first_logits.float().numpy()),
+                                 "tokens": answer.tokens})
+            answers[mode].append(answer)
+        log(f"question {n + 1}/{len(items)}: " + "  ".join(
+            f"{m} {answers[m][-1].ttft_s:.2f}s/{scores[m][-1]['agreement']:.2f}" for m in modes))
+    chunk_count = sum(len(chunks) for _q, chunks, _g in items)
+    out = {}
+    for mode in modes:
+        texts = [a.text for a in answers[mode]]
+        out[mode] = {
+            "em": round(statistics.mean(exact_match(t, g) for t, (_q, _c, g) in zip(texts, items)), 4),
+            "f1": round(statistics.mean(token_f1(t, g) for t, (_q, _c, g) in zip(texts, items)), 4),
+            "agreement_vs_full": round(statistics.mean(s["agreement"] for s in scores[mode]), 4),
+            "kl_vs_full": round(statistics.mean(s["kl"] for s in scores[mode]), 5),
+            **_timing(answers[mode], chunk_count), "answers": texts}
+    for mode in modes:
+        log(f"batched engine ({mode}, batch {batch})")
+        out[mode]["questions_per_s_batched"] = batched_rate(rag, items, mode, batch)
+    out["full"]["tokens"] = [s["tokens"] for s in scores["full"]]
+    return out
+
+
+@torch.inference_mode()
+def hf_baseline(model_dir: Path, rag: RagGenerator, items: list[Item], full_tokens: list[list[int]]) -> dict:
+    """transformers on the same weights and prompts: its forward (TTFT) against ragkit's full prefill, and
+    `generate` (greedy, its own KV cache) for questions/s; whether its tokens equal ragkit full's."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=rag.model.dtype).to(rag.model.device).eval()
+    stops = sorted(rag.prompt.stop_ids)
+    ragkit_ttft, hf_ttft, generate_s, same = [], [], 0.0, 0
+    for (question, chunks, _golds), reference in zip(items, full_tokens):
+        ids = torch.tensor([prompt_ids(rag, question, chunks)], device=rag.model.device)
+        start = time.perf_counter()
+        rag.prefill(question, chunks, mode="full")
+        synchronize(rag.model.device)
+        ragkit_ttft.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        model(ids, use_cache=True)
+        synchronize(rag.model.device)
+        hf_ttft.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=rag.max_new_tokens,
+                             do_sample=False, eos_token_id=stops, pad_token_id=stops[0])
+        generate_s += time.perf_counter() - start
+        tokens = [t for t in out[0, ids.shape[1]:].tolist() if t not in rag.prompt.stop_ids]
+        same += int(tokens == list(reference))
+    return {"ragkit_full_ttft_p50_s": round(percentile(ragkit_ttft, 0.5), 4),
+            "hf_forward_ttft_p50_s": round(percentile(hf_ttft, 0.5), 4),
+            "ragkit_full_ttft_vs_hf_forward": round(statistics.median(ragkit_ttft) / statistics.median(hf_ttft), 3),
+            "hf_generate_questions_per_s": round(len(items) / generate_s, 4),
+            "same_tokens_as_ragkit_full": f"{same}/{len(items)}"}
+
+
+def llama_cpp_baseline(gguf: Path, rag: RagGenerator, items: list[Item], threads: int) -> dict:
+    """llama.cpp's full prefill of the same prompt ids on the bundled GGUF, when llama-cpp-python imports."""
+    try:
+        import llama_cpp
+    except ImportError as exc:
+        return {"available": False, "reason": f"llama-cpp-python does not import ({exc}); it has no wheel for "
+                                              "this platform and was not built from source here"}
+    prompts = [prompt_ids(rag, question, chunks) for question, chunks, _golds in items]
+    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=max(map(len, prompts)) + rag.max_new_tokens + 8,
+                          n_threads=threads, verbose=False)
+    llm.set_cache(llama_cpp.LlamaRAMCache())
+    ttfts = []
+    for ids in prompts:
+        llm.reset()  # full prefill: nothing of an earlier prompt reused
+        start = time.perf_counter()
+        llm.eval(ids)
+        ttfts.append(time.perf_counter() - start)
+    return {"available": True, "version": llama_cpp.__version__, "full_ttft_p50_s": round(percentile(ttfts, 0.5), 4)}
+
+
+def bench_dataset(pipe, questions: int, modes: list[str], warm: str, log_split: str | None, log_questions: int,
+                  batch: int, log: Log) -> tuple[dict, RagGenerator, list[Item], dict]:
+    """The three cache states for one pipeline (see the module docstring); returns (result, generator,
+    items, per-mode comparison) for the baselines."""
+    cfg = pipe.config
+    queries = [q for q in pipe.queries() if q.answers][:questions]
+    hits = pipe.retrieve_batch([q.text for q in queries], cfg.generator.chunks)
+    items = [(q.text, [pipe.chunk(h.id) for h in found], list(q.answers)) for q, found in zip(queries, hits)]
+    rag = pipe.generator
+    host_bytes = cfg.cache.host_bytes
+    result = {"config": cfg.name, "questions": len(items), "chunks_per_question": cfg.generator.chunks,
+              "prompt_tokens_mean": round(statistics.mean(len(prompt_ids(rag, q, c)) for q, c, _g in items), 1),
+              "max_new_tokens": rag.max_new_tokens, "mode": rag.settings.mode}
+    with tempfile.TemporaryDirectory(prefix="ragkit-bench-answer-") as tmp:
+        fresh_store(rag, Path(tmp) / "cold", host_bytes)
+        log(f"{cfg.name}: cold cache, {len(items)} questions ({rag.settings.mode})")
+        result["cold"] = answer_all(rag, items)
+
+        if log_split is None:
+            result["query_log"] = {"skipped": "no query-log split for this dataset"}
+        else:
+            fresh_store(rag, Path(tmp) / "log", host_bytes)
+            texts = pipe.query_log(log_split)[:log_questions]
+            log(f"{cfg.name}: warming from {len(texts)} {log_split} questions")
+            start = time.perf_counter()
+            computed = pipe.warm_cache(queries=texts)
+            result["query_log"] = {"split": log_split, "log_questions": len(texts), "warmed_chunks": computed,
+                                   "warm_s": round(time.perf_counter() - start, 2), **answer_all(rag, items)}
+
+        fresh_store(rag, Path(tmp) / "corpus", host_bytes)
+        log(f"{cfg.name}: warming {'every corpus chunk' if warm == 'all' else 'the retrieved chunks'}")
+        start = time.perf_counter()
+        computed = pipe.warm_cache() if warm == "all" else rag.warm(
+            [c for _q, chunks, _g in items for c in chunks], progress=pipe.progress)
+        warm_s = time.perf_counter() - start
+        result["corpus_warm"] = {"scope": warm, "warmed_chunks": computed, "warm_s": round(warm_s, 2),
+                                 "warm_s_per_chunk": round(warm_s / max(1, computed), 3)}
+        comparison = compare_modes(rag, items, modes, batch, log)
+        result["modes"] = {m: {k: v for k, v in r.items() if k != "tokens"} for m, r in comparison.items()}
+    return result, rag, items, comparison
+
+
+def run(musique_pipe, scifact_pipe, questions: int, scifact_questions: int, modes: list[str], warm: str,
+        log_questions: int, batch: int, threads: int, batch_setting: dict, log: Log = lambda _m: None) -> dict:
+    """Both datasets, the baselines on MuSiQue's prompts, and the decode-heavy batching figure."""
+    import dataclasses
+
+    from generators.weights import bundled_gguf, resolve_model_dir
+    from ragkit.bench import batch as batch_bench
+
+    torch.set_num_threads(threads)
+    musique, rag, items, comparison = bench_dataset(musique_pipe, questions, modes, warm, "dev", log_questions,
+                                                    batch, log)
+    log("transformers baseline on the MuSiQue prompts")
+    hf = hf_baseline(resolve_model_dir(musique_pipe.config.generator.model), rag, items, comparison["full"]["tokens"])
+    llama = llama_cpp_baseline(bundled_gguf("smollm2"), rag, items, threads) \
+        if musique_pipe.config.generator.model == "smollm2" else {"available": False, "reason": "no GGUF of this model"}
+    scifact = bench_dataset(scifact_pipe, scifact_questions, modes, warm, None, 0, batch, log)[0]
+    log("decode-heavy batching (ragkit.bench.batch)")
+    cfg = musique_pipe.config
+    batching = batch_bench.run(dataclasses.asdict(cfg.generator), dataclasses.asdict(cfg.cache), threads=threads,
+                               **batch_setting)
+    blend = musique["modes"].get("blend", {})
+    return {
+        "setting": {"threads": threads, "modes": list(musique["modes"]), "warm": warm, "batch": batch,
+                    "model": cfg.generator.model, "dtype": rag.keys.dtype, "seed": cfg.seed},
+        "musique": musique, "scifact": scifact, "transformers": hf, "llama_cpp": llama,
+        "batching": {k: batching[k] for k in ("setting", "decode_heavy", "identical_outputs")},
+        "batched_speedup_vs_sequential": batching["batched_speedup_vs_sequential"],
+        "blend_speedup_vs_hf_full": round(blend["questions_per_s"] / hf["hf_generate_questions_per_s"], 3)
+        if blend else None,
+        "blend_f1_minus_full_f1": round(blend["f1"] - musique["modes"]["full"]["f1"], 4) if blend else None,
+        "hit_rate_warm": blend.get("hit_rate"),
+        "full_ttft_vs_hf_forward": hf["ragkit_full_ttft_vs_hf_forward"],
+    }
+
+
+def _mode_table(modes: dict) -> list[str]:
+    lines = [f"{'mode':<8}{'EM':>6}{'F1':>6}{'agree':>7}{'KL1':>8}{'TTFT p50':>10}{'p90':>8}{'q/s':>8}"
+             f"{'q/s batch':>10}{'hits':>6}"]
+    for mode, r in modes.items():
+        lines.append(f"{mode:<8}{r['em']:>6.3f}{r['f1']:>6.3f}{r['agreement_vs_full']:>7.3f}{r['kl_vs_full']:>8.4f}"
+                     f"{r['ttft_p50_s']:>9.3f}s{r['ttft_p90_s']:>7.3f}s{r['questions_per_s']:>8.3f}"
+                     f"{r['questions_per_s_batched']:>10.3f}{r['hit_rate']:>6.2f}")
+    return lines
+
+
+def format_report(result: dict) -> str:
+    lines = []
+    for name in ("musique", "scifact"):
+        d = result[name]
+        w = d["corpus_warm"]
+        lines += [f"{name}: {d['questions']} questions x {d['chunks_per_question']} chunks, prompts of "
+                  f"{d['prompt_tokens_mean']:.0f} tokens, max_new_tokens {d['max_new_tokens']}",
+                  f"  cold cache ({d['cold']['mode']}): hit rate {d['cold']['hit_rate']:.2f}, TTFT p50 "
+                  f"{d['cold']['ttft_p50_s']:.3f}s, {d['cold']['questions_per_s']:.3f} q/s"]
+        log = d["query_log"]
+        lines.append(f"  warmed from {log['log_questions']} {log['split']} questions ({log['warmed_chunks']} chunks, "
+                     f"{log['warm_s']:.1f}s once): hit rate {log['hit_rate']:.2f}, TTFT p50 {log['ttft_p50_s']:.3f}s, "
+                     f"{log['questions_per_s']:.3f} q/s" if "skipped" not in log else f"  query log: {log['skipped']}")
+        lines.append(f"  warmed beforehand ({w['scope']}: {w['warmed_chunks']} chunks in {w['warm_s']:.1f}s once, "
+                     f"{w['warm_s_per_chunk']:.2f}s per chunk):")
+        lines += ["  " + line for line in _mode_table(d["modes"])]
+        lines.append("")
+    hf, llama = result["transformers"], result["llama_cpp"]
+    lines += [f"transformers (MuSiQue prompts): forward TTFT p50 {hf['hf_forward_ttft_p50_s']:.3f}s vs ragkit full "
+              f"prefill {hf['ragkit_full_ttft_p50_s']:.3f}s (ratio {hf['ragkit_full_ttft_vs_hf_forward']:.2f}); "
+              f"generate {hf['hf_generate_questions_per_s']:.3f} q/s; same tokens as ragkit full "
+              f"{hf['same_tokens_as_ragkit_full']}",
+              f"llama.cpp: full prefill TTFT p50 {llama['full_ttft_p50_s']:.3f}s" if llama["available"]
+              else f"llama.cpp: unavailable ({llama['reason']})",
+              f"batched_speedup_vs_sequential {result['batched_speedup_vs_sequential']}  blend_speedup_vs_hf_full "
+              f"{result['blend_speedup_vs_hf_full']}  blend_f1_minus_full_f1 {result['blend_f1_minus_full_f1']}  "
+              f"hit_rate_warm {result['hit_rate_warm']}"]
+    return "\n".join(lines)

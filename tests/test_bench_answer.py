@@ -72,15 +72,25 @@ def test_compare_modes_scores_every_mode_against_full(tiny, tmp_path):
     for mode, r in result.items():
         assert 0.0 <= r["agreement_vs_full"] <= 1.0 and r["kl_vs_full"] >= 0.0 and 0.0 <= r["f1"] <= 1.0
         assert r["questions_per_s"] > 0 and r["questions_per_s_batched"] > 0 and len(r["answers"]) == 2
-    assert all(len(tokens) <= 2 for tokens in result["full"]["tokens"])
+    assert all(len(tokens) <= 2 for tokens in result["full"]["tokens"]) and len(result["full"]["ttfts"]) == 2
 
 
 def test_transformers_baseline_decodes_ragkit_full_prefill_tokens(tiny):
     folder, rag, items = tiny
-    full = [rag.answer(q, chunks, mode="full").tokens for q, chunks, _g in items]
-    hf = answer.hf_baseline(folder, rag, items, full)
+    full = [rag.answer(q, chunks, mode="full") for q, chunks, _g in items]
+    hf = answer.hf_baseline(folder, rag, items, {"tokens": [a.tokens for a in full], "ttfts": [a.ttft_s for a in full]})
     assert hf["same_tokens_as_ragkit_full"] == "2/2"
-    assert hf["ragkit_full_ttft_vs_hf_forward"] > 0 and hf["hf_generate_questions_per_s"] > 0
+    assert hf["ragkit_full_ttft_vs_hf"] > 0 and hf["hf_ttft_p50_s"] > 0 and hf["hf_generate_questions_per_s"] > 0
+
+
+def test_forced_answer_matches_a_plain_answer(tiny, tmp_path):
+    """Teacher forcing from the answer's own prefill must leave its greedy tokens as a plain answer's."""
+    _folder, rag, items = tiny
+    answer.fresh_store(rag, tmp_path / "kv", 1 << 30)
+    question, chunks, _golds = items[0]
+    plain = rag.answer(question, chunks, mode="full")
+    got, _logits, predicted = answer.answer_forced(rag, question, chunks, "full", plain.tokens)
+    assert got.tokens == plain.tokens and predicted == plain.tokens
 
 
 def test_llama_cpp_is_reported_unavailable_with_the_reason(tiny, monkeypatch):

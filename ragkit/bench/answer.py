@@ -293,10 +293,11 @@ def run(musique_pipe, scifact_pipe, questions: int, scifact_questions: int, mode
     }
 
 
-def _mode_table(modes: dict) -> list[str]:
+def _mode_table(modes: dict, order: list[str]) -> list[str]:
     lines = [f"{'mode':<8}{'EM':>6}{'F1':>6}{'agree':>7}{'KL1':>8}{'TTFT p50':>10}{'p90':>8}{'q/s':>8}"
              f"{'q/s batch':>10}{'hits':>6}"]
-    for mode, r in modes.items():
+    for mode in order:  # full first, as run (JSON output sorts the keys)
+        r = modes[mode]
         lines.append(f"{mode:<8}{r['em']:>6.3f}{r['f1']:>6.3f}{r['agreement_vs_full']:>7.3f}{r['kl_vs_full']:>8.4f}"
                      f"{r['ttft_p50_s']:>9.3f}s{r['ttft_p90_s']:>7.3f}s{r['questions_per_s']:>8.3f}"
                      f"{r['questions_per_s_batched']:>10.3f}{r['hit_rate']:>6.2f}")
@@ -318,7 +319,7 @@ def format_report(result: dict) -> str:
                      f"{log['questions_per_s']:.3f} q/s" if "skipped" not in log else f"  query log: {log['skipped']}")
         lines.append(f"  warmed beforehand ({w['scope']}: {w['warmed_chunks']} chunks in {w['warm_s']:.1f}s once, "
                      f"{w['warm_s_per_chunk']:.2f}s per chunk):")
-        lines += ["  " + line for line in _mode_table(d["modes"])]
+        lines += ["  " + line for line in _mode_table(d["modes"], result["setting"]["modes"])]
         lines.append("")
     hf, llama = result["transformers"], result["llama_cpp"]
     lines += [f"transformers generate (MuSiQue prompts): TTFT p50 {hf['hf_ttft_p50_s']:.3f}s vs ragkit full prefill "

@@ -671,7 +671,8 @@ def bench_answer(
     as_json: bool = typer.Option(False, "--json", help="Print the results object as JSON on stdout."),
     questions: int = typer.Option(4, "--questions", min=1, max=100, help="MuSiQue test questions (the issue's "
                                   "setting is 50 or more; each costs a few full prefills per mode)."),
-    scifact_questions: int = typer.Option(2, "--scifact-questions", min=1, help="SciFact claims with a gold answer."),
+    scifact_questions: int = typer.Option(2, "--scifact-questions", min=1, help="SciFact claims with a gold "
+                                          "answer."),
     modes: str = typer.Option(ANSWER_MODES, "--modes", callback=_mode_list, help="Comma-separated reuse modes; "
                               "full always runs: it is the reference."),
     warm: str = typer.Option("retrieved", "--warm", help="What is warmed before the side-by-side run: `all` "

@@ -72,13 +72,21 @@ def test_compare_modes_scores_every_mode_against_full(tiny, tmp_path):
     for mode, r in result.items():
         assert 0.0 <= r["agreement_vs_full"] <= 1.0 and r["kl_vs_full"] >= 0.0 and 0.0 <= r["f1"] <= 1.0
         assert r["questions_per_s"] > 0 and r["questions_per_s_batched"] > 0 and len(r["answers"]) == 2
-    assert all(len(tokens) <= 2 for tokens in result["full"]["tokens"]) and len(result["full"]["ttfts"]) == 2
 
 
-def test_transformers_baseline_decodes_ragkit_full_prefill_tokens(tiny):
+def test_transformers_baseline_runs_beside_full_and_decodes_its_tokens(tiny, tmp_path):
     folder, rag, items = tiny
-    full = [rag.answer(q, chunks, mode="full") for q, chunks, _g in items]
-    hf = answer.hf_baseline(folder, rag, items, {"tokens": [a.tokens for a in full], "ttfts": [a.ttft_s for a in full]})
+    answer.fresh_store(rag, tmp_path / "kv", 1 << 30)
+    hf_answer = answer.transformers_generate(folder, rag)
+    asked = []
+
+    def baseline(question, chunks):
+        asked.append(question)
+        return hf_answer(question, chunks)
+
+    result = answer.compare_modes(rag, items, ["blend"], batch=2, log=lambda _m: None, baseline=baseline)
+    hf = result.pop("transformers")
+    assert asked == [q for q, _c, _g in items] and list(result) == ["full", "blend"]
     assert hf["same_tokens_as_ragkit_full"] == "2/2"
     assert hf["ragkit_full_ttft_vs_hf"] > 0 and hf["hf_ttft_p50_s"] > 0 and hf["hf_generate_questions_per_s"] > 0
 

@@ -9,10 +9,12 @@ Three cache states, each on a fresh store in a temporary folder (the bench leave
             fraction of the one-off time), then every mode side by side: EM/F1, teacher-forced token
             agreement and first-token KL against full prefill, TTFT p50/p90, questions/s one at a time
             and through the batched AnswerEngine.
-The warm's one-off time is reported apart from the answering. Baselines on the same prompts (the
-segments' token ids joined) and greedy decoding: Hugging Face transformers on the same weights
-(`generate` with its own cache: time to its first token, questions/s), and llama.cpp's full prefill on the bundled GGUF
-when `llama_cpp` imports. Decode-heavy batching comes from `ragkit.bench.batch`.
+The batched pass of each mode runs after its one-at-a-time pass, on the same store: prefix mode then
+finds the prompt prefixes that pass stored. The warm's one-off time is reported apart from the answering.
+Baselines on the same prompts (the segments' token ids joined) and greedy decoding: Hugging Face
+transformers `generate` (its own KV cache) on the same weights, run right after full prefill per MuSiQue
+question (time to its first token, questions/s), and llama.cpp's full prefill on the bundled GGUF when
+`llama_cpp` imports. Decode-heavy batching comes from `ragkit.bench.batch`.
 """
 
 from __future__ import annotations
@@ -108,18 +110,23 @@ def answer_forced(rag: RagGenerator, question: str, chunks: list[Chunk], mode: s
     return rag.make_answer(tokens, chunks, stats, ttft, ttft + decode_s), logits, predicted
 
 
-def compare_modes(rag: RagGenerator, items: list[Item], modes: list[str], batch: int, log: Log) -> dict:
+def compare_modes(rag: RagGenerator, items: list[Item], modes: list[str], batch: int, log: Log,
+                  baseline: Callable[[str, list[Chunk]], dict] | None = None) -> dict:
     """Every mode on every item, interleaved per question: quality against gold and against full prefill
     (teacher-forced agreement on full's tokens plus stop, first-token KL), TTFT, questions/s one at a time;
-    then each mode through the batched engine."""
+    then each mode through the batched engine. `baseline` (transformers) answers each question right
+    after full prefill, so machine load hits both alike; its summary is the "transformers" entry."""
     modes = ["full"] + [m for m in modes if m != "full"]
     answers: dict[str, list] = {m: [] for m in modes}
     scores: dict[str, list[dict]] = {m: [] for m in modes}
+    baseline_runs: list[dict] = []
     for n, (question, chunks, _golds) in enumerate(items):
         reference, ref_logits, _ = answer_forced(rag, question, chunks, "full", None)
         forced = reference.tokens + ([_stop(rag)] if len(reference.tokens) < rag.max_new_tokens else [])
         answers["full"].append(reference)
         scores["full"].append({"agreement": 1.0, "kl": 0.0})
+        if baseline is not None:
+            baseline_runs.append(baseline(question, chunks))
         others = modes[1:]
         shift = n % max(1, len(others))  # rotate the order, so no mode always runs right after full
         for mode in others[shift:] + others[:shift]:
@@ -142,8 +149,8 @@ def compare_modes(rag: RagGenerator, items: list[Item], modes: list[str], batch:
     for mode in modes:
         log(f"batched engine ({mode}, batch {batch})")
         out[mode]["questions_per_s_batched"] = batched_rate(rag, items, mode, batch)
-    out["full"]["tokens"] = [a.tokens for a in answers["full"]]
-    out["full"]["ttfts"] = [a.ttft_s for a in answers["full"]]
+    if baseline is not None:
+        out["transformers"] = baseline_summary(baseline_runs, answers["full"])
     return out
 
 
@@ -163,31 +170,38 @@ class _FirstToken:
         pass
 
 
-@torch.inference_mode()
-def hf_baseline(model_dir: Path, rag: RagGenerator, items: list[Item], full: dict) -> dict:
-    """transformers `generate` (greedy, its own KV cache) on the same weights and prompts: its time to the
-    first token against ragkit's full prefill TTFT (`full`: compare_modes' full entry), questions/s, and
-    whether its tokens equal ragkit full's."""
+def transformers_generate(model_dir: Path, rag: RagGenerator) -> Callable[[str, list[Chunk]], dict]:
+    """transformers `generate` (greedy, its own KV cache) on the same weights, answering from the same
+    prompt ids: returns a function question, chunks -> its time to the first token, total time, tokens."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=rag.model.dtype).to(rag.model.device).eval()
     stops = sorted(rag.prompt.stop_ids)
-    ttfts, generate_s, same = [], 0.0, 0
-    for (question, chunks, _golds), reference in zip(items, full["tokens"]):
+
+    @torch.inference_mode()
+    def answer(question: str, chunks: list[Chunk]) -> dict:
         ids = torch.tensor([prompt_ids(rag, question, chunks)], device=rag.model.device)
         first = _FirstToken()
         start = time.perf_counter()
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=rag.max_new_tokens,
                              do_sample=False, eos_token_id=stops, pad_token_id=stops[0], streamer=first)
-        generate_s += time.perf_counter() - start
-        ttfts.append(first.at - start)
-        tokens = [t for t in out[0, ids.shape[1]:].tolist() if t not in rag.prompt.stop_ids]
-        same += int(tokens == list(reference))
-    return {"ragkit_full_ttft_p50_s": round(percentile(full["ttfts"], 0.5), 4),
+        total = time.perf_counter() - start
+        return {"ttft_s": first.at - start, "total_s": total,
+                "tokens": [t for t in out[0, ids.shape[1]:].tolist() if t not in rag.prompt.stop_ids]}
+
+    return answer
+
+
+def baseline_summary(runs: list[dict], full: list) -> dict:
+    """transformers against ragkit's full prefill answers of the same questions: TTFT ratio, questions/s,
+    how many greedy answers are token for token the same."""
+    ragkit_ttfts, ttfts = [a.ttft_s for a in full], [r["ttft_s"] for r in runs]
+    same = sum(int(r["tokens"] == a.tokens) for r, a in zip(runs, full))
+    return {"ragkit_full_ttft_p50_s": round(percentile(ragkit_ttfts, 0.5), 4),
             "hf_ttft_p50_s": round(percentile(ttfts, 0.5), 4),
-            "ragkit_full_ttft_vs_hf": round(statistics.median(full["ttfts"]) / statistics.median(ttfts), 3),
-            "hf_generate_questions_per_s": round(len(items) / generate_s, 4),
-            "same_tokens_as_ragkit_full": f"{same}/{len(items)}"}
+            "ragkit_full_ttft_vs_hf": round(statistics.median(ragkit_ttfts) / statistics.median(ttfts), 3),
+            "hf_generate_questions_per_s": round(len(runs) / sum(r["total_s"] for r in runs), 4),
+            "same_tokens_as_ragkit_full": f"{same}/{len(runs)}"}
 
 
 def llama_cpp_baseline(gguf: Path, rag: RagGenerator, items: list[Item], threads: int) -> dict:
@@ -214,9 +228,9 @@ def llama_cpp_baseline(gguf: Path, rag: RagGenerator, items: list[Item], threads
 
 
 def bench_dataset(pipe, questions: int, modes: list[str], warm: str, log_split: str | None, log_questions: int,
-                  batch: int, log: Log) -> tuple[dict, RagGenerator, list[Item], dict]:
+                  batch: int, log: Log, baseline: Callable | None = None) -> tuple[dict, RagGenerator, list[Item]]:
     """The three cache states for one pipeline (see the module docstring); returns (result, generator,
-    items, per-mode comparison) for the baselines."""
+    items) for llama.cpp."""
     cfg = pipe.config
     queries = [q for q in pipe.queries() if q.answers][:questions]
     hits = pipe.retrieve_batch([q.text for q in queries], cfg.generator.chunks)
@@ -250,10 +264,10 @@ def bench_dataset(pipe, questions: int, modes: list[str], warm: str, log_split: 
         warm_s = time.perf_counter() - start
         result["corpus_warm"] = {"scope": warm, "warmed_chunks": computed, "warm_s": round(warm_s, 2),
                                  "warm_s_per_chunk": round(warm_s / max(1, computed), 3)}
-        comparison = compare_modes(rag, items, modes, batch, log)
-        result["modes"] = {m: {k: v for k, v in r.items() if k not in ("tokens", "ttfts")}
-                          for m, r in comparison.items()}
-    return result, rag, items, comparison
+        result["modes"] = compare_modes(rag, items, modes, batch, log, baseline)
+        if baseline is not None:
+            result["transformers"] = result["modes"].pop("transformers")
+    return result, rag, items
 
 
 def run(musique_pipe, scifact_pipe, questions: int, scifact_questions: int, modes: list[str], warm: str,
@@ -265,10 +279,10 @@ def run(musique_pipe, scifact_pipe, questions: int, scifact_questions: int, mode
     from ragkit.bench import batch as batch_bench
 
     torch.set_num_threads(threads)
-    musique, rag, items, comparison = bench_dataset(musique_pipe, questions, modes, warm, "dev", log_questions,
-                                                    batch, log)
-    log("transformers baseline on the MuSiQue prompts")
-    hf = hf_baseline(resolve_model_dir(musique_pipe.config.generator.model), rag, items, comparison["full"])
+    hf_answer = transformers_generate(resolve_model_dir(musique_pipe.config.generator.model), musique_pipe.generator)
+    musique, rag, items = bench_dataset(musique_pipe, questions, modes, warm, "dev", log_questions, batch, log,
+                                        hf_answer)
+    hf = musique.pop("transformers")
     llama = llama_cpp_baseline(bundled_gguf("smollm2"), rag, items, threads) \
         if musique_pipe.config.generator.model == "smollm2" else {"available": False, "reason": "no GGUF of this model"}
     scifact = bench_dataset(scifact_pipe, scifact_questions, modes, warm, None, 0, batch, log)[0]

@@ -15,13 +15,15 @@ gains from chunk reuse, not from batching. The engine therefore:
   row with its own stop tokens and budget. A finished row leaves at once (the last row moves into
   its place) and queued requests join between steps, within `max_batch` rows and `max_kv_bytes`.
 
-A server calls `submit` and `step` in its own loop; `run` answers a list. APE lays every prompt's
+A server calls `submit` and `step` in its own loop (`cancel` for a request nobody waits for, `stop`
+for one whose output ended on the caller's terms); `run` answers a list. APE lays every prompt's
 chunks side by side and attends to them with a temperature carried by its cache (one context mask
 per cache, not per row), so APE requests are answered one at a time when they reach the head of the queue.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -34,7 +36,7 @@ from chunk_cache.assembly import CHUNK
 from chunk_cache.modes import NONE, make_mode
 from chunk_cache.reuse import MAX_VARIANTS
 from chunk_cache.store import CacheKey, ChunkKV
-from generators.generate import decode_step, pick
+from generators.generate import Sampling, decode_step, pick
 from generators.model import KVCache
 from generators.rag import Answer, RagGenerator, synchronize
 from ragkit.types import Chunk
@@ -47,6 +49,7 @@ class Request:
     mode: str | None = None  # None: the generator's configured mode
     max_new_tokens: int | None = None  # None: the generator's
     stop_ids: frozenset[int] | None = None  # None: the prompt's end-of-turn tokens
+    temperature: float | None = None  # None: the generator's
     on_token: Callable[[str], None] | None = None
 
 
@@ -62,6 +65,7 @@ class _Sequence:
     stats: dict
     started: float
     ttft: float
+    sampling: Sampling
     rng: torch.Generator | None
     tokens: list[int] = field(default_factory=list)
     done: bool = False
@@ -209,6 +213,27 @@ class AnswerEngine:
                 answers[index[ticket]] = answer
         return answers
 
+    def cancel(self, ticket: int) -> bool:
+        """Drop a queued or running request (its row is free for the next admission); False when
+        it is not here (already answered). Call between steps."""
+        for index, (queued, _) in enumerate(self.queue):
+            if queued == ticket:
+                del self.queue[index]
+                self._request_keys.pop(ticket, None)
+                self._prefetched.discard(ticket)
+                return True
+        for row, sequence in enumerate(self.rows):
+            if sequence.ticket == ticket:
+                self._free(row)
+                return True
+        return False
+
+    def stop(self, ticket: int) -> Answer:
+        """End a running request now, as a stop token would (the caller saw its output end); its answer
+        so far. Call between steps."""
+        (row,) = [row for row, sequence in enumerate(self.rows) if sequence.ticket == ticket]
+        return self._retire(row)[1]
+
     def close(self) -> None:
         self._prefetcher.shutdown(wait=True)
 
@@ -281,16 +306,27 @@ class AnswerEngine:
             synchronize(self.model.device)
             ttft = time.perf_counter() - started
             stats["commit"](ttft)
-        sampling = self.rag.sampling
+        sampling = self._sampling(request)
         rng = torch.Generator().manual_seed(sampling.seed) if sampling.temperature > 0 else None
         stops = self.rag.prompt.stop_ids if request.stop_ids is None else request.stop_ids
         return _Sequence(ticket, request, logits, next_position, cache.length, budget, stops, stats, started, ttft,
-                         rng), cache
+                         sampling, rng), cache
+
+    def _sampling(self, request: Request) -> Sampling:
+        if request.temperature is None:
+            return self.rag.sampling
+        return dataclasses.replace(self.rag.sampling, temperature=request.temperature)
 
     def _answer_alone(self, request: Request) -> Answer:
-        stream = request.on_token
-        with self._lookups():
-            return self.rag.answer(request.question, request.chunks, on_token=stream, mode=request.mode)
+        """The request's budget and temperature hold for this answer only (the engine's thread is the
+        generator's only user); its stop ids are the prompt's."""
+        rag, saved = self.rag, (self.rag.max_new_tokens, self.rag.sampling)
+        rag.max_new_tokens, rag.sampling = self._budget(request), self._sampling(request)
+        try:
+            with self._lookups():
+                return rag.answer(request.question, request.chunks, on_token=request.on_token, mode=request.mode)
+        finally:
+            rag.max_new_tokens, rag.sampling = saved
 
     @contextmanager
     def _lookups(self):
@@ -363,11 +399,8 @@ class AnswerEngine:
         """Pick each running sequence's next token; stream it; retire sequences that stopped."""
         if not self.rows:
             return []
-        sampling = self.rag.sampling
-        if sampling.temperature <= 0:
-            picks = torch.stack([s.logits for s in self.rows]).argmax(-1).tolist()
-        else:  # each sequence draws from its own generator, as it would alone
-            picks = [int(pick(s.logits[None], sampling, s.rng)[0]) for s in self.rows]
+        # each sequence at its own temperature, drawing from its own generator, as it would alone
+        picks = [int(pick(s.logits[None], s.sampling, s.rng)[0]) for s in self.rows]
         for sequence, token in zip(self.rows, picks):
             if sequence.budget <= len(sequence.tokens) or token in sequence.stops:
                 sequence.done = True
@@ -383,6 +416,12 @@ class AnswerEngine:
         return finished[::-1]
 
     def _retire(self, row: int) -> tuple[int, Answer]:
+        sequence = self._free(row)
+        total = time.perf_counter() - sequence.started
+        answer = self.rag.make_answer(sequence.tokens, sequence.request.chunks, sequence.stats, sequence.ttft, total)
+        return sequence.ticket, answer
+
+    def _free(self, row: int) -> _Sequence:
         """Free the row: the last row moves into it, so the running rows stay 0..n-1."""
         sequence = self.rows[row]
         last = len(self.rows) - 1
@@ -393,9 +432,9 @@ class AnswerEngine:
             self.cache.positions[row] = self.cache.positions[last]
             self.rows[row] = self.rows[last]
         self.rows.pop()
-        total = time.perf_counter() - sequence.started
-        answer = self.rag.make_answer(sequence.tokens, sequence.request.chunks, sequence.stats, sequence.ttft, total)
-        return sequence.ticket, answer
+        if self.idle:
+            self.cache = None  # give the batch cache's memory back
+        return sequence
 
     def _decode(self) -> None:
         """One batched step: every running row appends its token at its own next slot."""

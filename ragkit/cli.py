@@ -296,8 +296,10 @@ def serve(
     port: int = typer.Option(8000, "--port", min=1, max=65535, help="TCP port."),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="RAGKIT_API_KEY", help="Require "
                                           "`Authorization: Bearer KEY` on every route but /health."),
-    queue: int = typer.Option(16, "--queue", min=1, help="Requests that may wait for the answering slot; beyond "
+    queue: int = typer.Option(16, "--queue", min=1, help="Requests that may wait for a batch row; beyond "
                               "it: 429 with Retry-After."),
+    batch: int = typer.Option(8, "--batch", min=1, help="Requests decoded together: new requests join the "
+                              "running batch between decode steps, up to this many; the rest wait in the queue."),
     deadline: float = typer.Option(120.0, "--deadline", min=1.0, help="Seconds a request may take from arrival "
                                    "to its last token; past it the request is cancelled (504)."),
     max_k: int = typer.Option(20, "--max-k", min=1, help="Largest k (chunks) a request may ask for."),
@@ -325,11 +327,11 @@ def serve(
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         typer.echo(f"warning: serving on {host} without --api-key: anyone who can reach it may use it", err=True)
     pipe = _pipeline(config, overrides, quiet)
-    options = ServeOptions(queue=queue, deadline_s=deadline, api_key=api_key, max_k=max_k, max_tokens=max_tokens,
+    options = ServeOptions(queue=queue, batch=batch, deadline_s=deadline, api_key=api_key, max_k=max_k, max_tokens=max_tokens,
                            arena=tuple(arena.split(",")), preferences=preferences,
                            **({"modes": tuple(modes.split(","))} if modes else {}))
     server = build_server(pipe, options)
-    typer.echo(f"serving {pipe.config.name} on http://{host}:{port}/ (queue {queue}, deadline {deadline:g} s)",
+    typer.echo(f"serving {pipe.config.name} on http://{host}:{port}/ (batch {batch}, queue {queue}, deadline {deadline:g} s)",
                err=True)
     run(server, host=host, port=port, log_level="warning" if quiet else "info")
 
@@ -709,6 +711,31 @@ def bench_answer(
                          "new_tokens": batch_new_tokens, "batch_sizes": [batch]},
                         lambda msg: typer.echo(msg, err=True))
     _emit(result, as_json, answer.format_report)
+
+
+@bench_app.command("scale")
+@user_errors
+def bench_scale(
+    as_json: bool = typer.Option(False, "--json", help="Print the results object as JSON on stdout."),
+    dense_vectors: int = typer.Option(50_000, "--dense-vectors", min=1000, help="Clustered real MiniLM embeddings "
+                                      "in the dense set (the full-size figure: 10000000)."),
+    bm25_chunks: int = typer.Option(50_000, "--bm25-chunks", min=1000, help="Chunks of resampled SciFact sentences "
+                                    "(the full-size figure: 2000000)."),
+    centres: int = typer.Option(300, "--centres", min=10, help="SciFact documents whose embeddings are the "
+                                "cluster centres (embedded once, then cached; all 5183 for the full run)."),
+    queries: int = typer.Option(100, "--queries", min=1, help="SciFact test queries timed and scored."),
+    memory_budget: str = typer.Option("1GiB", "--memory-budget", help="Build memory budget, as index.memory_budget."),
+    nlist: int = typer.Option(0, "--nlist", min=0, help="IVF lists (0: 4 * sqrt(vectors))."),
+    nprobe: int = typer.Option(32, "--nprobe", min=1, help="IVF lists probed per query."),
+    workdir: Optional[Path] = typer.Option(None, "--workdir", help="Where the indexes are built (deleted after); "
+                                           "needs about 1 KiB per dense vector."),
+) -> None:
+    """Streaming, sharded indexes at size: build docs/s, peak RSS, size, latency, QPS, recall; Ray vs one process."""
+    from ragkit.bench.scale import format_report, run_scale_bench
+
+    result = run_scale_bench(dense_vectors, bm25_chunks, centres, queries, memory_budget, nlist, nprobe,
+                             str(workdir) if workdir else None, log=lambda msg: typer.echo(msg, err=True))
+    _emit(result, as_json, format_report)
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,20 @@ DATASET_FORMATS = ["beir", "jsonl", "textdir", "bright", "coir"]
 PROTOCOLS = ["beir", "bright", "coir"]
 FUSIONS = ["none", "rrf", "weighted"]
 NORMALIZATIONS = ["minmax", "zscore"]
+BACKENDS = ["local", "ray"]
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str, key: str, source: str | None = None) -> int:
+    """"4GiB", "512 MB", "2000000000" -> bytes; anything else is a ConfigError naming `key`."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmgt]i?b|b)?\s*", str(text), re.IGNORECASE)
+    if not match:
+        raise ConfigError(key, f'expected a size such as "4GiB" or "512MB", got {text!r}', source=source)
+    value = float(match.group(1)) * _SIZE_UNITS[(match.group(2) or "").lower()]
+    if value < 2**20:
+        raise ConfigError(key, f"must be at least 1MiB, got {text!r}", source=source)
+    return int(value)
 
 
 @dataclass
@@ -99,6 +114,29 @@ class EvalConfig:
 
 
 @dataclass
+class IndexConfig:
+    # Set (e.g. "4GiB") to build streaming: embeddings in resumable parts on disk, retrievers in
+    # shards sized to fit, IVF lists on disk. Empty: every retriever is built in memory, in one piece.
+    memory_budget: str = ""
+
+    def budget_bytes(self) -> int:
+        return parse_bytes(self.memory_budget or "4GiB", "index.memory_budget")
+
+
+@dataclass
+class ClusterConfig:
+    # "ray" builds and searches the shards on a Ray cluster (pip install -e .[ray]); "local": this process.
+    backend: str = "local"
+    # Ray: "auto" (a running cluster, else a new local one), "local" (always a new one), "ray://host:10001".
+    address: str = "auto"
+    # Shards per retriever (more when index.memory_budget needs them); > 1 also means a streaming build.
+    shards: int = 1
+    # Ray Data embedding: actors (each loads the model once) and GPUs per actor (0: CPU).
+    embed_actors: int = 1
+    gpus_per_actor: float = 0.0
+
+
+@dataclass
 class Config:
     name: str = "ragkit"
     seed: int = 0
@@ -108,6 +146,8 @@ class Config:
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     # A suite: one table per task, each overriding [dataset] keys, plus an optional `name` for its
     # folder (default: domain, task or the dataset folder's name), e.g. `[[tasks]]` `domain = "biology"`.
     # Each task is indexed to indexes/<name>/<task>/ and evaluated to runs/<name>/<task>/.
@@ -142,10 +182,16 @@ class Config:
         data.pop("has_generator")
         return data
 
+    def sharded(self) -> bool:
+        """Whether `ragkit index` builds the streaming, sharded layout (retrievers.shards)."""
+        return bool(self.index.memory_budget) or self.cluster.backend == "ray" or self.cluster.shards > 1
+
     def fingerprint(self) -> str:
         """Hash of the settings that decide an index's content."""
         relevant = {"dataset": dataclasses.asdict(self.dataset), "chunking": dataclasses.asdict(self.chunking),
                     "retrievers": self.retrieval.retrievers}
+        if self.sharded():  # shard count and backend do not change what a search returns
+            relevant["layout"] = "sharded"
         relevant["dataset"].pop("limit_queries")
         blob = json.dumps(relevant, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
@@ -159,11 +205,14 @@ _CHOICES = {
     "cache.eviction": list(POLICIES),
     "generator.dtype": list(GENERATOR_DTYPES),
     "eval.protocol": PROTOCOLS,
+    "cluster.backend": BACKENDS,
 }
 
-_POSITIVE = {"chunking.size", "retrieval.k", "retrieval.chunk_k", "generator.max_new_tokens", "generator.chunks"}
+_POSITIVE = {"chunking.size", "retrieval.k", "retrieval.chunk_k", "generator.max_new_tokens", "generator.chunks",
+             "cluster.shards", "cluster.embed_actors"}
 _NON_NEGATIVE = {"chunking.overlap", "dataset.limit_queries", "cache.full_layers", "cache.ratio", "cache.epic_tokens",
-                 "cache.device_bytes", "cache.host_bytes", "cache.disk_bytes", "generator.temperature"}
+                 "cache.device_bytes", "cache.host_bytes", "cache.disk_bytes", "generator.temperature",
+                 "cluster.gpus_per_actor"}
 
 
 def _coerce(key: str, value: Any, typ: Any, source: str | None) -> Any:
@@ -263,6 +312,12 @@ def _check(cfg: Config, source: str | None) -> None:
     if cfg.chunking.overlap >= cfg.chunking.size:
         raise ConfigError("chunking.overlap", f"must be smaller than chunking.size ({cfg.chunking.size})",
                           source=source)
+    if cfg.index.memory_budget:
+        parse_bytes(cfg.index.memory_budget, "index.memory_budget", source)
+    address = cfg.cluster.address
+    if address not in ("auto", "local") and not re.fullmatch(r"(ray://)?[\w.-]+:\d+", address):
+        raise ConfigError("cluster.address", f'expected "auto", "local", "ray://host:port" or "host:port", '
+                          f"got {address!r}", source=source)
     if cfg.cache.ratio > 1:
         raise ConfigError("cache.ratio", f"must be in [0, 1], got {cfg.cache.ratio}", source=source)
     if not cfg.retrieval.retrievers:

@@ -80,19 +80,26 @@ class Pipeline:
         chunks = list(chunk_documents(docs, tokenizer, cfg.chunking.size, cfg.chunking.overlap))
         built = []
         target = cfg.index_dir()
+        plan = self._build_plan() if cfg.sharded() else None
         with publish_dir(target, lock=True) as tmp:
             _write_chunks(tmp / "chunks.jsonl", chunks)
             for position, spec in enumerate(cfg.retrieval.retrievers):
-                retriever = retrievers.build(spec, position)
-                retriever.index(self._bar(chunks, desc=f"indexing {spec['type']}", unit="chunk"))
                 sub = tmp / f"retriever-{position}"
                 sub.mkdir()
+                if plan is not None:
+                    self._build_sharded(spec, position, chunks, sub, plan)
+                    continue
+                retriever = retrievers.build(spec, position)
+                retriever.index(self._bar(chunks, desc=f"indexing {spec['type']}", unit="chunk"))
                 retriever.save(sub)
                 built.append(retriever)
             manifest = self._manifest(len({c.doc_id for c in chunks}), len(chunks))
             manifest["build_s"] = round(time.perf_counter() - started, 3)
             manifest["files"] = _file_checksums(tmp)
             atomic_write_json(tmp / MANIFEST, manifest)
+        if plan is not None:  # sharded retrievers are opened where they were published
+            built = [self._load_retriever(target, position, spec)
+                     for position, spec in enumerate(cfg.retrieval.retrievers)]
         self._retrievers = built
         self._chunks = {c.id: c for c in chunks}
         return {"documents": manifest["documents"], "chunks": len(chunks), "path": str(target),
@@ -141,12 +148,44 @@ class Pipeline:
                     return
         self.index()
 
+    # -- scale-out ---------------------------------------------------------------------------
+    def _runner(self):
+        if self.config.cluster.backend == "ray":
+            from retrievers import ray_backend
+
+            return ray_backend.RayRunner(self.config.cluster, progress=self.progress)
+        from retrievers.shards import LocalRunner
+
+        return LocalRunner(progress=self.progress)
+
+    def _build_plan(self):
+        from retrievers.shards import BuildPlan
+
+        return BuildPlan(shards=self.config.cluster.shards, memory_budget=self.config.index.budget_bytes(),
+                         runner=self._runner())
+
+    def _build_sharded(self, spec: dict[str, Any], position: int, chunks: list[Chunk], folder: Path, plan) -> None:
+        """Stream one retriever into shards: embeddings first (resumable) for the dense kinds."""
+        from retrievers import shards
+
+        embeddings = shards.embed(spec, position, chunks, plan) if spec["type"] in shards.DENSE_KINDS else None
+        shards.build(spec, position, chunks, folder, plan, embeddings)
+
     def _load_retriever(self, folder: Path, position: int, spec: dict[str, Any]):
         import retrievers
 
-        retriever = retrievers.build(spec, position)
         sub = folder / f"retriever-{position}"
+        pool = None
+        if self.config.cluster.backend == "ray":
+            from retrievers import ray_backend
+
+            pool = ray_backend.actor_pool(self.config.cluster)
         try:
+            if self.config.sharded():
+                from retrievers.shards import ShardedRetriever
+
+                return ShardedRetriever(spec, position, sub, pool)
+            retriever = retrievers.build(spec, position)
             retriever.load(sub)
         except (OSError, ValueError, KeyError, TypeError) as exc:  # files that pass checksums yet do not parse
             raise IndexMismatchError(f"{sub}: unreadable index ({type(exc).__name__}: {exc}); "

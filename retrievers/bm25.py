@@ -10,6 +10,10 @@ Two backends over the same tokenisation and the same saved files:
 bag of words gets the same BM25 weight as a document, with its own length, and the score
 is the dot product of the two weight vectors. The default is Lucene's bag of words, where
 each query-term occurrence adds the document's weight once.
+
+A retriever made with `corpus` (a `CorpusStats` of a larger corpus, from `gather_stats` over
+its parts) is one shard of that corpus: it shares the corpus's vocabulary and scores with its
+idf and average length, so a shard's hits carry the scores one index over everything gives.
 """
 
 from __future__ import annotations
@@ -17,12 +21,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterable
 
 import numpy as np
 
 from retrievers.base import Retriever
-from retrievers.sparse import IDF_VARIANTS, ScoreMatrix
+from retrievers.sparse import IDF_VARIANTS, CorpusStats, ScoreMatrix
 from retrievers.tokenize import STEMMERS, STOPWORD_LISTS, Tokenizer
 from retrievers.topk import top_k
 
@@ -51,19 +55,45 @@ class BM25Retriever(Retriever):
     type = "bm25"
     index_params = ("k1", "b", "idf", "stemmer", "stopwords")
 
+    def __init__(self, params: BM25Params, corpus: CorpusStats | None = None):
+        self.corpus = corpus
+        super().__init__(params)
+
     def _reset(self) -> None:
         super()._reset()
         p = self.params
-        self.tokenizer = Tokenizer(p.stemmer, p.stopwords)
-        self.matrix = ScoreMatrix(p.k1, p.b, p.idf)
+        self.tokenizer = Tokenizer(p.stemmer, p.stopwords, self.corpus.vocab if self.corpus else None)
+        self.matrix = ScoreMatrix(p.k1, p.b, p.idf, self.corpus)
         self._reference = None
 
+    def gather_stats(self, texts: Iterable[str]) -> CorpusStats:
+        """Pass 1 of a sharded build: the statistics of these texts, to merge with other parts'."""
+        tokenizer = Tokenizer(self.params.stemmer, self.params.stopwords)
+        doc_freq = np.zeros(0, dtype=np.int64)
+        n_docs = total_len = 0
+        seen: list[int] = []
+        for text in texts:
+            terms = tokenizer.encode(text, grow=True)
+            n_docs += 1
+            total_len += len(terms)
+            seen.extend(set(terms))
+            if len(seen) > 1 << 22:
+                doc_freq = _add_counts(doc_freq, seen, len(tokenizer.vocab))
+                seen = []
+        doc_freq = _add_counts(doc_freq, seen, len(tokenizer.vocab))
+        return CorpusStats(tokenizer.vocab, doc_freq, n_docs, total_len)
+
     def _add_texts(self, texts: list[str]) -> None:
+        known = len(self.tokenizer.vocab)
         docs = [self.tokenizer.encode(text, grow=True) for text in texts]
+        if self.corpus is not None and len(self.tokenizer.vocab) != known:
+            raise ValueError("a text holds terms outside the corpus statistics: gather them over every shard")
         self.matrix.append(docs, len(self.tokenizer.vocab))
         self._reference = None
 
     def _deleted(self, slots: np.ndarray) -> None:
+        if self.corpus is not None:
+            raise ValueError("a shard scored with whole-corpus statistics cannot delete; rebuild the sharded index")
         # BM25 statistics (N, df, avgdl) must forget deleted chunks at once to match a fresh build.
         self.matrix.keep(self._compact())
         self._reference = None
@@ -110,7 +140,14 @@ class BM25Retriever(Retriever):
     def _load_arrays(self, directory: Path, manifest: dict[str, Any]) -> None:
         vocab = json.loads((directory / "vocab.index.json").read_text(encoding="utf-8"))
         self.tokenizer = Tokenizer(self.params.stemmer, self.params.stopwords, vocab)
+        self.corpus = self.matrix.stats = CorpusStats.load(directory, vocab)
         self.matrix.load(directory, mmap=self.params.mmap)
+
+
+def _add_counts(counts: np.ndarray, term_ids: list[int], n_terms: int) -> np.ndarray:
+    grown = np.bincount(np.asarray(term_ids, dtype=np.int64), minlength=n_terms)
+    grown[:len(counts)] += counts
+    return grown
 
 
 def _reference_model(matrix: ScoreMatrix, params: BM25Params):

@@ -71,19 +71,68 @@ def live(app):
         thread.join(30)
 
 
+class GatedEngine:
+    """A model-free engine with one batch row: a request's steps give no token until `gate` opens,
+    then one token each until it has `tokens` (an answer taking `work_s` in all)."""
+
+    max_batch = 1
+
+    def __init__(self, tokens: int):
+        self.tokens = tokens
+        self.work_s = 0.0
+        self.gate = threading.Event()
+        self.rows: dict[int, tuple[list[str], object]] = {}  # ticket -> (pieces so far, on_token)
+        self._tickets = 0
+
+    @property
+    def idle(self) -> bool:
+        return not self.rows
+
+    def submit(self, on_token) -> int:
+        self._tickets += 1
+        self.rows[self._tickets] = ([], on_token)
+        return self._tickets
+
+    def cancel(self, ticket: int) -> bool:
+        return self.rows.pop(ticket, None) is not None
+
+    def stop(self, ticket: int) -> None:
+        del self.rows[ticket]
+
+    def step(self) -> list:
+        if not self.gate.wait(0.02):
+            return []
+        time.sleep(self.work_s / self.tokens)
+        finished = []
+        for ticket, (pieces, on_token) in list(self.rows.items()):
+            pieces.append(f"t{len(pieces)} ")
+            on_token(pieces[-1])
+            if len(pieces) == self.tokens:
+                del self.rows[ticket]
+                finished.append((ticket, None))
+        return finished
+
+
 class GatedService:
     """The service side of the server without a model, for queue, deadline and disconnect tests:
-    each answer emits `tokens` pieces and waits at `gate` before its first token."""
+    each answer emits `tokens` pieces, its first one once the test opens `gate`."""
 
     name, model = "gated", "none"
 
     def __init__(self, tokens: int = 3):
-        self.tokens = tokens
-        self.work_s = 0.0  # time each answer takes after the gate
-        self.gate = threading.Event()
+        self.engine = GatedEngine(tokens)
+        self.gate = self.engine.gate
         self.started: list[str] = []
         self.finished: list[str] = []
         self.flushed = 0
+
+    @property
+    def work_s(self) -> float:
+        return self.engine.work_s
+
+    @work_s.setter
+    def work_s(self, seconds: float) -> None:
+        self.engine.work_s = seconds
 
     def question_room(self, k: int, max_tokens: int) -> int:
         return 1000
@@ -95,21 +144,21 @@ class GatedService:
         return [{"id": f"c{i}", "doc_id": f"d{i}", "rank": i + 1, "score": 1.0 / (i + 1), "title": "", "text": "t"}
                 for i in range(k)]
 
-    def answer(self, ticket) -> None:
+    def start(self, ticket):
+        from ragkit.serve.scheduler import Started
+
         job = ticket.job
         self.started.append(job.question)
         ticket.emit("retrieved", self.search(job.question, job.k))
-        while not self.gate.wait(0.02):
-            ticket.check()
-        time.sleep(self.work_s)
-        for i in range(self.tokens):
-            ticket.check()
-            ticket.emit("token", f"t{i} ")
-        self.finished.append(job.question)
-        ticket.emit("done", {"answer": "t0 t1 t2", "chunk_ids": [f"c{i}" for i in range(job.k)], "mode": job.mode,
-                             "ttft_s": 0.01, "prefill_s": 0.01, "total_s": 0.02, "cache_hits": 1,
-                             "context_tokens": 10, "recomputed_tokens": 2, "completion_tokens": self.tokens,
-                             "finish_reason": "length"})
+
+        def finish(_answer) -> None:
+            self.finished.append(job.question)
+            ticket.emit("done", {"answer": "t0 t1 t2", "chunk_ids": [f"c{i}" for i in range(job.k)],
+                                 "mode": job.mode, "ttft_s": 0.01, "prefill_s": 0.01, "total_s": 0.02,
+                                 "cache_hits": 1, "context_tokens": 10, "recomputed_tokens": 2,
+                                 "completion_tokens": self.engine.tokens, "finish_reason": "length"})
+
+        return Started(lambda piece: ticket.emit("token", piece), finish)
 
     def cache_stats(self) -> dict:
         return {"hit_rate": 0.5, "tiers": {"host": 123}}
@@ -122,13 +171,13 @@ def gated_server(tmp_path: Path, queue: int = 2, deadline_s: float = 30.0, api_k
     from ragkit.serve.app import Server
     from ragkit.serve.arena import PreferenceLog
     from ragkit.serve.metrics import ServeMetrics
-    from ragkit.serve.scheduler import WorkerScheduler
+    from ragkit.serve.scheduler import EngineScheduler
     from ragkit.serve.schemas import Limits
 
     service = GatedService()
     limits = Limits(modes=("full", "blend"), default_mode="blend", default_k=2, max_k=5, default_max_tokens=3,
                     max_tokens=8, deadline_s=deadline_s)
-    return Server(service=service, scheduler=WorkerScheduler(service.answer, queue), limits=limits,
+    return Server(service=service, scheduler=EngineScheduler(service, queue), limits=limits,
                   api_key=api_key, arena=PreferenceLog(tmp_path / "prefs.jsonl", ("full", "blend"), "gated"),
                   metrics=ServeMetrics(), drain_timeout_s=5)
 

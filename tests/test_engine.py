@@ -136,6 +136,45 @@ def test_a_request_joining_mid_decode_gets_its_answer_alone(rag, requests, alone
 
 
 @pytest.mark.slow
+def test_a_cancelled_request_frees_its_row_and_the_others_go_on(rag, requests, alone):
+    _fresh_store(rag, requests)
+    engine = AnswerEngine(rag, max_batch=4)
+    dropped = engine.submit(requests[0])
+    kept = engine.submit(requests[2])  # full prefill: its answer does not depend on what the store holds
+    engine.step(), engine.step()
+    assert [s.ticket for s in engine.rows] == [dropped, kept]
+    assert engine.cancel(dropped) and [s.ticket for s in engine.rows] == [kept]  # the last row moved into row 0
+    queued = engine.submit(requests[1])
+    assert engine.cancel(queued) and not engine.queue
+    answers = {}
+    while not engine.idle:
+        answers.update(engine.step())
+    assert list(answers) == [kept] and answers[kept].tokens == alone[2].tokens
+    assert not engine.cancel(kept) and engine.cache is None
+
+
+@pytest.mark.slow
+def test_stop_ends_a_running_request_with_its_answer_so_far(rag, requests, alone):
+    _fresh_store(rag, requests)
+    engine = AnswerEngine(rag, max_batch=2)
+    ticket = engine.submit(requests[2])
+    engine.step(), engine.step(), engine.step()
+    answer = engine.stop(ticket)
+    assert answer.tokens == alone[2].tokens[:3] and answer.chunk_ids == alone[2].chunk_ids
+    assert engine.idle and engine.cache is None
+
+
+@pytest.mark.slow
+def test_temperature_per_request_samples_as_the_request_would_alone(rag, requests, alone, monkeypatch):
+    _fresh_store(rag, requests)
+    engine = AnswerEngine(rag, max_batch=2)
+    greedy, hot = engine.run([requests[2], dataclasses.replace(requests[2], temperature=1.5)])
+    monkeypatch.setattr(rag, "sampling", dataclasses.replace(rag.sampling, temperature=1.5))
+    assert greedy.tokens == alone[2].tokens and engine.peak_rows == 2
+    assert hot.tokens == rag.answer(requests[2].question, requests[2].chunks, mode="full").tokens != greedy.tokens
+
+
+@pytest.mark.slow
 def test_memory_budget_bounds_the_batch_and_keeps_answers(rag, requests, alone):
     _fresh_store(rag, requests)
     prompt_rows = max(sum(len(s.token_ids) for s in rag.prompt.segments(r.question, r.chunks)) for r in requests)

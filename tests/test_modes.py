@@ -192,3 +192,23 @@ def test_ape_keeps_titles_and_separators_in_each_context(tiny_rag):
     assert layout.context[last[0]: last[1]].tolist() == [1] * (last[1] - last[0])
     question = layout.spans[-1][0]
     assert int(layout.positions[question]) == max(int(layout.positions[s[1] - 1]) for s in layout.spans[:-1]) + 1
+
+
+def test_a_tail_behind_an_exact_prefix_may_use_the_lower_right_causal_kernel(tiny_rag, monkeypatch):
+    """Prefix mode's tail runs through SDPA's lower-right causal kernel where it is native (CUDA); forced on
+    here, it computes what per-block position masks compute."""
+    from torch.nn.attention.bias import CausalBias
+
+    from generators import model as model_module
+
+    chunks = _chunks(tiny_rag, ["Exeter College is in Oxford.", "The Thames flows through Oxford."])
+    tiny_rag.warm(chunks, progress=False)
+    blocks, *_ = tiny_rag.prefill("Where is Exeter College?", chunks, mode="prefix")
+    seen = []
+    original = model_module.Decoder.masks_for
+    monkeypatch.setattr(model_module, "TAIL_KERNEL_DEVICES", {"cpu", "cuda"})
+    monkeypatch.setattr(model_module.Decoder, "masks_for",
+                        lambda self, *a, **k: seen.append(original(self, *a, **k)) or seen[-1])
+    tail, *_ = tiny_rag.prefill("Where is Exeter College?", chunks, mode="prefix")
+    assert any(isinstance(m, CausalBias) for m in seen)
+    assert (tail - blocks).abs().max() < 1e-4

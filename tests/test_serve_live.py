@@ -137,7 +137,7 @@ def test_sigterm_under_load_finishes_or_refuses_every_request_and_flushes_the_ca
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     process = subprocess.Popen([sys.executable, "-m", "ragkit.cli", "serve", str(config), "--port", str(port),
-                                "--queue", "8", "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                "--queue", "8", "--batch", "2", "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     try:
         wait_healthy(url, 180, process)
@@ -154,9 +154,9 @@ def test_sigterm_under_load_finishes_or_refuses_every_request_and_flushes_the_ca
         for thread in threads:
             thread.start()
         deadline, loaded = time.monotonic() + 60, False
-        while not loaded and time.monotonic() < deadline:  # under load: one answering, the others queued
+        while not loaded and time.monotonic() < deadline:  # under load: two answering together, the others queued
             health = httpx.get(f"{url}/health").json()
-            loaded = health["running"] == 1 and health["queue"] >= 2
+            loaded = health["running"] == 2 and health["queue"] >= 2
             time.sleep(0.02)
         process.send_signal(signal.SIGTERM)
         assert loaded, "the server was never seen busy with a queue"

@@ -1,10 +1,8 @@
 """The seam between the HTTP routes and whatever answers: submit a Job, read its events from a Ticket.
 
 Routes only call `Scheduler.submit(job) -> Ticket`, iterate the ticket's events and call
-`ticket.cancel()` (client gone, deadline passed). Any engine that can push events onto a
-ticket from its own thread fits behind this interface: `WorkerScheduler` answers one job at a
-time on one thread today; the batched engine (jobs joining the running batch between decode
-steps) can replace it without touching the routes.
+`ticket.cancel()` (client gone, deadline passed). `EngineScheduler` puts jobs through the
+batched engine (generators/engine.py): new jobs join the running batch between decode steps.
 
 Events, in order: `retrieved` (ranked chunks), `token` (text pieces, zero or more), then exactly
 one of `done` (the answer's figures) or `error` ({"status", "message"}): the iteration ends there.
@@ -61,7 +59,7 @@ class ShuttingDown(Exception):
 
 
 class Cancelled(Exception):
-    """Raised inside the engine (from a token callback) to stop a job nobody waits for."""
+    """Raised by `Ticket.check`: nobody waits for this job any more."""
 
 
 class Ticket:
@@ -137,23 +135,60 @@ class Scheduler(Protocol):
         """Drain, then wait up to timeout_s for running jobs to end."""
 
 
-class WorkerScheduler:
-    """One worker thread answers jobs first come, first served; at most `queue_size` wait, and none
-    that would finish past its deadline at the recent pace (service time × (jobs ahead + 1)).
+class Engine(Protocol):
+    """The batched engine as the scheduler drives it (generators.engine.AnswerEngine; a model-free one in tests)."""
 
-    `answer(ticket)` runs one job: it emits the ticket's events and calls `ticket.check()` often;
-    Cancelled ends the job quietly, any other exception becomes a 500 error event.
+    max_batch: int
+    idle: bool
+
+    def submit(self, request: Any) -> int: ...
+
+    def step(self) -> list[tuple[int, Any]]: ...
+
+    def cancel(self, ticket: int) -> bool: ...
+
+    def stop(self, ticket: int) -> Any: ...
+
+
+@dataclass
+class Started:
+    """A job turned into an engine request."""
+
+    request: Any  # its on_token streams to the ticket and never raises
+    finish: Callable[[Any], None]  # emits `done` from the engine's answer
+    ended: Callable[[], bool] = lambda: False  # the output wants no more tokens (a stop string, the size cap)
+
+
+class Answering(Protocol):
+    """What turns a job into an engine request (service.RagService; a model-free one in tests)."""
+
+    engine: Engine
+
+    def start(self, ticket: Ticket) -> Started:
+        """Retrieve and emit `retrieved`, then make the engine request."""
+
+
+class EngineScheduler:
+    """One thread drives the batched engine: between decode steps it drops the jobs whose client
+    left or whose deadline passed (their batch rows are freed), stops those whose output ended on a
+    stop string or the size cap (answered at once, their rows freed too), and admits waiting jobs into free
+    rows, first come, first served. At most `queue_size` jobs wait, and none that would finish past
+    its deadline at the recent pace (a job's time in the batch x the batches ahead of it).
+
+    A failure inside the engine is a bug, not a client's fault: the running jobs get a 500 error
+    event and the loop goes on.
     """
 
-    def __init__(self, answer: Callable[[Ticket], None], queue_size: int):
-        self._answer = answer
+    def __init__(self, answering: Answering, queue_size: int):
+        self._answering = answering
+        self._engine = answering.engine
         self.queue_size = queue_size
         self._pending: deque[Ticket] = deque()
-        self._current: Ticket | None = None
+        self._running: dict[int, tuple[Ticket, Started, float]] = {}  # engine ticket -> job, its start time
         self._cond = threading.Condition()
         self._closing = False
-        self._service_s = 0.0  # moving average of one job's time (0 until one is measured), for Retry-After
-        self._thread = threading.Thread(target=self._run, name="ragkit-serve-worker", daemon=True)
+        self._service_s = 0.0  # moving average of one job's time in the batch (0 until measured), for Retry-After
+        self._thread = threading.Thread(target=self._run, name="ragkit-serve-engine", daemon=True)
         self._thread.start()
 
     @property
@@ -162,7 +197,7 @@ class WorkerScheduler:
 
     @property
     def running(self) -> int:
-        return int(self._current is not None)
+        return len(self._running)
 
     def submit(self, job: Job) -> Ticket:
         ticket = Ticket(job, asyncio.get_running_loop(), self._release)
@@ -171,10 +206,10 @@ class WorkerScheduler:
                 raise ShuttingDown()
             ahead = len(self._pending) + self.running
             # Full, or so far behind that the job would finish past its deadline: refuse it now, not later.
-            retry_after = max(1, math.ceil(self._service_s * ahead))
+            retry_after = max(1, math.ceil(self._service_s * (ahead // self._engine.max_batch)))
             if len(self._pending) >= self.queue_size:
                 raise QueueFull(retry_after)
-            if self._service_s * (ahead + 1) > job.deadline - time.monotonic():
+            if self._service_s * (ahead // self._engine.max_batch + 1) > job.deadline - time.monotonic():
                 raise QueueFull(retry_after, "the server is too busy to answer within the deadline")
             self._pending.append(ticket)
             self._cond.notify()
@@ -200,24 +235,55 @@ class WorkerScheduler:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._pending and not self._closing:
+                while not self._pending and not self._running and not self._closing:
                     self._cond.wait()
-                if not self._pending:
+                if not self._pending and not self._running:
                     return
-                ticket = self._current = self._pending.popleft()
-            started = time.monotonic()
+                admitted = []
+                while self._pending and len(self._running) + len(admitted) < self._engine.max_batch:
+                    admitted.append(self._pending.popleft())
+            for ticket in admitted:
+                self._start(ticket)
+            self._step()
+
+    def _start(self, ticket: Ticket) -> None:
+        if ticket.expired():
+            ticket.fail(504, "the request passed its deadline while queued")
+            return
+        try:
+            started = self._answering.start(ticket)
+            ticket.check()
+            self._running[self._engine.submit(started.request)] = (ticket, started, time.monotonic())
+        except Cancelled:
+            pass
+        except Exception as exc:
+            log.exception("starting an answer failed")
+            ticket.fail(500, f"internal error while answering ({type(exc).__name__}); the server goes on")
+
+    def _step(self) -> None:
+        finished = []
+        for number, (ticket, started, _) in list(self._running.items()):
+            if ticket.cancelled or ticket.expired():  # the client left or the deadline passed: free the row
+                self._engine.cancel(number)
+                del self._running[number]
+            elif started.ended():
+                finished.append((number, self._engine.stop(number)))
+        if len(finished) < len(self._running):
             try:
-                if ticket.expired():
-                    ticket.fail(504, "the request passed its deadline while queued")
-                    continue
-                self._answer(ticket)
-                took = time.monotonic() - started  # the pace, from answers that ran to the end
-                self._service_s = 0.8 * self._service_s + 0.2 * took if self._service_s else took
-            except Cancelled:
-                pass
-            except Exception as exc:  # a bug, not the client's fault: say so, keep serving
+                finished += self._engine.step()
+            except Exception as exc:
                 log.exception("answering failed")
+                for number, (ticket, _, _) in self._running.items():
+                    self._engine.cancel(number)
+                    ticket.fail(500, f"internal error while answering ({type(exc).__name__}); the server goes on")
+                self._running.clear()
+                return
+        for number, answer in finished:
+            ticket, started, since = self._running.pop(number)
+            took = time.monotonic() - since  # the pace, from answers that ran to the end
+            self._service_s = 0.8 * self._service_s + 0.2 * took if self._service_s else took
+            try:
+                started.finish(answer)
+            except Exception as exc:
+                log.exception("reporting an answer failed")
                 ticket.fail(500, f"internal error while answering ({type(exc).__name__}); the server goes on")
-            finally:
-                with self._cond:
-                    self._current = None

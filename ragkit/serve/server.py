@@ -20,7 +20,7 @@ from ragkit.pipeline import Pipeline
 from ragkit.serve.app import Server, create_app
 from ragkit.serve.arena import PreferenceLog
 from ragkit.serve.metrics import ServeMetrics
-from ragkit.serve.scheduler import WorkerScheduler
+from ragkit.serve.scheduler import EngineScheduler
 from ragkit.serve.schemas import Limits
 from ragkit.serve.service import RagService
 
@@ -28,6 +28,7 @@ from ragkit.serve.service import RagService
 @dataclass
 class ServeOptions:
     queue: int = 16
+    batch: int = 8  # requests decoded together (rows of the engine's batch)
     deadline_s: float = 120.0
     api_key: str | None = None
     max_k: int = 20
@@ -54,9 +55,9 @@ def build_server(pipeline: Pipeline, options: ServeOptions) -> Server:
                     max_k=options.max_k, default_max_tokens=min(cfg.generator.max_new_tokens, options.max_tokens),
                     max_tokens=options.max_tokens, max_body_bytes=options.max_body_bytes,
                     deadline_s=options.deadline_s, **options.extra)
-    service = RagService(pipeline, limits.max_output_chars)
+    service = RagService(pipeline, limits.max_output_chars, options.batch)
     preferences = options.preferences or Path(cfg.eval.runs_dir) / "arena" / f"{cfg.name}.jsonl"
-    return Server(service=service, scheduler=WorkerScheduler(service.answer, options.queue), limits=limits,
+    return Server(service=service, scheduler=EngineScheduler(service, options.queue), limits=limits,
                   api_key=options.api_key or None, arena=PreferenceLog(preferences, options.arena, cfg.name),
                   metrics=ServeMetrics(), drain_timeout_s=options.deadline_s)
 

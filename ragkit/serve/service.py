@@ -1,23 +1,24 @@
 """What the server serves: one Pipeline kept for the process's lifetime, so the model stays loaded
 and the KV store's memory tiers stay warm from one request to the next.
 
-`answer(ticket)` is the WorkerScheduler's job runner: retrieve, then RagGenerator.answer with
-an on_token callback that streams text, applies stop strings and the output cap, and raises
-Cancelled when the client left or the deadline passed.
+`start(ticket)` turns a job into a request of the batched engine (`AnswerEngine`, driven by the
+EngineScheduler): retrieve, then a request carrying the job's own budget and temperature, with an
+on_token callback that streams text and applies stop strings and the output cap (where the
+output ends, the scheduler stops the request's row).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import threading
 import time
-from contextlib import contextmanager
 from typing import Any
 
+from generators.engine import AnswerEngine, Request
+from generators.rag import Answer
 from generators.weights import load_tokenizer
 from ragkit.pipeline import Pipeline
-from ragkit.serve.scheduler import Job, Ticket
+from ragkit.serve.scheduler import Started, Ticket
 
 # Room left for the title line and separator around each retrieved chunk in the prompt.
 PER_CHUNK_OVERHEAD = 32
@@ -25,12 +26,13 @@ DEFAULT_CONTEXT = 2048
 
 
 class RagService:
-    def __init__(self, pipeline: Pipeline, max_output_chars: int):
+    def __init__(self, pipeline: Pipeline, max_output_chars: int, max_batch: int):
         self.pipeline = pipeline
         self.max_output_chars = max_output_chars
         self._retrieval = threading.Lock()  # /search and the worker share the retrievers
         self.generator = pipeline.generator  # loads the model now, not on the first request
         self.pipeline.retrievers  # and the index
+        self.engine = AnswerEngine(self.generator, max_batch=max_batch)
         self.context_window = _context_window(pipeline.config.generator.model)
         # Requests are measured on the event loop while the worker tokenizes: fast tokenizers are not
         # safe to share between threads ("Already borrowed"), so the loop gets its own copy.
@@ -62,38 +64,27 @@ class RagService:
         return {"id": hit.id, "doc_id": chunk.doc_id, "rank": hit.rank, "score": round(float(hit.score), 6),
                 "title": chunk.title, "text": chunk.text}
 
-    def answer(self, ticket: Ticket) -> None:
+    def start(self, ticket: Ticket) -> Started:
         job = ticket.job
         hits = self.search(job.question, job.k)
         ticket.emit("retrieved", hits)
-        ticket.check()
         chunks = [self.pipeline.chunk(h["id"]) for h in hits]
         output = _Output(ticket, self.max_output_chars)
-        started = time.monotonic()
-        with self._decoding(job):
-            answer = self.generator.answer(job.question, chunks, on_token=output.add, mode=job.mode)
-        output.finish()
-        budget_spent = not output.stopped and len(answer.tokens) >= job.max_tokens
-        finish = "length" if output.truncated or budget_spent else "stop"
-        ticket.emit("done", {
-            "answer": output.text.strip(), "chunk_ids": answer.chunk_ids, "mode": answer.mode,
-            "ttft_s": round(started - job.arrived + answer.ttft_s, 4), "prefill_s": round(answer.ttft_s, 4),
-            "total_s": round(time.monotonic() - job.arrived, 4), "cache_hits": answer.cache_hits,
-            "context_tokens": answer.context_tokens,
-            "recomputed_tokens": answer.recomputed_tokens, "completion_tokens": len(answer.tokens),
-            "finish_reason": finish})
+        request = Request(job.question, chunks, mode=job.mode, max_new_tokens=job.max_tokens,
+                          temperature=job.temperature, on_token=output.add)
 
-    @contextmanager
-    def _decoding(self, job: Job):
-        """The job's token budget and temperature, for this answer only (one job runs at a time)."""
-        gen = self.generator
-        saved = gen.max_new_tokens, gen.sampling
-        gen.max_new_tokens = job.max_tokens
-        gen.sampling = dataclasses.replace(gen.sampling, temperature=job.temperature)
-        try:
-            yield
-        finally:
-            gen.max_new_tokens, gen.sampling = saved
+        def finish(answer: Answer) -> None:
+            output.finish()
+            budget_spent = not output.stopped and len(answer.tokens) >= job.max_tokens
+            ticket.emit("done", {
+                "answer": output.text.strip(), "chunk_ids": answer.chunk_ids, "mode": answer.mode,
+                "ttft_s": round((output.first_token_at or time.monotonic()) - job.arrived, 4),
+                "prefill_s": round(answer.ttft_s, 4), "total_s": round(time.monotonic() - job.arrived, 4),
+                "cache_hits": answer.cache_hits, "context_tokens": answer.context_tokens,
+                "recomputed_tokens": answer.recomputed_tokens, "completion_tokens": len(answer.tokens),
+                "finish_reason": "length" if output.truncated or budget_spent else "stop"})
+
+        return Started(request, finish, lambda: output.ended)
 
     def cache_stats(self) -> dict[str, Any]:
         stats = self.generator.store.stats()
@@ -114,12 +105,13 @@ class _Output:
         self.hold = max((len(s) for s in self.stops), default=1) - 1
         self.text = ""
         self.sent = 0
+        self.first_token_at: float | None = None
         self.ended = self.stopped = self.truncated = False
 
     def add(self, piece: str) -> None:
-        self.ticket.check()
+        self.first_token_at = self.first_token_at or time.monotonic()
         if self.ended:
-            return  # decoding runs on to its token budget; nothing more is sent
+            return
         self.text += piece
         cut = min((i for i in (self.text.find(s) for s in self.stops) if i >= 0), default=-1)
         if cut >= 0:

@@ -117,3 +117,23 @@ def test_cli_refuses_bad_flags_before_loading_a_model(flags, monkeypatch):
     monkeypatch.setattr(answer, "run", no_run)
     result = CliRunner().invoke(app, ["bench", "answer", *flags])
     assert result.exit_code == 2, result.output
+
+
+def test_report_lists_modes_in_run_order_and_says_why_llama_cpp_is_missing(tiny, tmp_path):
+    _folder, rag, items = tiny
+    answer.fresh_store(rag, tmp_path / "kv", 1 << 30)
+    cold = answer.answer_all(rag, items)
+    modes = answer.compare_modes(rag, items, ["naive", "blend"], batch=2, log=lambda _m: None)
+    dataset = {"questions": 2, "chunks_per_question": 2, "prompt_tokens_mean": 50.0, "max_new_tokens": 2,
+               "cold": cold, "query_log": {"skipped": "no query-log split for this dataset"},
+               "corpus_warm": {"scope": "retrieved", "warmed_chunks": 3, "warm_s": 0.1, "warm_s_per_chunk": 0.03},
+               "modes": dict(sorted(modes.items()))}  # as JSON output sorts them
+    result = {"setting": {"modes": list(modes)}, "musique": dataset, "scifact": dataset,
+              "transformers": {"hf_ttft_p50_s": 1.0, "ragkit_full_ttft_p50_s": 0.5, "ragkit_full_ttft_vs_hf": 0.5,
+                               "hf_generate_questions_per_s": 1.0, "same_tokens_as_ragkit_full": "2/2"},
+              "llama_cpp": {"available": False, "reason": "no module"}, "batched_speedup_vs_sequential": 2.0,
+              "blend_speedup_vs_hf_full": 3.0, "blend_f1_minus_full_f1": 0.0, "hit_rate_warm": 1.0}
+    lines = answer.format_report(result).splitlines()
+    rows = [line.split()[0] for line in lines if line.strip().split(" ")[0] in modes]
+    assert rows == ["full", "naive", "blend"] * 2
+    assert "llama.cpp: unavailable (no module)" in lines and any("no query-log split" in line for line in lines)

@@ -664,6 +664,55 @@ def bench_batch(
     _emit(result, as_json, batch.format_report)
 
 
+ANSWER_MODES = "full,prefix,naive,blend,craft"
+
+
+@bench_app.command("answer")
+@user_errors
+def bench_answer(
+    as_json: bool = typer.Option(False, "--json", help="Print the results object as JSON on stdout."),
+    questions: int = typer.Option(4, "--questions", min=1, max=100, help="MuSiQue test questions (the issue's "
+                                  "setting is 50 or more; each costs a few full prefills per mode)."),
+    scifact_questions: int = typer.Option(2, "--scifact-questions", min=1, help="SciFact claims with a gold "
+                                          "answer."),
+    modes: str = typer.Option(ANSWER_MODES, "--modes", callback=_mode_list, help="Comma-separated reuse modes; "
+                              "full always runs: it is the reference."),
+    warm: str = typer.Option("retrieved", "--warm", help="What is warmed before the side-by-side run: `all` "
+                             "(every corpus chunk, as `ragkit cache warm`; long on a CPU) or `retrieved` (only the "
+                             "chunks the benched questions retrieve: the same hits, less one-off time)."),
+    log_questions: int = typer.Option(10, "--log-questions", min=1, help="MuSiQue dev questions the query-log "
+                                      "warm uses (the held-out test questions are then answered)."),
+    batch: int = typer.Option(8, "--batch", min=1, help="The AnswerEngine's batch size for batched questions/s."),
+    batch_questions: int = typer.Option(8, "--batch-questions", min=1, max=150, help="Questions of the "
+                                        "decode-heavy batching setting (the issue's: 32)."),
+    batch_context: int = typer.Option(512, "--batch-context", min=64, help="Prompt tokens per question there "
+                                      "(the issue's: 1536)."),
+    batch_new_tokens: int = typer.Option(32, "--batch-new-tokens", min=1, help="Tokens each sequence decodes "
+                                         "there (the issue's: 64)."),
+    musique_config: Path = typer.Option(Path("configs/musique-rag.toml"), "--musique-config", exists=True,
+                                        dir_okay=False, help="The MuSiQue RAG pipeline."),
+    scifact_config: Path = typer.Option(Path("configs/scifact-rag.toml"), "--scifact-config", exists=True,
+                                        dir_okay=False, help="The SciFact RAG pipeline."),
+    threads: int = typer.Option(2, "--threads", min=1, help="torch CPU threads (and llama.cpp's)."),
+    quiet: bool = QuietOpt,
+) -> None:
+    """End-to-end answering per reuse mode on MuSiQue and SciFact (EM/F1, agreement and KL against full,
+    TTFT p50/p90, questions/s one at a time and batched, chunk hit rate cold / warmed / warmed from a
+    query log), against transformers `generate` and llama.cpp on the same prompts."""
+    if warm not in ("all", "retrieved"):
+        raise typer.BadParameter(f"{warm!r}: expected `all` or `retrieved`", param_hint="--warm")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `bench batch`: read when torch starts its threads
+    from ragkit.bench import answer
+
+    # a memory store (the bench swaps in its own, in a temporary folder): nothing is left in .ragkit/kv
+    pipes = [_pipeline(config, ["cache.dir="], quiet) for config in (musique_config, scifact_config)]
+    result = answer.run(*pipes, questions, scifact_questions, modes.split(","), warm, log_questions, batch, threads,
+                        {"questions": batch_questions, "context_tokens": batch_context,
+                         "new_tokens": batch_new_tokens, "batch_sizes": [batch]},
+                        lambda msg: typer.echo(msg, err=True))
+    _emit(result, as_json, answer.format_report)
+
+
 @bench_app.command("scale")
 @user_errors
 def bench_scale(

@@ -122,7 +122,7 @@ def run(generator: dict, cache: dict, questions: int, context_tokens: int, new_t
     return {
         "setting": {"questions": len(prompts), "prompt_tokens_mean": round(
             sum(p[1].length for p in prefilled) / len(prefilled), 1), "mode": rag.settings.mode,
-            "model": generator["model"], "dtype": rag.dtype_name, "threads": threads,
+            "model": generator["model"], "dtype": rag.keys.dtype, "threads": threads,
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""), "batch_sizes": batch_sizes},
         "prefill_s": round(prefill_s, 3),
         "decode_heavy": {"max_new_tokens": new_tokens, "stops": "none", **heavy},

@@ -211,7 +211,7 @@ def llama_cpp_baseline(gguf: Path, rag: RagGenerator, items: list[Item], threads
         import llama_cpp
     except ImportError as exc:
         return {"available": False, "reason": f"llama-cpp-python does not import ({exc}); it has no wheel for "
-                                              "this platform and was not built from source here"}
+                                              "this platform: pip install -e .[llamacpp] builds it from source"}
     prompts = [prompt_ids(rag, question, chunks) for question, chunks, _golds in items]
     try:
         llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=max(map(len, prompts)) + rag.max_new_tokens + 8,

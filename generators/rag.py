@@ -156,6 +156,13 @@ class RagGenerator:
                       recomputed_tokens=stats["recomputed_tokens"], tokens=tokens,
                       recompute_share=stats["recompute_share"])
 
+    def forced_reference(self, tokens: list[int]) -> list[int]:
+        """An answer's tokens as a reference to teacher-force: with the stop token it ended on, if it stopped
+        before the token budget (so agreement also counts stopping at the same place)."""
+        eos = self.prompt.tokenizer.eos_token_id
+        stop = eos if eos in self.prompt.stop_ids else min(self.prompt.stop_ids)
+        return list(tokens) + ([stop] if len(tokens) < self.max_new_tokens else [])
+
     @torch.inference_mode()
     def teacher_force(self, question: str, chunks: list[Chunk], reference: list[int], mode: str | None = None,
                       **overrides) -> tuple[torch.Tensor, list[int]]:

@@ -103,8 +103,7 @@ def evaluate_answers(pipe, queries: list[Query], reference: str | None = None) -
                disable=not pipe.progress)
     for query, chunks in bar:
         compared = {} if reference is None else _against_reference(
-            generator, query.text, chunks, reference, cfg.cache.mode, cfg.generator.max_new_tokens,
-            tokenizer.eos_token_id)
+            generator, query.text, chunks, reference, cfg.cache.mode)
         answer = generator.answer(query.text, chunks)
         answer_s += answer.total_s
         records.append({"query_id": query.id, "answer": answer.text, "golds": golds.get(query.id, []),
@@ -116,13 +115,12 @@ def evaluate_answers(pipe, queries: list[Query], reference: str | None = None) -
     return _scores(records, golds, metrics, reference, answer_s, len(queries))
 
 
-def _against_reference(generator, question: str, chunks: list[Chunk], reference: str, mode: str,
-                       max_new_tokens: int, stop_id: int | None) -> dict[str, Any]:
+def _against_reference(generator, question: str, chunks: list[Chunk], reference: str, mode: str) -> dict[str, Any]:
     """Answer under the reference mode, then teacher-force both modes on its tokens. Runs before the
     configured mode answers, since forcing stores nothing and answering stores the chunks it computed
     (full prefill stores none; another reference mode may, and the configured mode then finds them)."""
     ref = generator.answer(question, chunks, mode=reference, keep_logits=True)
-    tokens = list(ref.tokens) + ([stop_id] if len(ref.tokens) < max_new_tokens and stop_id is not None else [])
+    tokens = generator.forced_reference(ref.tokens)
     ref_logits = ref.first_logits
     logits, predicted = generator.teacher_force(question, chunks, tokens, mode=mode)
     agreement = sum(int(a == b) for a, b in zip(predicted, tokens)) / max(1, len(tokens))

@@ -57,11 +57,6 @@ def prompt_ids(rag: RagGenerator, question: str, chunks: list[Chunk]) -> list[in
     return [t for segment in rag.prompt.segments(question, chunks) for t in segment.token_ids]
 
 
-def _stop(rag: RagGenerator) -> int:
-    eos = rag.prompt.tokenizer.eos_token_id
-    return eos if eos in rag.prompt.stop_ids else min(rag.prompt.stop_ids)
-
-
 def _timing(answers: list, chunks: int) -> dict:
     ttfts = [a.ttft_s for a in answers]
     return {"ttft_p50_s": round(percentile(ttfts, 0.5), 4), "ttft_p90_s": round(percentile(ttfts, 0.9), 4),
@@ -122,7 +117,7 @@ def compare_modes(rag: RagGenerator, items: list[Item], modes: list[str], batch:
     baseline_runs: list[dict] = []
     for n, (question, chunks, _golds) in enumerate(items):
         reference, ref_logits, _ = answer_forced(rag, question, chunks, "full", None)
-        forced = reference.tokens + ([_stop(rag)] if len(reference.tokens) < rag.max_new_tokens else [])
+        forced = rag.forced_reference(reference.tokens)
         answers["full"].append(reference)
         scores["full"].append({"agreement": 1.0, "kl": 0.0})
         if baseline is not None:

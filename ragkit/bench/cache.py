@@ -22,6 +22,7 @@ import torch
 
 from chunk_cache.reuse import ChunkReuse
 from chunk_cache.store import KVStore
+from eval.generation import first_token_kl
 from generators.generate import teacher_forced_logits
 from generators.rag import synchronize
 from ragkit.readers.musique import read_musique
@@ -47,11 +48,6 @@ def passage_chunks(rag, example: dict, n_chunks: int, max_tokens: int | None, qi
             chunks.append(Chunk(id=f"{qid}/p{p}#{start // step}", doc_id=f"{qid}/p{p}", text="", token_ids=piece,
                                 span=(0, 0), content_hash=token_hash(piece), title=ctx.get("title", "")))
     return chunks[:n_chunks]
-
-
-def kl_divergence(reference: torch.Tensor, other: torch.Tensor) -> float:
-    p, q = reference.float().log_softmax(-1), other.float().log_softmax(-1)
-    return max(0.0, float((p.exp() * (p - q)).sum()))  # >= 0; rounding can leave -1e-9 for equal inputs
 
 
 def variant_settings(variant: str) -> dict:
@@ -88,7 +84,7 @@ def measure(rag, question: str, chunks: list[Chunk], variant: str, reference: li
                     rag.prompt.stop_ids)[0]
     if reference is None:
         cache.length = prompt_len
-        forced = tokens + ([_stop(rag)] if len(tokens) < rag.max_new_tokens else [])
+        forced = rag.forced_reference(tokens)
         top2 = teacher_forced_logits(rag.model, cache, logits, next_position, forced).topk(2, dim=-1).values
         result["margins"] = (top2[:, 0] - top2[:, 1]).tolist()
     result["tokens"] = tokens
@@ -116,7 +112,7 @@ def compare_modes(rag, items: list[tuple[str, list[Chunk], list[str]]], modes: l
     for n, (question, chunks, golds) in enumerate(items):
         hold(rag, chunks)
         full = measure(rag, question, chunks, "full", None)
-        reference = full["tokens"] + ([_stop(rag)] if len(full["tokens"]) < rag.max_new_tokens else [])
+        reference = rag.forced_reference(full["tokens"])
         full["matches"] = len(reference)
         full["reference"] = len(reference)
         full["predicted"] = reference
@@ -126,7 +122,7 @@ def compare_modes(rag, items: list[tuple[str, list[Chunk], list[str]]], modes: l
         rotated = modes[1:][shift:] + modes[1:][:shift]
         for mode in rotated:
             result = measure(rag, question, chunks, mode, reference)
-            result["kl"] = kl_divergence(full["logits"], result["logits"])
+            result["kl"] = first_token_kl(full["logits"].cpu().numpy(), result["logits"].cpu().numpy())
             result["reference"] = len(reference)
             rows[mode].append(result)
         for mode in modes:
@@ -139,11 +135,6 @@ def compare_modes(rag, items: list[tuple[str, list[Chunk], list[str]]], modes: l
             f"{m} {r['ttft_s']:.2f}s/{r['matches'] / max(1, r['reference']):.3f}/{r.get('kl', 0.0):.3f}"
             for m, r in ((m, rows[m][-1]) for m in modes)))
     return summarise(rows, scorer)
-
-
-def _stop(rag) -> int:
-    eos = rag.prompt.tokenizer.eos_token_id
-    return eos if eos in rag.prompt.stop_ids else min(rag.prompt.stop_ids)
 
 
 def summarise(rows: dict[str, list[dict]], scorer: Scorer | None) -> dict:

@@ -53,7 +53,7 @@ SUFFIX = ".safetensors"
 HIT_BATCH = 64  # queued hit records that trigger a journal write
 DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
 _TMP_RE = re.compile(r"^\.[0-9a-f]{64}\.safetensors\.tmp-(\d+)-[0-9a-f]+$")
-_MANIFEST_TMP_RE = re.compile(r"^\.manifest\.json\.tmp-(\d+)-[0-9a-f]+$")
+_FOLDER_TMP_RE = re.compile(r"^\.(?:manifest\.json|journal\.jsonl)\.tmp-(\d+)-[0-9a-f]+$")  # manifest, compaction
 # Anything a damaged file can make the reader or checksum raise.
 _UNREADABLE = (SafetensorError, OSError, ValueError, KeyError, TypeError, RuntimeError)
 
@@ -249,8 +249,8 @@ class DiskTier:
             elif path.name.endswith(SUFFIX) and DIGEST_RE.match(path.name[:-len(SUFFIX)]):
                 with contextlib.suppress(FileNotFoundError):
                     present[path.name[:-len(SUFFIX)]] = path.stat()
-        for path in self.root.glob(f".{MANIFEST}.tmp-*"):  # a manifest write killed halfway
-            match = _MANIFEST_TMP_RE.match(path.name)
+        for path in self.root.glob(".*.tmp-*"):  # a manifest write or journal compaction killed halfway
+            match = _FOLDER_TMP_RE.match(path.name)
             if match and not _alive(int(match.group(1))):
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()

@@ -81,3 +81,16 @@ def test_sigkill_while_warming_never_leaves_a_half_entry(tmp_path):
     assert verified > TRIALS  # the kills left real entries to check
     print(f"{TRIALS} kills, {verified} entry loads verified, {leftovers} dead temp files cleaned, "
           f"{time.perf_counter() - started:.1f}s")
+
+
+def test_a_journal_compaction_killed_halfway_leaves_no_temp_file_after_reopening(tmp_path):
+    """Compaction rewrites the journal by temp file + rename; a writer killed in between leaves the temp
+    file, which the next open removes (a live writer's is left alone)."""
+    root = tmp_path / "kv"
+    KVStore(root, MODEL)
+    dead = root / ".journal.jsonl.tmp-999999999-abcdef12"  # no such process
+    live = root / f".journal.jsonl.tmp-{os.getpid()}-abcdef12"
+    dead.write_bytes(b'{"op": "put"')
+    live.write_bytes(b"")
+    KVStore(root, MODEL)
+    assert not dead.exists() and live.exists()

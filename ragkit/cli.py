@@ -693,6 +693,9 @@ def bench_answer(
                                         dir_okay=False, help="The MuSiQue RAG pipeline."),
     scifact_config: Path = typer.Option(Path("configs/scifact-rag.toml"), "--scifact-config", exists=True,
                                         dir_okay=False, help="The SciFact RAG pipeline."),
+    baseline_questions: int = typer.Option(0, "--baseline-questions", min=0, help="MuSiQue questions that "
+                                           "transformers and llama.cpp also answer (0: all; each costs a full "
+                                           "prefill or two)."),
     threads: int = typer.Option(2, "--threads", min=1, help="torch CPU threads (and llama.cpp's)."),
     quiet: bool = QuietOpt,
 ) -> None:
@@ -709,7 +712,7 @@ def bench_answer(
     result = answer.run(*pipes, questions, scifact_questions, modes.split(","), warm, log_questions, batch, threads,
                         {"questions": batch_questions, "context_tokens": batch_context,
                          "new_tokens": batch_new_tokens, "batch_sizes": [batch]},
-                        lambda msg: typer.echo(msg, err=True))
+                        lambda msg: typer.echo(msg, err=True), baseline_questions)
     _emit(result, as_json, answer.format_report)
 
 

@@ -90,6 +90,11 @@ def test_transformers_baseline_runs_beside_full_and_decodes_its_tokens(tiny, tmp
     assert hf["same_tokens_as_ragkit_full"] == "2/2"
     assert hf["ragkit_full_ttft_vs_hf"] > 0 and hf["hf_ttft_p50_s"] > 0 and hf["hf_generate_questions_per_s"] > 0
 
+    asked.clear()  # --baseline-questions 1: transformers answers the first question only, compared with full's first
+    hf = answer.compare_modes(rag, items, ["blend"], batch=2, log=lambda _m: None, baseline=baseline,
+                              baseline_questions=1)["transformers"]
+    assert asked == [items[0][0]] and hf["same_tokens_as_ragkit_full"] == "1/1"
+
 
 def test_forced_answer_matches_a_plain_answer(tiny, tmp_path):
     """Teacher forcing from the answer's own prefill must leave its greedy tokens as a plain answer's."""

@@ -106,11 +106,12 @@ def answer_forced(rag: RagGenerator, question: str, chunks: list[Chunk], mode: s
 
 
 def compare_modes(rag: RagGenerator, items: list[Item], modes: list[str], batch: int, log: Log,
-                  baseline: Callable[[str, list[Chunk]], dict] | None = None) -> dict:
+                  baseline: Callable[[str, list[Chunk]], dict] | None = None, baseline_questions: int = 0) -> dict:
     """Every mode on every item, interleaved per question: quality against gold and against full prefill
     (teacher-forced agreement on full's tokens plus stop, first-token KL), TTFT, questions/s one at a time;
     then each mode through the batched engine. `baseline` (transformers) answers each question right
-    after full prefill, so machine load hits both alike; its summary is the "transformers" entry."""
+    after full prefill on the first `baseline_questions` (0: all), so machine load hits both alike; its
+    summary is the "transformers" entry."""
     modes = ["full"] + [m for m in modes if m != "full"]
     answers: dict[str, list] = {m: [] for m in modes}
     scores: dict[str, list[dict]] = {m: [] for m in modes}
@@ -120,7 +121,7 @@ def compare_modes(rag: RagGenerator, items: list[Item], modes: list[str], batch:
         forced = rag.forced_reference(reference.tokens)
         answers["full"].append(reference)
         scores["full"].append({"agreement": 1.0, "kl": 0.0})
-        if baseline is not None:
+        if baseline is not None and (not baseline_questions or n < baseline_questions):
             baseline_runs.append(baseline(question, chunks))
         others = modes[1:]
         shift = n % max(1, len(others))  # rotate the order, so no mode always runs right after full
@@ -189,7 +190,8 @@ def transformers_generate(model_dir: Path, rag: RagGenerator) -> Callable[[str, 
 
 def baseline_summary(runs: list[dict], full: list) -> dict:
     """transformers against ragkit's full prefill answers of the same questions: TTFT ratio, questions/s,
-    how many greedy answers are token for token the same."""
+    how many greedy answers are token for token the same (over the questions both answered)."""
+    full = full[:len(runs)]
     ragkit_ttfts, ttfts = [a.ttft_s for a in full], [r["ttft_s"] for r in runs]
     same = sum(int(r["tokens"] == a.tokens) for r, a in zip(runs, full))
     return {"ragkit_full_ttft_p50_s": round(percentile(ragkit_ttfts, 0.5), 4),
@@ -223,7 +225,8 @@ def llama_cpp_baseline(gguf: Path, rag: RagGenerator, items: list[Item], threads
 
 
 def bench_dataset(pipe, questions: int, modes: list[str], warm: str, log_split: str | None, log_questions: int,
-                  batch: int, log: Log, baseline: Callable | None = None) -> tuple[dict, RagGenerator, list[Item]]:
+                  batch: int, log: Log, baseline: Callable | None = None,
+                  baseline_questions: int = 0) -> tuple[dict, RagGenerator, list[Item]]:
     """The three cache states for one pipeline (see the module docstring); returns (result, generator,
     items) for llama.cpp."""
     cfg = pipe.config
@@ -259,14 +262,15 @@ def bench_dataset(pipe, questions: int, modes: list[str], warm: str, log_split: 
         warm_s = time.perf_counter() - start
         result["corpus_warm"] = {"scope": warm, "warmed_chunks": computed, "warm_s": round(warm_s, 2),
                                  "warm_s_per_chunk": round(warm_s / max(1, computed), 3)}
-        result["modes"] = compare_modes(rag, items, modes, batch, log, baseline)
+        result["modes"] = compare_modes(rag, items, modes, batch, log, baseline, baseline_questions)
         if baseline is not None:
             result["transformers"] = result["modes"].pop("transformers")
     return result, rag, items
 
 
 def run(musique_pipe, scifact_pipe, questions: int, scifact_questions: int, modes: list[str], warm: str,
-        log_questions: int, batch: int, threads: int, batch_setting: dict, log: Log = lambda _m: None) -> dict:
+        log_questions: int, batch: int, threads: int, batch_setting: dict, log: Log = lambda _m: None,
+        baseline_questions: int = 0) -> dict:
     """Both datasets, the baselines on MuSiQue's prompts, and the decode-heavy batching figure."""
     import dataclasses
 
@@ -276,9 +280,9 @@ def run(musique_pipe, scifact_pipe, questions: int, scifact_questions: int, mode
     torch.set_num_threads(threads)
     hf_answer = transformers_generate(resolve_model_dir(musique_pipe.config.generator.model), musique_pipe.generator)
     musique, rag, items = bench_dataset(musique_pipe, questions, modes, warm, "dev", log_questions, batch, log,
-                                        hf_answer)
+                                        hf_answer, baseline_questions)
     hf = musique.pop("transformers")
-    llama = llama_cpp_baseline(bundled_gguf("smollm2"), rag, items, threads) \
+    llama = llama_cpp_baseline(bundled_gguf("smollm2"), rag, items[:baseline_questions or None], threads) \
         if musique_pipe.config.generator.model == "smollm2" else {"available": False, "reason": "no GGUF of this model"}
     scifact = bench_dataset(scifact_pipe, scifact_questions, modes, warm, None, 0, batch, log)[0]
     log("decode-heavy batching (ragkit.bench.batch)")

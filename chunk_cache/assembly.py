@@ -2,19 +2,20 @@
 
 A prompt is a list of segments whose token ids are concatenated as they are: the joined text
 is never re-tokenised, so a chunk's ids in the prompt are exactly the ids its KV was computed for.
-Only a chunk's own rows are stored; here its keys are rotated from the positions they were
-computed at to the positions the chunk now occupies (chunk_cache.rope). In parallel (APE) layout
-every context — a chunk with its title and separator — starts right after the shared prefix.
+Only a chunk's own rows are stored; its keys are rotated from the positions they were computed at
+to the positions the chunk now occupies (chunk_cache.rope), layer by layer as the rows are copied
+in (chunk_cache.upload). In parallel (APE) layout every context — a chunk with its title and
+separator — starts right after the shared prefix.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from chunk_cache.rope import rerotate
 from chunk_cache.store import ChunkKV
+from chunk_cache.upload import LayerUploads, fill
 from ragkit.types import Chunk
 
 PREFIX, TITLE, CHUNK, GAP, QUESTION = "prefix", "title", "chunk", "gap", "question"  # a TITLE precedes its CHUNK
@@ -36,7 +37,8 @@ class Layout:
 
     `reused` rows were filled from stored KV; `exact` reused rows equal what a full prefill
     computes (the shared prefix and chunks that sit behind the very prefix they were encoded
-    behind); `context` is the APE context each row belongs to (-1: none; None outside APE).
+    behind); `context` is the APE context each row belongs to (-1: none; None outside APE);
+    `uploaded` the device copies made of entries that were in host memory (chunk_cache.upload).
     """
 
     token_ids: torch.Tensor  # [N] int64
@@ -45,6 +47,7 @@ class Layout:
     reused: torch.Tensor  # [N] bool
     exact: torch.Tensor  # [N] bool
     context: torch.Tensor | None = None  # [N] int64
+    uploaded: dict[int, ChunkKV] = field(default_factory=dict)  # segment index -> device copy of its entry
 
     @property
     def size(self) -> int:
@@ -52,12 +55,13 @@ class Layout:
 
 
 def assemble(model, segments: list[Segment], entries: dict[int, ChunkKV], exact: set[int], extra: int,
-             parallel: bool = False):
+             parallel: bool = False, uploads: LayerUploads | None = None):
     """Lay the prompt out and fill the cache rows of every segment that has an entry.
 
     entries: segment index -> stored KV (the prefix, chunks); exact: the indices whose KV is exact
     here. parallel (APE): each context (title, chunk, separator) starts right after the prefix, and
-    the question follows the longest context. Returns (Layout, KVCache with room for `extra` more rows).
+    the question follows the longest context. Returns (Layout, KVCache with room for `extra` more rows);
+    layer i of the cache is in place once `cache.ready(i)` returns (chunk_cache.upload).
     """
     spans, positions, ids, contexts = [], [], [], []
     row = position = prefix_end = question_start = 0
@@ -82,16 +86,15 @@ def assemble(model, segments: list[Segment], entries: dict[int, ChunkKV], exact:
                     spans=spans, reused=torch.zeros(row, dtype=torch.bool), exact=torch.zeros(row, dtype=torch.bool),
                     context=torch.cat(contexts) if parallel else None)
     cache = model.new_cache(1, row + extra)
+    shift = torch.zeros(row, dtype=torch.long)  # new position - stored position, per row
     for index, entry in entries.items():
         s, e = spans[index]
-        new_start = int(layout.positions[s])
-        keys = rerotate(entry.keys.to(model.device), new_start - entry.start, model.inv_freq)
-        cache.keys[:, 0, :, s:e] = keys.to(model.dtype)
-        cache.values[:, 0, :, s:e] = entry.values.to(device=model.device, dtype=model.dtype)
+        shift[s:e] = int(layout.positions[s]) - entry.start
         layout.reused[s:e] = True
         layout.exact[s:e] = index in exact
     cache.positions[0, :row] = torch.where(layout.reused, layout.positions, -1).to(model.device)
     cache.length = row
     if parallel:
         cache.context = torch.cat([layout.context >= 0, torch.zeros(extra, dtype=torch.bool)]).to(model.device)
+    layout.uploaded = fill(model, cache, {index: spans[index] for index in entries}, entries, shift, uploads)
     return layout, cache

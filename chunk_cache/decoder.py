@@ -22,6 +22,9 @@ class KVCacheLike(Protocol):
     length: int
     context: torch.Tensor | None  # [capacity] bool: APE's parallel context slots, None outside APE
     ape: tuple[float, float] | None  # APE (temperature, scale) for queries outside the contexts
+    uploads: Any  # chunk_cache.upload.LayerUploads while reused rows are being copied in, else None
+
+    def ready(self, layer: int) -> None: ...  # the current stream waits until layer `layer` is in place
 
 
 class ArgsLike(Protocol):

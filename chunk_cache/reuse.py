@@ -3,11 +3,13 @@
     plan       per chunk of the prompt, the entry to reuse: an exact one (computed behind exactly
                the tokens now before it), else the variant whose stored context overlaps most with
                the present one (chunk_cache.craft's beta'), else none: the chunk is computed here
-    assemble   the prompt's rows, positions and cache, reused keys rotated to their new positions
+    assemble   the prompt's rows, positions and cache, reused keys rotated to their new positions; entries
+               in host memory are copied in layer by layer while the layers compute (chunk_cache.upload)
     recompute  the rows the mode selects (chunk_cache.modes), layer by layer, each attending with
                the exact causal mask; Cache-Craft statistics of the chunks computed here
     commit     store what was computed, so that a miss costs one computation in any process: behind
-               an exact prefix under that prefix's key, else under an `approx` key (chunk_cache.keys)
+               an exact prefix under that prefix's key, else under an `approx` key (chunk_cache.keys);
+               the store's device tier keeps the device copies of the entries uploaded here
 
 `ChunkReuse.prefill` runs the first three; the generator decodes from the cache it returns, then commits.
 """
@@ -46,6 +48,7 @@ class Plan:
     mode: Mode
     settings: ReuseSettings
     entries: dict[int, ChunkKV] = field(default_factory=dict)  # segment index -> stored KV reused
+    keys: dict[int, CacheKey] = field(default_factory=dict)  # segment index -> the key its entry was found under
     exact: set[int] = field(default_factory=set)  # indices whose entry is exact where it now sits
     overlap: dict[int, float] = field(default_factory=dict)  # inexact index -> beta' of its variant
     misses: list[Miss] = field(default_factory=list)
@@ -74,44 +77,45 @@ class ChunkReuse:
         if mode.lookup == NONE:
             return plan
         self.store.flush()  # see the entries other processes stored since the last prompt
-        plan.entries[0], plan.exact = self.head(), {0}
+        plan.entries[0], plan.keys[0], plan.exact = self.head(), self.keys.head(), {0}
         before: list[int] = list(segments[0].token_ids)
         chunks_before: list[str] = []
         leading = not mode.parallel  # every row so far is what full prefill computes
         for index, seg in enumerate(segments[1:], start=1):
             if seg.kind == CHUNK:
                 exact_key = self.keys.exact(before, seg.token_ids)
-                kv = self.store.get(exact_key) if leading else None
+                kv = self.store.get(exact_key, upload=False) if leading else None
                 if kv is not None:
-                    plan.entries[index] = kv
+                    plan.entries[index], plan.keys[index] = kv, exact_key
                     plan.exact.add(index)
                 else:
                     now_before = [] if mode.parallel else chunks_before  # APE's chunks do not see each other
                     found = self._best_variant(seg, now_before, mode) if mode.lookup == ANY else None
                     if found is None and mode.parallel:  # APE cannot compute a chunk in place
-                        found = self.encode(seg.token_ids), 1.0
+                        found = self.keys.shared(seg.token_ids), self.encode(seg.token_ids), 1.0
                     if found is None:
                         key = exact_key if leading else self.keys.approx(before, seg.token_ids)
                         plan.misses.append(Miss(index, key, tuple(chunks_before)))
                     else:
-                        plan.entries[index], plan.overlap[index] = found
+                        plan.keys[index], plan.entries[index], plan.overlap[index] = found
                         leading = False
                 chunks_before.append(exact_key.chunk_hash)
             before.extend(seg.token_ids)
         return plan
 
-    def _best_variant(self, seg: Segment, chunks_before: list[str], mode: Mode) -> tuple[ChunkKV, float] | None:
+    def _best_variant(self, seg: Segment, chunks_before: list[str],
+                      mode: Mode) -> tuple[CacheKey, ChunkKV, float] | None:
         """The stored variant of the chunk needing least recomputation here: highest beta' (Cache-Craft),
         and for modes that read statistics, one that carries them."""
         best, best_rank = None, None
         for key in self.store.variants(self.keys.dtype, self.keys.shared(seg.token_ids).chunk_hash)[:MAX_VARIANTS]:
-            kv = self.store.get(key)
+            kv = self.store.get(key, upload=False)
             if kv is None:
                 continue
             beta = overlap(kv.context, kv.extras.get("inter_by_chunk"), chunks_before)
             rank = (not mode.needs_statistics or "cci" in kv.extras, beta)
             if best_rank is None or rank > best_rank:
-                best, best_rank = (kv, beta), rank
+                best, best_rank = (key, kv, beta), rank
         return best
 
     def head(self) -> ChunkKV:
@@ -132,10 +136,9 @@ class ChunkReuse:
 
     # --- assemble -------------------------------------------------------------------------
     def assemble(self, plan: Plan, extra: int):
-        """(Layout, cache with `extra` free rows); APE's temperature and scale ride on the cache."""
-        layout, cache = assemble(self.model, plan.segments, plan.entries, plan.exact, extra,
-                                 parallel=plan.mode.parallel)
-        return layout, cache
+        """(Layout, cache with `extra` free rows); APE's temperature and scale ride on the cache. Reused rows
+        of layer i are in place once `cache.ready(i)` returns."""
+        return assemble(self.model, plan.segments, plan.entries, plan.exact, extra, parallel=plan.mode.parallel)
 
     # --- recompute ------------------------------------------------------------------------
     def recompute(self, plan: Plan, layout: Layout, cache) -> Prefilled:
@@ -151,6 +154,8 @@ class ChunkReuse:
             else:  # every row not known to be exact runs until the first check layer
                 rows, checks = ~layout.exact, plan.mode.layerwise.checks(plan.settings)
             logits, layer_rows = self._run(layout, cache, rows, checks, plan, statistics)
+        cache.ready(self.model.args.n_layers - 1)  # every layer in place for decoding, commit and batching
+        cache.uploads = None
         computed = sum(int((r & chunk_rows).sum()) for r in layer_rows)
         context = int(chunk_rows.sum())
         return Prefilled(logits, context, int((layer_rows[-1] & chunk_rows).sum()),
@@ -185,6 +190,7 @@ class ChunkReuse:
         sampled = set(stat_layers(model.args.n_layers)) if statistics else set()
         layer_rows, pending = [], dict(checks)
         for i in range(model.args.n_layers):
+            cache.ready(i)  # before _select reads layer i's stored rows and the fresh rows overwrite them
             q, k, v = model.qkv(i, x, rope)
             keep = None
             if i in pending:
@@ -258,7 +264,11 @@ class ChunkReuse:
 
     # --- commit ---------------------------------------------------------------------------
     def commit(self, plan: Plan, layout: Layout, cache, prefilled: Prefilled, prefill_s: float) -> None:
-        """Store each chunk computed in this prompt, with its statistics and the chunks before it."""
+        """Store each chunk computed in this prompt, with its statistics and the chunks before it; hand
+        the device copies of entries uploaded from host memory to the store's device tier (a hit moves
+        an entry to the first tier; the upload already made the copy)."""
+        for index, kv in layout.uploaded.items():
+            self.store.promote(plan.keys[index], kv)
         for miss in plan.misses:
             s, e = layout.spans[miss.index]
             kv = ChunkKV(cache.keys[:, 0, :, s:e].clone(), cache.values[:, 0, :, s:e].clone(),
@@ -277,8 +287,8 @@ class ChunkReuse:
     def encode(self, chunk_ids: Iterable[int]) -> ChunkKV:
         """The chunk computed behind the shared head alone, stored under its shared key (a warm)."""
         segments = [Segment(PREFIX, self.keys.head_ids), Segment(CHUNK, tuple(chunk_ids))]
-        plan = Plan(segments, make_mode("naive"), ReuseSettings(mode="naive"), entries={0: self.head()}, exact={0},
-                    misses=[Miss(1, self.keys.shared(chunk_ids), ())])
+        plan = Plan(segments, make_mode("naive"), ReuseSettings(mode="naive"), entries={0: self.head()},
+                    keys={0: self.keys.head()}, exact={0}, misses=[Miss(1, self.keys.shared(chunk_ids), ())])
         layout, cache = self.assemble(plan, 0)
         start = time.perf_counter()
         prefilled = self.recompute(plan, layout, cache)

@@ -16,13 +16,22 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
 
 
+def rotation(delta: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [T, D] fp32 of a move by `delta` [T] positions (one per token, or [1] for all), angles in fp64."""
+    angles = delta.to(torch.float64).reshape(-1, 1) * inv_freq.to(device=delta.device, dtype=torch.float64)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().float(), angles.sin().float()
+
+
+def rotate(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """keys [..., T, D] moved by a precomputed `rotation` (cos, sin [T or 1, D]), in fp32, back in keys' dtype."""
+    k32 = keys.float()
+    return (k32 * cos + rotate_half(k32) * sin).to(keys.dtype)
+
+
 def rerotate(keys: torch.Tensor, delta: int | torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
     """keys [..., T, D] post-RoPE; delta: one shift or one per token [T]. Returns keys at p + delta."""
     delta = torch.as_tensor(delta, dtype=torch.float64, device=keys.device)
     if delta.ndim == 0 and float(delta) == 0.0:
         return keys
-    angles = delta.reshape(-1, 1) * inv_freq.to(device=keys.device, dtype=torch.float64)  # [T or 1, D/2]
-    angles = torch.cat([angles, angles], dim=-1)
-    cos, sin = angles.cos().float(), angles.sin().float()
-    k32 = keys.float()
-    return (k32 * cos + rotate_half(k32) * sin).to(keys.dtype)
+    return rotate(keys, *rotation(delta, inv_freq))

@@ -149,8 +149,12 @@ class KVStore:
         self._lock = threading.RLock()
         self.hits = self.misses = 0
 
-    def get(self, key: CacheKey) -> ChunkKV | None:
-        """The entry on `device`, or None. Checks tiers in order and moves a hit to the first tier."""
+    def get(self, key: CacheKey, upload: bool = True) -> ChunkKV | None:
+        """The entry on `device`, or None. Checks tiers in order and moves a hit to the first tier.
+
+        upload=False: the entry where memory holds it (the device tier, or page-locked host memory), a
+        host hit staying in host memory, for a caller that uploads it layer by layer while computing
+        (chunk_cache.upload) and hands the device copy back through `promote`."""
         digest = self._digest(key)
         with self._lock:
             held = self._take_from_memory(digest)
@@ -160,15 +164,16 @@ class KVStore:
             with self._lock:
                 self.misses += 1
             return None
+        on_host = held.kv.keys.device.type == "cpu"
         with self._lock:
-            spilled = self._hold(digest, held)
+            spilled = self._hold(digest, held, first=len(self._memory) - 1 if on_host and not upload else 0)
             now = tick()
             held.usage.record_hit(now)
             if self._disk is not None:
                 self._disk.record_hits([digest], now)
             self.hits += 1
         self._write_spilled(spilled)
-        return held.kv.to(self.device)
+        return held.kv.to(self.device) if upload else held.kv
 
     def _take_from_memory(self, digest: str) -> Held | None:
         """A memory tier's entry, removed from that tier so that `_hold` re-places it first (lock held)."""
@@ -178,6 +183,20 @@ class KVStore:
                 tier.remove(digest)
                 return held
         return None
+
+    def promote(self, key: CacheKey, kv: ChunkKV) -> None:
+        """Hold `kv`, the device copy a caller made of an entry that `get(key, upload=False)` returned from
+        host memory, in the device tier, as a hit with upload would have; nothing without a device tier,
+        when it cannot fit, or when the entry has left memory meanwhile."""
+        digest = self._digest(key)
+        with self._lock:
+            if self.device.type == "cpu" or kv.nbytes() > self._memory[0].budget:
+                return
+            taken = [held for tier in self._memory if (held := tier.remove(digest)) is not None]
+            if not taken:
+                return
+            spilled = self._hold(digest, Held(key, kv, taken[0].usage))
+        self._write_spilled(spilled)
 
     def put(self, key: CacheKey, kv: ChunkKV, recompute_cost_s: float = 0.0) -> None:
         """Store an entry (replacing one with the same key); `recompute_cost_s` feeds the value policy."""
@@ -254,11 +273,11 @@ class KVStore:
             raise ValueError(f"key for model {key.model!r} asked of the store of model {self.model!r}")
         return key.digest()
 
-    def _hold(self, digest: str, held: Held) -> list[Held]:
-        """Place an entry in the first memory tier; what overflows moves down a tier. Returns what
+    def _hold(self, digest: str, held: Held, first: int = 0) -> list[Held]:
+        """Place an entry in memory tier `first`; what overflows moves down a tier. Returns what
         overflows the last memory tier, for `_write_spilled` once the lock is released (lock held)."""
         pending = [(digest, held)]
-        for tier in self._memory:
+        for tier in self._memory[first:]:
             pending = [spilled for item in pending for spilled in tier.insert(*item)]
         return [spilled for _, spilled in pending]
 
@@ -280,6 +299,7 @@ class KVStore:
             return None
         tensors, meta = loaded
         kv = ChunkKV.from_tensors(tensors, int(meta["start"]), tuple(json.loads(meta.get("context", "[]"))))
+        kv = kv.to("cpu", pin=self.device.type != "cpu")  # page-locked for an asynchronous upload
         known = self._disk.usage.get(digest)
         usage = EntryStats(kv.nbytes(), known.created, now, known.cost_s, known.hits, known.frequency_at(now)) \
             if known else EntryStats(kv.nbytes(), now, now)

@@ -7,7 +7,8 @@ gains from chunk reuse, not from batching. The engine therefore:
 - orders the queue so that questions with overlapping chunk sets run together (BatchLLM's global
   grouping of shared prefixes, applied to chunks: `group_order`);
 - fetches the store entries a group will look up once, on a background thread while the previous
-  group decodes, and holds them until the group is prefilled (`HeldEntries`);
+  group decodes, and holds them until the group is prefilled (`HeldEntries`); entries in host memory
+  stay there, and each prefill uploads what it reuses layer by layer (chunk_cache.upload);
 - prefills each admitted question on its own through `RagGenerator.prefill` (any reuse mode) and
   commits its missed chunks at once, so the next question finds them as it would one at a time;
 - copies the prompt KV into a free row of one right-padded batch cache (slots past a row's length
@@ -114,10 +115,19 @@ class HeldEntries:
         self.store = store
         self.entries: dict[CacheKey, ChunkKV | None] = {}
 
-    def get(self, key: CacheKey) -> ChunkKV | None:
+    def get(self, key: CacheKey, upload: bool = True) -> ChunkKV | None:
+        """Held as the store's `get(key, upload=False)` returned it: host entries stay in host memory until a
+        prefill uploads them layer by layer (chunk_cache.upload)."""
         if key not in self.entries:
-            self.entries[key] = self.store.get(key)
-        return self.entries[key]
+            self.entries[key] = self.store.get(key, upload=False)
+        kv = self.entries[key]
+        return kv.to(self.store.device) if upload and kv is not None else kv
+
+    def promote(self, key: CacheKey, kv: ChunkKV) -> None:
+        """A prefill's device copy of a held host entry: the group's next prefills reuse it, the store keeps it."""
+        self.store.promote(key, kv)
+        if key in self.entries:
+            self.entries[key] = kv
 
     def put(self, key: CacheKey, kv: ChunkKV, recompute_cost_s: float = 0.0) -> None:
         self.store.put(key, kv, recompute_cost_s=recompute_cost_s)
@@ -136,7 +146,7 @@ class HeldEntries:
         """Look keys, and the stored variants of chunks, up in the store (run on the prefetch thread;
         the store is thread safe)."""
         keys = set(keys) | {key for h in chunk_hashes for key in self.store.variants(dtype, h)[:MAX_VARIANTS]}
-        return {key: self.store.get(key) for key in keys}
+        return {key: self.store.get(key, upload=False) for key in keys}
 
     def hold(self, fetched: dict[CacheKey, ChunkKV | None]) -> None:
         for key, kv in fetched.items():

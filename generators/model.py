@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -157,7 +158,8 @@ class KVCache:
     `positions[b, t]` is the RoPE position slot t was computed at (-1: empty or padding); a query
     attends to slot t iff 0 <= positions[b, t] <= its own position. Under APE, `context` marks the
     parallel context slots and `ape` holds (temperature, scale) for queries over them: per-request
-    state, so it lives here and never on the decoder.
+    state, so it lives here and never on the decoder. `uploads`: reused rows still being copied in
+    layer by layer (chunk_cache.upload); a layer calls `ready(i)` before it touches layer i.
     """
 
     keys: torch.Tensor  # [L, B, H_kv, capacity, D]
@@ -166,6 +168,13 @@ class KVCache:
     length: int = 0
     context: torch.Tensor | None = None  # [capacity] bool
     ape: tuple[float, float] | None = None
+    uploads: Any = None  # chunk_cache.upload.LayerUploads while a prefill's copies are in flight
+
+    def ready(self, layer: int) -> None:
+        """Make the current stream wait until layer `layer`'s uploaded rows are in place (nothing to wait
+        for on a CPU or once the prefill is done)."""
+        if self.uploads is not None:
+            self.uploads.wait(layer)
 
     @classmethod
     def empty(cls, args: ModelArgs, batch: int, capacity: int, dtype: torch.dtype, device) -> "KVCache":
@@ -269,6 +278,7 @@ class Decoder(nn.Module):
 
     def layer(self, i: int, x: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, cache: KVCache,
               rope, masks: "list[MaskBlock] | str | None" = None) -> torch.Tensor:
+        cache.ready(i)
         q, k, v = self.qkv(i, x, rope)
         cache.keys[i, :, :, slots] = k
         cache.values[i, :, :, slots] = v

@@ -34,9 +34,9 @@ def smollm2_tokenizer():
     return load_tokenizer("smollm2")
 
 
-def tiny_llama(folder):
-    """A random 2-layer Llama with SmolLM2's tokenizer in `folder`: the decoder and the cache do not care what
-    the tensors mean, and it runs a prompt in milliseconds."""
+def tiny_llama(folder, layers: int = 2):
+    """A random Llama (2 layers unless told) with SmolLM2's tokenizer in `folder`: the decoder and the cache do
+    not care what the tensors mean, and it runs a prompt in milliseconds."""
     import shutil
 
     import torch
@@ -45,7 +45,7 @@ def tiny_llama(folder):
     from generators.weights import resolve_model_dir
 
     tokenizer_dir = resolve_model_dir("smollm2")
-    config = transformers.LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+    config = transformers.LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
                                       tie_word_embeddings=True)
     torch.manual_seed(0)

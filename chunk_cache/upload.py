@@ -68,10 +68,7 @@ def fill(model, cache, spans: dict[int, tuple[int, int]], entries: dict[int, Chu
     """
     device = model.device
     away = [index for index, kv in entries.items() if kv.keys.device != device]
-    copies = {index: ChunkKV(torch.empty_like(entries[index].keys, device=device),
-                             torch.empty_like(entries[index].values, device=device), entries[index].start,
-                             {name: t.to(device, non_blocking=True) for name, t in entries[index].extras.items()},
-                             entries[index].context) for index in away}
+    copies = {index: _room_for(entries[index], device) for index in away}
     moved = shift.nonzero()[:, 0]
     slots = moved.to(device)
     cos, sin = rotation(shift[moved].to(device), model.inv_freq)  # [M, D] each, once for every layer
@@ -94,3 +91,9 @@ def fill(model, cache, spans: dict[int, tuple[int, int]], entries: dict[int, Chu
         uploads.issue(i, functools.partial(copy_layer, i))
     cache.uploads = uploads
     return copies
+
+
+def _room_for(kv: ChunkKV, device: torch.device) -> ChunkKV:
+    """An entry on `device` whose keys and values the layer copies fill (its small statistics go up now)."""
+    return ChunkKV(torch.empty_like(kv.keys, device=device), torch.empty_like(kv.values, device=device), kv.start,
+                   {name: t.to(device, non_blocking=True) for name, t in kv.extras.items()}, kv.context)

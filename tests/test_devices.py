@@ -168,6 +168,30 @@ def test_store_moves_entries_down_the_tiers_and_back_unchanged(tmp_path, device)
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_entries_in_host_memory_go_up_layer_by_layer_and_then_stay_on_the_device(model_dir, tmp_path, device):
+    """Entries another process warmed come from disk into (page-locked, on CUDA) host memory; a prefill
+    reusing them copies them up layer by layer (on a side stream on CUDA) and computes what it computes
+    from entries already on the device; once committed, the device tier holds them (CUDA only)."""
+    rag = _rag(model_dir, device, "auto" if device == "cuda" else "float32")
+    chunks = _chunks(rag)
+    rag.store = KVStore(tmp_path / "kv", rag.fingerprint, device=device, device_bytes=1 << 30)
+    rag.warm(chunks, progress=False)
+    resident, *_ = rag.prefill(QUESTION, chunks, mode="naive")
+    rag.store = KVStore(tmp_path / "kv", rag.fingerprint, device=device, device_bytes=1 << 30)  # disk only
+    held = rag.store.get(rag.keys.shared(chunks[0].token_ids), upload=False)
+    assert held.keys.device.type == "cpu" and held.keys.is_pinned() == (device == "cuda")
+    uploaded, cache, _, stats = rag.prefill(QUESTION, chunks, mode="naive")
+    assert stats["cache_hits"] == len(chunks) and cache.uploads is None
+    assert torch.equal(uploaded, resident)
+    stats["commit"](0.0)
+    tiers = rag.store.stats()["tiers"]
+    first = "device" if device == "cuda" else "host"
+    assert tiers[first]["entries"] == len(chunks) + 1 and sum(t["entries"] for t in tiers.values()) \
+        == tiers[first]["entries"] + tiers["disk"]["entries"]  # the head and every chunk, held once in memory
+    assert rag.store.get(rag.keys.shared(chunks[0].token_ids), upload=False).keys.device.type == device
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_query_answers_on_the_default_device_with_no_device_setting(model_dir, tmp_path, device, monkeypatch):
     """`ragkit query --answer` with `device` left at auto: CUDA when present, else CPU; same output shape."""
     if device == "cpu":

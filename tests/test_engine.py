@@ -191,7 +191,7 @@ def test_a_shared_chunk_is_fetched_once_per_batch(rag, requests, monkeypatch):
     _fresh_store(rag, requests)
     looked_up: list = []
     get = rag.store.get
-    monkeypatch.setattr(rag.store, "get", lambda key: looked_up.append(key) or get(key))
+    monkeypatch.setattr(rag.store, "get", lambda key, **kw: looked_up.append(key) or get(key, **kw))
     shared = requests[0].chunks[0]
     pair = [dataclasses.replace(requests[0], mode="naive"), Request("Who wrote it?", [shared], "naive")]
     engine = AnswerEngine(rag, max_batch=2)

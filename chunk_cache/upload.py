@@ -33,8 +33,9 @@ class LayerUploads:
     current stream wait until layers 0..i are in place."""
 
     def __init__(self, device: torch.device, overlap: bool):
+        self.device = device
         self.stream = _side_stream(device) if overlap else None
-        self.events: list[torch.cuda.Event] = []
+        self.events: dict[int, torch.cuda.Event] = {}  # layer -> recorded after its copies (side stream only)
 
     def issue(self, layer: int, copy: Callable[[], None]) -> None:
         """Run layer `layer`'s copies: at once, or on the side stream behind everything queued so far
@@ -42,14 +43,14 @@ class LayerUploads:
         if self.stream is None:
             copy()
             return
-        self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
             copy()
-        self.events.append(self.stream.record_event())
+        self.events[layer] = self.stream.record_event()
 
     def wait(self, layer: int) -> None:
         if self.stream is not None:
-            torch.cuda.current_stream(self.stream.device).wait_event(self.events[layer])
+            torch.cuda.current_stream(self.device).wait_event(self.events[layer])
 
 
 @functools.cache

@@ -164,9 +164,11 @@ class KVStore:
             with self._lock:
                 self.misses += 1
             return None
-        on_host = held.kv.keys.device.type == "cpu"
+        stays_on_host = not upload and held.kv.keys.device.type == "cpu"
+        if stays_on_host and self.device.type != "cpu":  # page-locked, for an asynchronous upload
+            held = Held(held.key, held.kv.to("cpu", pin=True), held.usage)
         with self._lock:
-            spilled = self._hold(digest, held, first=len(self._memory) - 1 if on_host and not upload else 0)
+            spilled = self._hold(digest, held, first=len(self._memory) - 1 if stays_on_host else 0)
             now = tick()
             held.usage.record_hit(now)
             if self._disk is not None:
@@ -299,7 +301,6 @@ class KVStore:
             return None
         tensors, meta = loaded
         kv = ChunkKV.from_tensors(tensors, int(meta["start"]), tuple(json.loads(meta.get("context", "[]"))))
-        kv = kv.to("cpu", pin=self.device.type != "cpu")  # page-locked for an asynchronous upload
         known = self._disk.usage.get(digest)
         usage = EntryStats(kv.nbytes(), known.created, now, known.cost_s, known.hits, known.frequency_at(now)) \
             if known else EntryStats(kv.nbytes(), now, now)

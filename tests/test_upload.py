@@ -120,3 +120,68 @@ def test_each_layer_waits_for_its_rows_after_the_layer_before_and_reads_none_ear
         assert first[("wait", i)] < first[("attend", i)]
         if i:
             assert first[("attend", i - 1)] < first[("wait", i)]  # not all waits up front: layers overlap copies
+
+
+def test_entries_away_from_the_model_device_are_staged_there_layer_by_layer(rag):
+    """The host-entry branch, run on the CPU by giving the model another device index: each such entry gets
+    a full copy on the model's device (for the store's device tier) and the cache is what it is without it."""
+    from types import SimpleNamespace
+
+    from chunk_cache.upload import fill
+
+    plan = _plan(rag, "naive", slice(None, None, -1))
+    layout, cache = rag.reuse.assemble(plan, 0)
+    shift = torch.zeros(layout.size, dtype=torch.long)
+    for index, entry in plan.entries.items():
+        s, e = layout.spans[index]
+        shift[s:e] = int(layout.positions[s]) - entry.start
+    elsewhere = SimpleNamespace(device=torch.device("cpu", 0), args=rag.model.args, inv_freq=rag.model.inv_freq)
+    staged = rag.model.new_cache(1, layout.size)
+    copies = fill(elsewhere, staged, {i: layout.spans[i] for i in plan.entries}, plan.entries, shift)
+    assert sorted(copies) == sorted(plan.entries)
+    for index, copy in copies.items():
+        assert copy.keys is not plan.entries[index].keys and torch.equal(copy.keys, plan.entries[index].keys)
+        assert torch.equal(copy.values, plan.entries[index].values) and copy.start == plan.entries[index].start
+    assert torch.equal(staged.keys, cache.keys) and torch.equal(staged.values, cache.values)
+
+
+def test_on_cuda_layer_copies_run_on_the_side_stream_and_each_layer_waits_for_its_event(monkeypatch):
+    """LayerUploads' CUDA branch against a recording stand-in for torch.cuda's streams: every layer's copies
+    run on the side stream after it caught up with the computing stream, and wait(i) waits for layer i's event."""
+    from contextlib import contextmanager
+
+    from chunk_cache import upload
+
+    log, current = [], ["compute"]
+
+    class Stream:
+        def __init__(self, name):
+            self.name = name
+
+        def wait_stream(self, other):
+            log.append((self.name, "waits for", other.name))
+
+        def record_event(self):
+            event = f"event {sum(entry[1] == 'records' for entry in log)}"
+            log.append((self.name, "records", event))
+            return event
+
+        def wait_event(self, event):
+            log.append((self.name, "waits for event", event))
+
+    @contextmanager
+    def on(stream):
+        current.append(stream.name)
+        yield
+        current.pop()
+
+    monkeypatch.setattr(upload, "_side_stream", lambda device: Stream("side"))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream(current[-1]))
+    monkeypatch.setattr(torch.cuda, "stream", on)
+    uploads = upload.LayerUploads(torch.device("cuda", 0), overlap=True)
+    for layer in range(3):
+        uploads.issue(layer, lambda layer=layer: log.append(("copy", layer, current[-1])))
+    assert log == [entry for layer in range(3) for entry in [
+        ("side", "waits for", "compute"), ("copy", layer, "side"), ("side", "records", f"event {layer}")]]
+    uploads.wait(1)
+    assert log[-1] == ("compute", "waits for event", "event 1")

@@ -25,7 +25,7 @@ def served(tiny_pipeline, tmp_path_factory):
 
 def _hold_first_start_until_another_waits(server):
     """The first job's retrieval waits until a second job is submitted, so both decode in one
-    batch (not a timing guess)."""
+    batch (not a timing guess). Returns the list of submitted jobs, as they arrive."""
     start, submit, submitted = server.service.start, server.scheduler.submit, []
 
     def counted(job):
@@ -40,6 +40,7 @@ def _hold_first_start_until_another_waits(server):
         return start(ticket)
 
     server.service.start, server.scheduler.submit = held, counted
+    return submitted
 
 
 def _alone(pipeline, question: str, chunk_ids: list[str]) -> str:
@@ -72,7 +73,7 @@ def test_concurrent_requests_decode_together_and_answer_as_alone(served, tiny_pi
 def test_a_client_leaving_frees_its_row_while_the_other_decodes(served, monkeypatch):
     server, url = served
     engine = server.service.engine
-    _hold_first_start_until_another_waits(server)
+    submitted = _hold_first_start_until_another_waits(server)
     steps: list[list[int]] = []  # the engine tickets decoding after each step
     finished: set[int] = set()
     step = engine.step
@@ -92,6 +93,9 @@ def test_a_client_leaving_frees_its_row_while_the_other_decodes(served, monkeypa
 
     thread = threading.Thread(target=ask)
     thread.start()
+    end = time.monotonic() + 30  # the staying request is submitted first: the leaving one then joins its batch
+    while not submitted and time.monotonic() < end:  # (leaving first could be noticed before they share a step)
+        time.sleep(0.01)
     with httpx.stream("POST", f"{url}/answer", timeout=120, json={
             "question": QUESTIONS[1], "k": 2, "max_tokens": 16, "mode": "full", "stream": True}) as leaving:
         lines = leaving.iter_lines()

@@ -113,14 +113,33 @@ class GatedEngine:
         return finished
 
 
+class SerialBatchEngine(GatedEngine):
+    """Four rows, but each step works on the oldest row only (as prefills admitted together run one
+    after another): a lone job's time in the batch says nothing of the jobs queued before a new one."""
+
+    max_batch = 4
+
+    def step(self) -> list:
+        if not self.gate.wait(0.02) or not self.rows:
+            return []
+        time.sleep(self.work_s / self.tokens)
+        ticket, (pieces, on_token) = next(iter(self.rows.items()))
+        pieces.append(f"t{len(pieces)} ")
+        on_token(pieces[-1])
+        if len(pieces) < self.tokens:
+            return []
+        del self.rows[ticket]
+        return [(ticket, None)]
+
+
 class GatedService:
     """The service side of the server without a model, for queue, deadline and disconnect tests:
     each answer emits `tokens` pieces, its first one once the test opens `gate`."""
 
     name, model = "gated", "none"
 
-    def __init__(self, tokens: int = 3):
-        self.engine = GatedEngine(tokens)
+    def __init__(self, tokens: int = 3, engine: type[GatedEngine] = GatedEngine):
+        self.engine = engine(tokens)
         self.gate = self.engine.gate
         self.started: list[str] = []
         self.finished: list[str] = []
@@ -167,14 +186,15 @@ class GatedService:
         self.flushed += 1
 
 
-def gated_server(tmp_path: Path, queue: int = 2, deadline_s: float = 30.0, api_key: str | None = None):
+def gated_server(tmp_path: Path, queue: int = 2, deadline_s: float = 30.0, api_key: str | None = None,
+                 engine: type[GatedEngine] = GatedEngine):
     from ragkit.serve.app import Server
     from ragkit.serve.arena import PreferenceLog
     from ragkit.serve.metrics import ServeMetrics
     from ragkit.serve.scheduler import EngineScheduler
     from ragkit.serve.schemas import Limits
 
-    service = GatedService()
+    service = GatedService(engine=engine)
     limits = Limits(modes=("full", "blend"), default_mode="blend", default_k=2, max_k=5, default_max_tokens=3,
                     max_tokens=8, deadline_s=deadline_s)
     return Server(service=service, scheduler=EngineScheduler(service, queue), limits=limits,

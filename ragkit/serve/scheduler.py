@@ -168,12 +168,20 @@ class Answering(Protocol):
         """Retrieve and emit `retrieved`, then make the engine request."""
 
 
+PACE_MARGIN = 0.2  # the share of a job's remaining time kept in reserve when admitting it
+
+
 class EngineScheduler:
     """One thread drives the batched engine: between decode steps it drops the jobs whose client
     left or whose deadline passed (their batch rows are freed), stops those whose output ended on a
     stop string or the size cap (answered at once, their rows freed too), and admits waiting jobs into free
     rows, first come, first served. At most `queue_size` jobs wait, and none that would finish past
-    its deadline at the recent pace (a job's time in the batch x the batches ahead of it).
+    its deadline at the recent pace: the later of (a job's time in the batch x the batches ahead of
+    it) and (the jobs ahead of it, plus itself, x the time between answers while busy). The second
+    term is what a loaded server's throughput allows; the first alone trusts a pace measured at a
+    lighter load, and admits jobs that then time out. Until a busy gap is measured, a job's whole
+    time in the batch stands in for it (no gain from batching assumed). Paces jitter, so a job is
+    admitted only if it would finish with PACE_MARGIN of its remaining time to spare.
 
     A failure inside the engine is a bug, not a client's fault: the running jobs get a 500 error
     event and the loop goes on.
@@ -187,7 +195,10 @@ class EngineScheduler:
         self._running: dict[int, tuple[Ticket, Started, float]] = {}  # engine ticket -> job, its start time
         self._cond = threading.Condition()
         self._closing = False
-        self._service_s = 0.0  # moving average of one job's time in the batch (0 until measured), for Retry-After
+        self._service_s = 0.0  # moving average of one job's time in the batch (0 until measured)
+        self._gap_s = 0.0  # moving average of the time between answers while jobs kept waiting (0 until measured)
+        self._last_answer = 0.0  # time.monotonic() of the last answers
+        self._busy_after_answer = False  # whether jobs were left running or waiting then
         self._thread = threading.Thread(target=self._run, name="ragkit-serve-engine", daemon=True)
         self._thread.start()
 
@@ -206,14 +217,19 @@ class EngineScheduler:
                 raise ShuttingDown()
             ahead = len(self._pending) + self.running
             # Full, or so far behind that the job would finish past its deadline: refuse it now, not later.
-            retry_after = max(1, math.ceil(self._service_s * (ahead // self._engine.max_batch)))
+            retry_after = max(1, math.ceil(self._expected_s(ahead - 1)))
             if len(self._pending) >= self.queue_size:
                 raise QueueFull(retry_after)
-            if self._service_s * (ahead // self._engine.max_batch + 1) > job.deadline - time.monotonic():
+            if self._expected_s(ahead) > (1 - PACE_MARGIN) * (job.deadline - time.monotonic()):
                 raise QueueFull(retry_after, "the server is too busy to answer within the deadline")
             self._pending.append(ticket)
             self._cond.notify()
         return ticket
+
+    def _expected_s(self, ahead: int) -> float:
+        """Seconds until a job with `ahead` jobs before it is answered, at the recent pace (0 while unknown)."""
+        per_answer = self._gap_s or self._service_s
+        return max(self._service_s * (ahead // self._engine.max_batch + 1), per_answer * (ahead + 1))
 
     def _release(self, ticket: Ticket) -> None:
         with self._cond:
@@ -278,9 +294,16 @@ class EngineScheduler:
                     ticket.fail(500, f"internal error while answering ({type(exc).__name__}); the server goes on")
                 self._running.clear()
                 return
+        now = time.monotonic()
+        if finished and self._busy_after_answer:  # the server worked throughout: the gap is its pace
+            gap = (now - self._last_answer) / len(finished)
+            self._gap_s = 0.8 * self._gap_s + 0.2 * gap if self._gap_s else gap
+        if finished:
+            self._last_answer = now
+            self._busy_after_answer = len(self._running) > len(finished) or bool(self._pending)
         for number, answer in finished:
             ticket, started, since = self._running.pop(number)
-            took = time.monotonic() - since  # the pace, from answers that ran to the end
+            took = now - since  # the pace, from answers that ran to the end
             self._service_s = 0.8 * self._service_s + 0.2 * took if self._service_s else took
             try:
                 started.finish(answer)

@@ -77,8 +77,9 @@ class BM25Retriever(Retriever):
         while batch := list(islice(texts, TOKENIZE_BATCH)):
             terms, lengths = tokenizer.encode_many(batch, grow=True)
             n_docs, total_len, n_terms = n_docs + len(batch), total_len + int(lengths.sum()), len(tokenizer.vocab)
-            doc_and_term = np.unique(np.repeat(np.arange(len(batch)), lengths) * n_terms + terms)
-            doc_freq = _add_counts(doc_freq, doc_and_term % n_terms, n_terms)
+            doc_and_term = np.sort(np.repeat(np.arange(len(batch)), lengths) * n_terms + terms)
+            first = np.flatnonzero(np.diff(doc_and_term, prepend=-1))  # each (text, term) pair once
+            doc_freq = _add_counts(doc_freq, doc_and_term[first] % n_terms, n_terms)
         return CorpusStats(tokenizer.vocab, doc_freq, n_docs, total_len)
 
     def _add_texts(self, texts: list[str]) -> None:

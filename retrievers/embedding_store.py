@@ -109,8 +109,10 @@ class EmbeddingStore:
         return out
 
     def take(self, rows: np.ndarray) -> np.ndarray:
-        """Any rows (sorted or not) as float32, read from the memory-mapped parts."""
-        return take_rows([self.part(n) for n in range(len(self.part_rows))], rows)
+        """Any rows (sorted or not) as float32, read from the parts one mapped part at a time.
+
+        A random sample faults in (with read-around) most pages of every part it touches."""
+        return take_rows(self.part, self.part_rows, rows)
 
     def fill(self, texts: Sequence[str], encode: Callable[[list[str]], np.ndarray], part_rows: int,
              progress: bool = False) -> int:
@@ -128,14 +130,19 @@ class EmbeddingStore:
         return len(texts) - first
 
 
-def take_rows(parts: list[np.ndarray], rows: np.ndarray) -> np.ndarray:
-    """Rows of the parts' concatenation, as float32, without concatenating them."""
-    starts = np.cumsum([0, *(len(p) for p in parts)])
+def take_rows(part: Callable[[int], np.ndarray], lengths: Sequence[int], rows: np.ndarray) -> np.ndarray:
+    """Rows of the concatenation of parts (`part(n)` has `lengths[n]` rows), as float32, without concatenating."""
+    starts = np.cumsum([0, *lengths])
     owner = np.searchsorted(starts, rows, side="right") - 1
-    out = np.empty((len(rows), parts[0].shape[1] if parts else 0), dtype=np.float32)
+    out = None
     for number in np.unique(owner):
         where = np.flatnonzero(owner == number)
-        out[where] = parts[number][rows[where] - starts[number]]
+        block = part(number)[rows[where] - starts[number]]
+        if out is None:
+            out = np.empty((len(rows), block.shape[1]), dtype=np.float32)
+        out[where] = block
+    if out is None:  # no rows asked for
+        out = np.zeros((0, part(0).shape[1] if len(lengths) else 0), dtype=np.float32)
     return out
 
 

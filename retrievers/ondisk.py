@@ -138,6 +138,7 @@ class OnDiskIVF:
         faiss.extract_index_ivf(self.index).nprobe = params.nprobe
         self.ids = np.load(folder / "ids.npy", mmap_mode="r")
         self.vectors = [np.load(folder / name, mmap_mode="r") for name in manifest["vectors"]]
+        self.lengths = [len(v) for v in self.vectors]
 
     @classmethod
     def load(cls, folder: Path, spec: dict[str, Any], position: int) -> "OnDiskIVF":
@@ -164,7 +165,7 @@ class OnDiskIVF:
         out = []
         for query, rows in zip(queries, found):
             rows = np.sort(rows[rows >= 0])
-            exact = take_rows(self.vectors, rows + self.skip) @ query
+            exact = take_rows(self.vectors.__getitem__, self.lengths, rows + self.skip) @ query
             ids = self.ids[rows]
             order = np.lexsort((ids, -exact))[:k]
             out.append([Hit(ids[i].decode("utf-8"), float(exact[i]), rank) for rank, i in enumerate(order, 1)])

@@ -728,8 +728,18 @@ def bench_scale(
                                 "cluster centres (embedded once, then cached; all 5183 for the full run)."),
     queries: int = typer.Option(100, "--queries", min=1, help="SciFact test queries timed and scored."),
     memory_budget: str = typer.Option("1GiB", "--memory-budget", help="Build memory budget, as index.memory_budget."),
-    nlist: int = typer.Option(0, "--nlist", min=0, help="IVF lists (0: 4 * sqrt(vectors))."),
+    nlist: int = typer.Option(0, "--nlist", min=0, help="IVF lists (0: 4 * sqrt(vectors), at most 2048, "
+                              "which keeps the 10M build near 10 min on one core)."),
     nprobe: int = typer.Option(32, "--nprobe", min=1, help="IVF lists probed per query."),
+    rerank: int = typer.Option(20, "--rerank", min=1, help="IVF-PQ candidates re-scored exactly, as a multiple of k."),
+    pq_m: int = typer.Option(96, "--pq-m", min=1, help="PQ sub-vectors per vector (8 bits each; must divide 384). "
+                             "96 keeps recall@10 >= 0.9 where ~2,000 vectors share a centre, as at 10M; 48 does not."),
+    ray_vectors: int = typer.Option(0, "--ray-vectors", min=0, help="Vectors rebuilt for the Ray vs one-process "
+                                    "comparison (0: all of --dense-vectors; the first N of the same set)."),
+    ray_chunks: int = typer.Option(0, "--ray-chunks", min=0, help="Chunks rebuilt (twice) for the Ray vs "
+                                   "one-process comparison (0: all of --bm25-chunks)."),
+    cache_dir: Path = typer.Option(Path(".ragkit/embeddings"), "--cache-dir", help="Embedding cache of the "
+                                   "centres and queries (reuse one to skip embedding 5183 documents)."),
     workdir: Optional[Path] = typer.Option(None, "--workdir", help="Where the indexes are built (deleted after); "
                                            "needs about 1 KiB per dense vector."),
 ) -> None:
@@ -737,7 +747,8 @@ def bench_scale(
     from ragkit.bench.scale import format_report, run_scale_bench
 
     result = run_scale_bench(dense_vectors, bm25_chunks, centres, queries, memory_budget, nlist, nprobe,
-                             str(workdir) if workdir else None, log=lambda msg: typer.echo(msg, err=True))
+                             str(workdir) if workdir else None, str(cache_dir), lambda msg: typer.echo(msg, err=True),
+                             ray_vectors, ray_chunks, rerank, pq_m)
     _emit(result, as_json, format_report)
 
 

@@ -38,11 +38,16 @@ class ConfigError(RagkitError):
     def __init__(self, key: str, problem: str, allowed: list[str] | None = None, source: str | Path | None = None):
         self.key = key
         self.allowed = allowed
+        self._args = (key, problem, allowed, source)
         prefix = f"{source}: " if source else ""
         message = f"{prefix}config key '{key}': {problem}"
         if allowed:
             message += f"; allowed: {', '.join(map(str, allowed))}"
         super().__init__(message)
+
+    def __reduce__(self):
+        """Pickle by the constructor's arguments, so a build in a child process or a Ray task raises it back."""
+        return (type(self), self._args)
 
 
 class IndexMismatchError(RagkitError):

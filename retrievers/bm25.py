@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any, ClassVar, Iterable
 
@@ -31,6 +32,7 @@ from retrievers.tokenize import STEMMERS, STOPWORD_LISTS, Tokenizer
 from retrievers.topk import top_k
 
 BACKENDS = ["bm25s", "rank_bm25"]
+TOKENIZE_BATCH = 100_000  # texts per step of gather_stats: bounds its memory, not its result
 
 
 @dataclass
@@ -71,24 +73,21 @@ class BM25Retriever(Retriever):
         tokenizer = Tokenizer(self.params.stemmer, self.params.stopwords)
         doc_freq = np.zeros(0, dtype=np.int64)
         n_docs = total_len = 0
-        seen: list[int] = []
-        for text in texts:
-            terms = tokenizer.encode(text, grow=True)
-            n_docs += 1
-            total_len += len(terms)
-            seen.extend(set(terms))
-            if len(seen) > 1 << 22:
-                doc_freq = _add_counts(doc_freq, seen, len(tokenizer.vocab))
-                seen = []
-        doc_freq = _add_counts(doc_freq, seen, len(tokenizer.vocab))
+        texts = iter(texts)
+        while batch := list(islice(texts, TOKENIZE_BATCH)):
+            terms, lengths = tokenizer.encode_many(batch, grow=True)
+            n_docs, total_len, n_terms = n_docs + len(batch), total_len + int(lengths.sum()), len(tokenizer.vocab)
+            doc_and_term = np.sort(np.repeat(np.arange(len(batch)), lengths) * n_terms + terms)
+            first = np.flatnonzero(np.diff(doc_and_term, prepend=-1))  # each (text, term) pair once
+            doc_freq = _add_counts(doc_freq, doc_and_term[first] % n_terms, n_terms)
         return CorpusStats(tokenizer.vocab, doc_freq, n_docs, total_len)
 
     def _add_texts(self, texts: list[str]) -> None:
         known = len(self.tokenizer.vocab)
-        docs = [self.tokenizer.encode(text, grow=True) for text in texts]
+        terms, lengths = self.tokenizer.encode_many(texts, grow=True)
         if self.corpus is not None and len(self.tokenizer.vocab) != known:
             raise ValueError("a text holds terms outside the corpus statistics: gather them over every shard")
-        self.matrix.append(docs, len(self.tokenizer.vocab))
+        self.matrix.append(terms, lengths, len(self.tokenizer.vocab))
         self._reference = None
 
     def _deleted(self, slots: np.ndarray) -> None:
@@ -144,8 +143,8 @@ class BM25Retriever(Retriever):
         self.matrix.load(directory, mmap=self.params.mmap)
 
 
-def _add_counts(counts: np.ndarray, term_ids: list[int], n_terms: int) -> np.ndarray:
-    grown = np.bincount(np.asarray(term_ids, dtype=np.int64), minlength=n_terms)
+def _add_counts(counts: np.ndarray, term_ids: np.ndarray, n_terms: int) -> np.ndarray:
+    grown = np.bincount(term_ids, minlength=n_terms)
     grown[:len(counts)] += counts
     return grown
 

@@ -7,8 +7,9 @@ store.json is the source of truth. A part is written atomically before store.jso
 rewritten atomically) lists it, so a build killed at any moment leaves the parts listed so far,
 complete, plus at most one unlisted part file that the restart overwrites; the restart embeds
 from the first row no listed part holds. A store whose fingerprint (texts and encoder) differs
-from the build's is started over. Readers memory-map the parts: a build never holds more than
-one part in RAM.
+from the build's is started over. Readers memory-map the parts, and map a part afresh for each
+read: pages of a mapping count in the process's RSS while it lives, so a build that kept every
+part of a 10M-row store mapped would show the whole store (7 GiB in float16) as its own memory.
 """
 
 from __future__ import annotations
@@ -49,7 +50,6 @@ class EmbeddingStore:
         manifest = self._read_manifest()
         if manifest and manifest.get("fingerprint") == fingerprint and manifest.get("dtype") == dtype:
             self.dim, self.part_rows = manifest["dim"], list(manifest["parts"])
-        self._parts: list[np.ndarray | None] = [None] * len(self.part_rows)
 
     @classmethod
     def open(cls, directory: str | Path) -> "EmbeddingStore":
@@ -81,14 +81,12 @@ class EmbeddingStore:
         atomic_write_bytes(self.part_file(len(self.part_rows)), buffer.getvalue())
         self.dim = vectors.shape[1]
         self.part_rows.append(len(vectors))
-        self._parts.append(None)
         atomic_write_json(self.directory / MANIFEST, {"format_version": FORMAT_VERSION, "fingerprint": self.fingerprint,
                                                       "dim": self.dim, "dtype": self.dtype, "parts": self.part_rows})
 
     def part(self, number: int) -> np.ndarray:
-        if self._parts[number] is None:
-            self._parts[number] = np.load(self.part_file(number), mmap_mode="r")
-        return self._parts[number]
+        """Part `number`, memory-mapped (unmapped when the caller drops it)."""
+        return np.load(self.part_file(number), mmap_mode="r")
 
     def parts_of(self, start: int, end: int) -> list[tuple[int, int, int]]:
         """(part number, first row in it, last row + 1 in it) covering rows [start, end)."""
@@ -102,14 +100,19 @@ class EmbeddingStore:
 
     def rows(self, start: int, end: int) -> np.ndarray:
         """Rows [start, end) as one float32 array."""
-        pieces = [self.part(n)[a:b] for n, a, b in self.parts_of(start, end)]
-        if not pieces:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        return np.ascontiguousarray(np.concatenate(pieces), dtype=np.float32)
+        pieces = self.parts_of(start, end)
+        out = np.empty((sum(b - a for _, a, b in pieces), self.dim), dtype=np.float32)
+        filled = 0
+        for n, a, b in pieces:
+            out[filled:filled + b - a] = self.part(n)[a:b]  # float16 parts widen here, with no float16 copy
+            filled += b - a
+        return out
 
     def take(self, rows: np.ndarray) -> np.ndarray:
-        """Any rows (sorted or not) as float32, read from the memory-mapped parts."""
-        return take_rows([self.part(n) for n in range(len(self.part_rows))], rows)
+        """Any rows (sorted or not) as float32, read from the parts one mapped part at a time.
+
+        A random sample faults in (with read-around) most pages of every part it touches."""
+        return take_rows(self.part, self.part_rows, rows)
 
     def fill(self, texts: Sequence[str], encode: Callable[[list[str]], np.ndarray], part_rows: int,
              progress: bool = False) -> int:
@@ -127,14 +130,19 @@ class EmbeddingStore:
         return len(texts) - first
 
 
-def take_rows(parts: list[np.ndarray], rows: np.ndarray) -> np.ndarray:
-    """Rows of the parts' concatenation, as float32, without concatenating them."""
-    starts = np.cumsum([0, *(len(p) for p in parts)])
+def take_rows(part: Callable[[int], np.ndarray], lengths: Sequence[int], rows: np.ndarray) -> np.ndarray:
+    """Rows of the concatenation of parts (`part(n)` has `lengths[n]` rows), as float32, without concatenating."""
+    starts = np.cumsum([0, *lengths])
     owner = np.searchsorted(starts, rows, side="right") - 1
-    out = np.empty((len(rows), parts[0].shape[1] if parts else 0), dtype=np.float32)
+    out = None
     for number in np.unique(owner):
         where = np.flatnonzero(owner == number)
-        out[where] = parts[number][rows[where] - starts[number]]
+        block = part(number)[rows[where] - starts[number]]
+        if out is None:
+            out = np.empty((len(rows), block.shape[1]), dtype=np.float32)
+        out[where] = block
+    if out is None:  # no rows asked for
+        out = np.zeros((0, part(0).shape[1] if len(lengths) else 0), dtype=np.float32)
     return out
 
 

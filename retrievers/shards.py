@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol, Sequence
@@ -85,11 +86,20 @@ class LocalRunner:
 
 @dataclass
 class BuildPlan:
-    """How to build: at least `shards` shards, each within `memory_budget` bytes, steps run by `runner`."""
+    """How to build: at least `shards` shards, each within `memory_budget` bytes, steps run by `runner`.
+
+    The build records each stage's wall seconds in `stage_seconds` (for progress reports and benchmarks)."""
 
     shards: int = 1
     memory_budget: int = 4 << 30
     runner: Runner = field(default_factory=LocalRunner)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+    def timed(self, stage: str, fn: Callable, *args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        out = fn(*args, **kwargs)
+        self.stage_seconds[stage] = round(time.perf_counter() - start, 2)
+        return out
 
 
 def split(n: int, parts: int) -> list[tuple[int, int]]:
@@ -182,14 +192,14 @@ def _build_bm25(spec: dict, position: int, chunks: Sequence[Chunk], folder: Path
     runner = plan.runner
     chunks_ref = runner.share(chunks)
     parts = split(len(chunks), plan.shards)
-    stats = CorpusStats.merge(runner.map(_bm25_stats, parts, chunks_ref, spec, position, desc="bm25 statistics",
-                                         rows=[end - start for start, end in parts]))
+    stats = CorpusStats.merge(plan.timed("statistics", runner.map, _bm25_stats, parts, chunks_ref, spec, position,
+                                         desc="bm25 statistics", rows=[end - start for start, end in parts]))
     postings_per_chunk = stats.total_len / max(stats.n_docs, 1) + 1
     rows_in_budget = max(1, int(plan.memory_budget / 2 / (postings_per_chunk * BM25_BYTES_PER_POSTING)))
     parts = split(len(chunks), max(plan.shards, math.ceil(len(chunks) / rows_in_budget)))
     jobs = [(i, start, end, str(folder)) for i, (start, end) in enumerate(parts)]
-    return runner.map(_bm25_shard, jobs, chunks_ref, spec, position, runner.share(stats), desc="bm25 shards",
-                      rows=[end - start for start, end in parts])
+    return plan.timed("shards", runner.map, _bm25_shard, jobs, chunks_ref, spec, position, runner.share(stats),
+                      desc="bm25 shards", rows=[end - start for start, end in parts])
 
 
 def _dense_shard(job: tuple[int, int, int, str], ids: Sequence[str], spec: dict, position: int, store_dir: str) -> int:

@@ -116,13 +116,13 @@ class ScoreMatrix:
         self.doc_len = doc_len
         self.refresh()
 
-    def append(self, docs: list[list[int]], n_terms: int) -> None:
-        """Add documents (lists of term ids) as new rows; the vocabulary may have grown."""
-        lengths = np.fromiter((len(d) for d in docs), dtype=np.int64, count=len(docs))
-        n_rows = self.n_docs + len(docs)
+    def append(self, terms: np.ndarray, lengths: np.ndarray, n_terms: int) -> None:
+        """Add documents as new rows: their term ids concatenated, and each one's count of them.
+
+        The vocabulary may have grown to `n_terms`."""
+        n_rows = self.n_docs + len(lengths)
         rows = np.repeat(np.arange(self.n_docs, n_rows), lengths)
-        cols = np.fromiter((t for d in docs for t in d), dtype=np.int64, count=int(lengths.sum()))
-        new = sp.csc_matrix((np.ones(len(cols), dtype=np.int32), (rows, cols)), shape=(n_rows, n_terms))
+        new = sp.csc_matrix((np.ones(len(terms), dtype=np.int32), (rows, terms)), shape=(n_rows, n_terms))
         self._set((self._matrix(n_rows, n_terms) + new).tocsc(), np.concatenate([self.doc_len, lengths]))
 
     def keep(self, keep: np.ndarray) -> None:

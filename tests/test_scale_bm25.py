@@ -102,3 +102,20 @@ def test_parse_bytes(text, expected):
 def test_parse_bytes_names_the_key(text):
     with pytest.raises(ConfigError, match="index.memory_budget"):
         parse_bytes(text, "index.memory_budget")
+
+
+def test_encode_many_gives_the_ids_and_vocabulary_of_encode_per_text(corpus):
+    from retrievers.tokenize import Tokenizer
+
+    texts = [indexed_text(c) for c in corpus[0]] + ["", "the and of", "Über naïve café ALPHA-beta"]
+    one_by_one, batched = Tokenizer(), Tokenizer()
+    expected = [one_by_one.encode(text, grow=True) for text in texts]
+    ids, counts = batched.encode_many(texts, grow=True)
+    assert list(batched.vocab.items()) == list(one_by_one.vocab.items())  # same ids, same first-seen order
+    assert ids.tolist() == [t for terms in expected for t in terms]
+    assert counts.tolist() == [len(terms) for terms in expected]
+    queries = ["unseenword cells the protein", "zzzz"]
+    ids, counts = batched.encode_many(queries, grow=False)
+    assert ids.tolist() == [t for q in queries for t in one_by_one.encode(q, grow=False)]
+    assert counts.tolist() == [len(one_by_one.encode(q, grow=False)) for q in queries]
+    assert list(batched.vocab) == list(one_by_one.vocab)  # grow=False added nothing

@@ -52,3 +52,13 @@ def test_ray_backend_without_ray_is_one_line(tmp_path, monkeypatch):
     write_dataset(tmp_path / "data")
     assert_user_error(invoke("index", write_config(tmp_path, extra='[cluster]\nbackend = "ray"'), "--quiet"),
                       "'cluster.backend'", 'pip install -e ".[ray]"')
+
+
+def test_config_error_survives_pickling_as_builds_in_child_processes_raise_it():
+    import pickle
+
+    from ragkit.errors import ConfigError
+
+    error = ConfigError("retrieval.retrievers[0].m", "must divide 384, got 50", allowed=[48, 96], source="a.toml")
+    back = pickle.loads(pickle.dumps(error))
+    assert type(back) is ConfigError and str(back) == str(error) and back.key == error.key

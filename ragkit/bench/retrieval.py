@@ -95,10 +95,14 @@ def scale_windows(chunks: list[Chunk], minimum: int) -> list[Chunk]:
     return out[:max(minimum, 0)]
 
 
-def clustered_embeddings(centres: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+def clustered_embeddings(centres: np.ndarray, n: int, seed: int = 0, noise_dtype: type = np.float64) -> np.ndarray:
+    """n vectors: a random centre each plus Gaussian noise of norm NOISE_NORM, renormalised.
+
+    float32 noise draws 3x faster (the 10M-vector scale set); float64 keeps the 200k set as published."""
     rng = np.random.default_rng(seed)
     picks = rng.integers(0, len(centres), n)
-    noise = rng.normal(size=(n, centres.shape[1])).astype(np.float32) * (NOISE_NORM / np.sqrt(centres.shape[1]))
+    noise = rng.standard_normal(size=(n, centres.shape[1]), dtype=noise_dtype).astype(np.float32, copy=False)
+    noise *= NOISE_NORM / np.sqrt(centres.shape[1])
     vectors = centres[picks] + noise
     return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 

@@ -32,6 +32,7 @@ from ragkit.types import Chunk
 DATA = Path(__file__).resolve().parents[2] / "data" / "scifact"
 SENTENCES_PER_CHUNK = 3
 GIB = 1 << 30
+MAX_DEFAULT_NLIST = 2048
 
 
 def _in_child(fn: Callable, *args: Any) -> tuple[Any, float]:
@@ -97,13 +98,14 @@ def _embed_centres(centres: int, queries: int, cache_dir: str) -> tuple[np.ndarr
     return vectors, dense.encoder.encode(query_texts[:queries], "query")
 
 
-def _write_clustered(store_dir: str, centres: np.ndarray, n: int, part_rows: int) -> int:
+def _write_clustered(store_dir: str, centres: np.ndarray, n: int, part_rows: int = 100_000) -> int:
+    """Part p is seeded with its first row, so the first m rows of any two sizes are the same vectors."""
     from ragkit.bench.retrieval import clustered_embeddings
     from retrievers.embedding_store import EmbeddingStore
 
     store = EmbeddingStore(store_dir, f"clustered-{n}", dtype="float16")
-    for part, start in enumerate(range(store.count, n, part_rows)):
-        store.append(clustered_embeddings(centres, min(part_rows, n - start), seed=start))
+    for start in range(store.count, n, part_rows):
+        store.append(clustered_embeddings(centres, min(part_rows, n - start), seed=start, noise_dtype=np.float32))
     return store.count
 
 
@@ -153,19 +155,24 @@ def _build_dense(spec: dict, store_dir: str, folder: str, shards: int, budget: i
     store = EmbeddingStore.open(store_dir)
     start = time.perf_counter()
     Path(folder).mkdir()
-    build_from_embeddings(spec, 0, _Ids(store.count), Path(folder), BuildPlan(shards, budget, runner), store)
-    return {"build_s": round(time.perf_counter() - start, 2)}
+    plan = BuildPlan(shards, budget, runner)
+    build_from_embeddings(spec, 0, _Ids(store.count), Path(folder), plan, store)
+    return {"build_s": round(time.perf_counter() - start, 2), "stage_s": plan.stage_seconds}
 
 
 def _build_bm25(n: int, folder: str, shards: int, budget: int, ray_cpus: int = 0) -> dict:
     from retrievers.shards import BuildPlan, LocalRunner, build
 
+    start = time.perf_counter()
     chunks = sentence_chunks(n)
+    chunks_s = round(time.perf_counter() - start, 2)
     runner = _ray_runner(ray_cpus) if ray_cpus else LocalRunner()
     start = time.perf_counter()
     Path(folder).mkdir()
-    manifest = build({"type": "bm25"}, 0, chunks, Path(folder), BuildPlan(shards, budget, runner))
-    return {"build_s": round(time.perf_counter() - start, 2), "shards": len(manifest["shards"])}
+    plan = BuildPlan(shards, budget, runner)
+    manifest = build({"type": "bm25"}, 0, chunks, Path(folder), plan)
+    return {"build_s": round(time.perf_counter() - start, 2), "shards": len(manifest["shards"]),
+            "stage_s": {"make_chunks": chunks_s, **plan.stage_seconds}}
 
 
 def _ray_runner(cpus: int):
@@ -181,9 +188,20 @@ def _ray_runner(cpus: int):
 # -- the run ---------------------------------------------------------------------------------------
 
 
+def default_nlist(vectors: int) -> int:
+    """4 * sqrt(n) lists, at most MAX_DEFAULT_NLIST: assigning 10M vectors to 12,649 lists costs ~20 min on one core."""
+    return max(16, min(int(4 * vectors ** 0.5), MAX_DEFAULT_NLIST))
+
+
+def _per_s(count: int, seconds: float) -> int:
+    return round(count / max(seconds, 1e-9))
+
+
 def run_scale_bench(dense_vectors: int = 50_000, bm25_chunks: int = 50_000, centres: int = 300, queries: int = 100,
                     memory_budget: str = "1GiB", nlist: int = 0, nprobe: int = 32, workdir: str | None = None,
-                    cache_dir: str = ".ragkit/embeddings", log: Callable[[str], None] = lambda m: None) -> dict:
+                    cache_dir: str = ".ragkit/embeddings", log: Callable[[str], None] = lambda m: None,
+                    ray_vectors: int = 0, ray_chunks: int = 0, rerank: int = 20, pq_m: int = 96) -> dict:
+    """The whole bench; `ray_vectors` / `ray_chunks` (0: the full sizes) size the Ray-vs-one-process rebuilds."""
     import faiss
 
     from ragkit.config import parse_bytes
@@ -192,46 +210,66 @@ def run_scale_bench(dense_vectors: int = 50_000, bm25_chunks: int = 50_000, cent
 
     faiss.omp_set_num_threads(1)
     budget = parse_bytes(memory_budget, "--memory-budget")
+    ray_vectors, ray_chunks = min(ray_vectors or dense_vectors, dense_vectors), min(ray_chunks or bm25_chunks, bm25_chunks)
     root = Path(tempfile.mkdtemp(prefix="ragkit-scale-", dir=workdir))
     try:
         log(f"embedding {centres} SciFact centres and {queries} queries with MiniLM (cached in {cache_dir})")
+        start = time.perf_counter()
         centre_vectors, query_vectors = _embed_centres(centres, queries, cache_dir)
+        report: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+                                  "memory_budget": memory_budget, "embed_centres_s": round(time.perf_counter() - start, 2)}
+        log(f"dense: writing {dense_vectors} clustered vectors (float16) and the exact top-10 of {queries} queries")
         store_dir = str(root / "store")
         start = time.perf_counter()
-        _write_clustered(store_dir, centre_vectors, dense_vectors, 100_000)
-        report: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-                                  "memory_budget": memory_budget}
-        dense: dict[str, Any] = {"vectors": dense_vectors, "generate_s": round(time.perf_counter() - start, 2),
-                                 "source": f"SciFact MiniLM embeddings of {centres} documents + noise of norm 0.6"}
+        _write_clustered(store_dir, centre_vectors, dense_vectors)
+        generate_s = time.perf_counter() - start
         ids = _Ids(dense_vectors)
+        start = time.perf_counter()
         truth = _exact_top10(store_dir, query_vectors, ids.__getitem__)
-        spec = {"type": "ivfpq", "nlist": nlist or max(16, int(4 * dense_vectors ** 0.5)), "nprobe": nprobe,
-                "m": 48, "nbits": 8, "rerank": 10}
-        log(f"dense: building IVF-PQ (on-disk lists) over {dense_vectors} vectors")
+        truth_s = time.perf_counter() - start
+        spec = {"type": "ivfpq", "nlist": nlist or default_nlist(dense_vectors), "nprobe": nprobe,
+                "m": pq_m, "nbits": 8, "rerank": rerank}
+        log(f"dense: building IVF-PQ (on-disk lists, nlist {spec['nlist']}) over {dense_vectors} vectors")
         built, rss = _in_child(_build_dense, spec, store_dir, str(root / "dense"), 1, budget)
         index = ShardedRetriever(spec, 0, root / "dense")
         hits = index.search_vectors(query_vectors, 10)
         recall = float(np.mean([len({h.id for h in a} & set(b)) / 10 for a, b in zip(hits, truth)]))
-        dense.update(built, peak_rss_gib=rss, index_gib=_size_gib(root / "dense"), recall_at_10=round(recall, 4),
-                     params={k: v for k, v in spec.items() if k != "type"},
-                     build_vectors_per_s=round(dense_vectors / built["build_s"]),
-                     **_latency(lambda q: index.search_vectors(q, 10), query_vectors, 32))
-        report["dense"] = dense
+        stages = built["stage_s"]
+        report["dense"] = {
+            "vectors": dense_vectors, "source": f"SciFact MiniLM embeddings of {centres} documents + noise of norm 0.6",
+            "generate_s": round(generate_s, 2), "generate_vectors_per_s": _per_s(dense_vectors, generate_s),
+            "exact_truth_s": round(truth_s, 2), "exact_truth_vectors_per_s": _per_s(dense_vectors, truth_s),
+            "build_s": built["build_s"], "train_s": stages["train"], "add_s": stages["add"],
+            "add_vectors_per_s": _per_s(dense_vectors, stages["add"]),
+            "build_vectors_per_s": _per_s(dense_vectors, built["build_s"]),
+            "peak_rss_gib": rss, "index_gib": _size_gib(root / "dense"), "recall_at_10": round(recall, 4),
+            "params": {k: v for k, v in spec.items() if k != "type"},
+            **_latency(lambda q: index.search_vectors(q, 10), query_vectors, 32)}
+        del index
 
         log(f"bm25: {bm25_chunks} chunks of resampled SciFact sentences, sharded within {memory_budget}")
         built, rss = _in_child(_build_bm25, bm25_chunks, str(root / "bm25"), 2, budget)
         bm25 = ShardedRetriever({"type": "bm25"}, 0, root / "bm25")
         _, query_texts = _scifact_texts()
         query_texts = query_texts[:queries]
+        stages = built.pop("stage_s")
         report["bm25"] = {"chunks": bm25_chunks, **built, "peak_rss_gib": rss, "index_gib": _size_gib(root / "bm25"),
-                          "build_docs_per_s": round(bm25_chunks / built["build_s"]),
+                          "build_docs_per_s": _per_s(bm25_chunks, built["build_s"]),
+                          **{f"{stage}_s": seconds for stage, seconds in stages.items()},
+                          **{f"{stage}_docs_per_s": _per_s(bm25_chunks, seconds) for stage, seconds in stages.items()},
                           "source": f"{SENTENCES_PER_CHUNK} random SciFact sentences per chunk",
                           **_latency(lambda q: bm25.search(q, 10), query_texts, 32)}
+        del bm25
 
-        log("Ray, 2 shards on a local 2-CPU cluster vs this process with the same 2 shards")
-        single_bm25, _ = _in_child(_build_bm25, bm25_chunks, str(root / "bm25-2"), 2, 8 * GIB)
-        ray_bm25, _ = _in_child(_build_bm25, bm25_chunks, str(root / "bm25-ray"), 2, 8 * GIB, 2)
-        _in_child(_build_dense, spec, store_dir, str(root / "dense-2"), 2, budget)
+        log(f"Ray, 2 shards on a local 2-CPU cluster vs this process with the same 2 shards "
+            f"({ray_chunks} chunks, {ray_vectors} vectors)")
+        single_bm25, _ = _in_child(_build_bm25, ray_chunks, str(root / "bm25-2"), 2, 8 * GIB)
+        ray_bm25, _ = _in_child(_build_bm25, ray_chunks, str(root / "bm25-ray"), 2, 8 * GIB, 2)
+        ray_store = store_dir
+        if ray_vectors < dense_vectors:
+            ray_store = str(root / "store-ray")
+            _write_clustered(ray_store, centre_vectors, ray_vectors)  # the first ray_vectors rows of the dense set
+        _in_child(_build_dense, spec, ray_store, str(root / "dense-2"), 2, budget)
         import ray
 
         from ragkit.config import ClusterConfig
@@ -246,15 +284,18 @@ def run_scale_bench(dense_vectors: int = 50_000, bm25_chunks: int = 50_000, cent
                 ShardedRetriever(spec, 0, root / "dense-2").search_vectors(query_vectors, 10)
         finally:
             ray.shutdown()
-        report["ray"] = {"bm25_build_single_s": single_bm25["build_s"], "bm25_build_ray_s": ray_bm25["build_s"],
+        report["ray"] = {"chunks": ray_chunks, "vectors": ray_vectors,
+                         "bm25_build_single_s": single_bm25["build_s"], "bm25_build_ray_s": ray_bm25["build_s"],
                          "bm25_identical": same_bm25, "dense_identical": same_dense}
         report.update({
-            "dense_10m_peak_rss_gib": dense["peak_rss_gib"], "dense_10m_recall_at_10": dense["recall_at_10"],
-            "dense_10m_qps": dense["qps"], "bm25_2m_peak_rss_gib": report["bm25"]["peak_rss_gib"],
+            "dense_10m_peak_rss_gib": report["dense"]["peak_rss_gib"],
+            "dense_10m_recall_at_10": report["dense"]["recall_at_10"], "dense_10m_qps": report["dense"]["qps"],
+            "bm25_2m_peak_rss_gib": report["bm25"]["peak_rss_gib"],
             "ray_vs_single_identical": bool(same_bm25 and same_dense),
             "ray_build_speedup": round(single_bm25["build_s"] / ray_bm25["build_s"], 2),
             "sizes_note": f"dense_10m_* / bm25_2m_* keys hold this run's sizes ({dense_vectors} vectors, "
-                          f"{bm25_chunks} chunks); the names are the full-size targets",
+                          f"{bm25_chunks} chunks); the names are the full-size targets. The Ray comparison "
+                          f"(ray_*) rebuilt {ray_chunks} chunks and {ray_vectors} vectors",
         })
         return report
     finally:
@@ -265,11 +306,14 @@ def format_report(report: dict) -> str:
     d, b, r = report["dense"], report["bm25"], report["ray"]
     return "\n".join([
         f"dense IVF-PQ on-disk ({d['vectors']} vectors, {d['params']}): build {d['build_s']} s "
-        f"({d['build_vectors_per_s']} vec/s), peak RSS {d['peak_rss_gib']} GiB, index {d['index_gib']} GiB",
+        f"({d['build_vectors_per_s']} vec/s; train {d['train_s']} s, add {d['add_vectors_per_s']} vec/s), "
+        f"peak RSS {d['peak_rss_gib']} GiB, index {d['index_gib']} GiB",
+        f"  generated at {d['generate_vectors_per_s']} vec/s, exact truth at {d['exact_truth_vectors_per_s']} vec/s",
         f"  recall@10 vs exact {d['recall_at_10']}, latency p50 {d['latency_p50_ms']} ms / p90 "
         f"{d['latency_p90_ms']} ms, {d['qps']} QPS (1 thread)",
         f"BM25 sharded ({b['chunks']} chunks, {b['shards']} shards): build {b['build_s']} s "
-        f"({b['build_docs_per_s']} docs/s), peak RSS {b['peak_rss_gib']} GiB, index {b['index_gib']} GiB",
+        f"({b['build_docs_per_s']} docs/s; statistics {b['statistics_docs_per_s']}, shards {b['shards_docs_per_s']} "
+        f"docs/s), peak RSS {b['peak_rss_gib']} GiB, index {b['index_gib']} GiB",
         f"  latency p50 {b['latency_p50_ms']} ms / p90 {b['latency_p90_ms']} ms, {b['qps']} QPS",
         f"Ray 2 shards vs one process 2 shards: BM25 build {r['bm25_build_ray_s']} s vs {r['bm25_build_single_s']} s "
         f"(speedup {report['ray_build_speedup']}), identical results: {report['ray_vs_single_identical']}",

@@ -1,18 +1,16 @@
-"""A Llama-family decoder whose KV cache, positions and attention mask are explicit.
+"""A decoder for every family in generators.families, whose KV cache, positions and masks are explicit.
 
-Supported: LlamaForCausalLM (Llama 2/3, SmolLM), MistralForCausalLM and Qwen2ForCausalLM (q/k/v bias).
 Every forward names the rows it computes: their hidden states, absolute RoPE positions and the cache
 slots their keys and values go to. Full prefill, decoding and partial recomputation of a reused
-cache are therefore one code path, and a recomputed row attends with an exact causal mask
-(key position <= query position) whatever rows around it were reused.
+cache are therefore one code path, and a recomputed row attends with an exact mask (key position <=
+query position, and > query position - window on a sliding-window layer) whatever rows around it
+were reused. Family traits (q/k norms, norm placement, soft-capping, per-layer RoPE and windows,
+multipliers, experts) live in ModelArgs; the modules are in generators.layers.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -21,196 +19,22 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 from chunk_cache.rope import rotate_half
+from generators.families import ModelArgs, RopeTable, rope_frequencies  # noqa: F401  (rope_frequencies: API)
+from generators.layers import Block, KVCache, RMSNorm, ScaledEmbedding, map_state
 from ragkit.errors import InputError
-
-# architecture -> whether q/k/v projections carry a bias
-ARCHITECTURES = {"LlamaForCausalLM": False, "MistralForCausalLM": False, "Qwen2ForCausalLM": True}
-# RoPE types whose rotation depends on position only; `dynamic` and `longrope` change frequencies
-# with the sequence length, so a cached key could not be moved by a rotation.
-ROPE_TYPES = ["default", "linear", "llama3", "yarn"]
-
-
-_REQUIRED_KEYS = ("hidden_size", "num_attention_heads", "vocab_size", "num_hidden_layers", "intermediate_size")
-
-
-@dataclass(frozen=True)
-class ModelArgs:
-    architecture: str
-    vocab_size: int
-    dim: int
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    ffn_dim: int
-    norm_eps: float
-    qkv_bias: bool
-    tie_embeddings: bool
-
-    @classmethod
-    def from_folder(cls, folder: Path) -> tuple["ModelArgs", dict]:
-        path = folder / "config.json"
-        try:
-            config = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise InputError(path, f"not valid JSON ({exc})") from None
-        if not isinstance(config, dict):
-            raise InputError(path, "expected a JSON object")
-        arch = (config.get("architectures") or ["?"])[0]
-        if arch not in ARCHITECTURES:
-            raise InputError(path, f"unsupported architecture {arch!r}",
-                             hint=f"supported: {', '.join(ARCHITECTURES)}")
-        missing = [key for key in _REQUIRED_KEYS if key not in config]
-        if missing:
-            raise InputError(path, f"missing {', '.join(missing)} for a {arch} model")
-        window = config.get("sliding_window")
-        if window and config.get("use_sliding_window", True) and window < config.get("max_position_embeddings", 0):
-            raise InputError(path, f"this {arch} model attends through a sliding window of {window} tokens, which "
-                             "ragkit's decoder does not implement (prompts past the window would be computed wrongly)",
-                             hint="use a model without sliding-window attention (e.g. Mistral v0.2+, Llama, Qwen2 "
-                             "with use_sliding_window false)")
-        dim, n_heads = config["hidden_size"], config["num_attention_heads"]
-        args = cls(
-            architecture=arch,
-            vocab_size=config["vocab_size"],
-            dim=dim,
-            n_layers=config["num_hidden_layers"],
-            n_heads=n_heads,
-            n_kv_heads=config.get("num_key_value_heads") or n_heads,
-            head_dim=config.get("head_dim") or dim // n_heads,
-            ffn_dim=config["intermediate_size"],
-            norm_eps=config.get("rms_norm_eps", 1e-6),
-            qkv_bias=ARCHITECTURES[arch] or bool(config.get("attention_bias", False)),
-            tie_embeddings=bool(config.get("tie_word_embeddings", False)),
-        )
-        return args, config
-
-
-def rope_frequencies(config: dict, head_dim: int, source: Path | str = "config.json") -> tuple[torch.Tensor, float]:
-    """(inv_freq [D/2] fp32, attention_scaling) for the model's RoPE; refuses length-dependent scalings."""
-    params = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
-    params.setdefault("rope_theta", config.get("rope_theta", 10000.0))
-    rope_type = params.get("rope_type") or params.get("type") or "default"
-    if rope_type not in ROPE_TYPES:
-        raise InputError(source, f"RoPE type {rope_type!r} changes frequencies with sequence length, so cached "
-                         "keys cannot be re-positioned", hint=f"supported: {', '.join(ROPE_TYPES)}")
-    base = float(params["rope_theta"])
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-    if rope_type == "default":
-        return inv_freq.float(), 1.0
-    if rope_type == "linear":
-        return (inv_freq / float(params["factor"])).float(), 1.0
-    # llama3 and yarn: transformers owns the exact formulas; both depend on position only.
-    from transformers import PretrainedConfig
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-    hf_config = PretrainedConfig(**config)
-    hf_config.rope_parameters = params
-    inv, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, "cpu")
-    return inv.float(), float(scaling)
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
-
-
-class Attention(nn.Module):
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=args.qkv_bias)
-        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
-        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
-        self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
-
-
-class MLP(nn.Module):
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.gate_proj = nn.Linear(args.dim, args.ffn_dim, bias=False)
-        self.up_proj = nn.Linear(args.dim, args.ffn_dim, bias=False)
-        self.down_proj = nn.Linear(args.ffn_dim, args.dim, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-class Block(nn.Module):
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.self_attn = Attention(args)
-        self.mlp = MLP(args)
-        self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
-        self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
-
-
-@dataclass
-class KVCache:
-    """Preallocated keys and values of every layer (gpt-fast style), post-RoPE.
-
-    `positions[b, t]` is the RoPE position slot t was computed at (-1: empty or padding); a query
-    attends to slot t iff 0 <= positions[b, t] <= its own position. Under APE, `context` marks the
-    parallel context slots and `ape` holds (temperature, scale) for queries over them: per-request
-    state, so it lives here and never on the decoder. `uploads`: reused rows still being copied in
-    layer by layer (chunk_cache.upload); a layer calls `ready(i)` before it touches layer i.
-    """
-
-    keys: torch.Tensor  # [L, B, H_kv, capacity, D]
-    values: torch.Tensor  # [L, B, H_kv, capacity, D]
-    positions: torch.Tensor  # [B, capacity] int64
-    length: int = 0
-    context: torch.Tensor | None = None  # [capacity] bool
-    ape: tuple[float, float] | None = None
-    uploads: Any = None  # chunk_cache.upload.LayerUploads while a prefill's copies are in flight
-
-    def ready(self, layer: int) -> None:
-        """Make the current stream wait until layer `layer`'s uploaded rows are in place (nothing to wait
-        for on a CPU or once the prefill is done)."""
-        if self.uploads is not None:
-            self.uploads.wait(layer)
-
-    @classmethod
-    def empty(cls, args: ModelArgs, batch: int, capacity: int, dtype: torch.dtype, device) -> "KVCache":
-        shape = (args.n_layers, batch, args.n_kv_heads, capacity, args.head_dim)
-        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device),
-                   torch.full((batch, capacity), -1, dtype=torch.long, device=device))
-
-    @property
-    def capacity(self) -> int:
-        return self.keys.shape[3]
-
-    def ensure_capacity(self, needed: int) -> None:
-        """Grow (by doubling) so that `needed` slots fit; decoding calls it before each step."""
-        if needed <= self.capacity:
-            return
-        extra = max(needed, 2 * self.capacity) - self.capacity
-        pad = list(self.keys.shape)
-        pad[3] = extra
-        self.keys = torch.cat([self.keys, self.keys.new_zeros(pad)], dim=3)
-        self.values = torch.cat([self.values, self.values.new_zeros(pad)], dim=3)
-        self.positions = torch.cat([self.positions, self.positions.new_full((self.positions.shape[0], extra), -1)], 1)
-        if self.context is not None:
-            self.context = torch.cat([self.context, self.context.new_zeros(extra)])
 
 
 class Decoder(nn.Module):
-    def __init__(self, args: ModelArgs, inv_freq: torch.Tensor, attention_scaling: float = 1.0):
+    def __init__(self, args: ModelArgs, rope: RopeTable):
         super().__init__()
         self.args = args
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
-        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.embed_tokens = ScaledEmbedding(args.vocab_size, args.dim, args.embed_scale)
+        self.layers = nn.ModuleList(Block(args, i) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps, args.family.gemma_norm)
         self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)  # [D/2] fp32, raw (no attention scaling)
-        self.attention_scaling = attention_scaling
-        self.softmax_scale = args.head_dim ** -0.5
+        self.rope_table = rope
+        self.softmax_scale = args.softmax_scale or args.head_dim ** -0.5
+        self.windows = sorted({w for w in args.windows if w})
         self.source = ""  # the folder the weights came from (for the cache fingerprint)
 
     @property
@@ -221,63 +45,100 @@ class Decoder(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.embed_tokens.weight.dtype
 
+    @property
+    def inv_freq(self) -> torch.Tensor:
+        """The first RoPE setting's raw frequencies; per layer see `layer_rope`."""
+        return self.rope_table.inv_freq[0]
+
+    def layer_rope(self, i: int) -> torch.Tensor | None:
+        """Layer i's raw inv_freq [R/2] (R = rotated dims, the leading ones), None on a layer without RoPE:
+        what re-rotating a cached key of that layer needs (chunk_cache.rope). Under LongRoPE these are the
+        short factors: stored entries never cross the switch (chunk_cache.assembly refuses it)."""
+        index = self.args.rope_of_layer[i]
+        return None if index is None else self.rope_table.inv_freq[index]
+
+    @property
+    def rope_switch(self) -> int | None:
+        """LongRoPE: a forward whose rows reach past this many positions uses the long factors."""
+        return self.rope_table.switch
+
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         return KVCache.empty(self.args, batch, capacity, self.dtype, self.device)
 
     # --- pieces of one layer --------------------------------------------------------------
 
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [B, 1, S, D] for positions [B, S], computed in fp32 like transformers."""
-        angles = positions[..., None].float() * self.inv_freq  # [B, S, D/2]
-        angles = torch.cat([angles, angles], dim=-1)
-        cos = (angles.cos() * self.attention_scaling).to(self.dtype)
-        sin = (angles.sin() * self.attention_scaling).to(self.dtype)
-        return cos[:, None], sin[:, None]
+        """cos, sin [B, K, S, R] for positions [B, S], one plane per RoPE setting (K of them; layer i uses
+        plane `rope_of_layer[i]`), in fp32 like transformers. LongRoPE picks its long factors when the
+        forward's last position passes the switch, as transformers does per forward."""
+        table = self.rope_table
+        long = table.switch is not None and int(positions.max()) + 1 > table.switch
+        cos, sin = [], []
+        for k, inv_freq in enumerate(table.inv_freq):
+            inv_freq = table.long_inv_freq[k] if long else inv_freq
+            angles = positions[..., None].float() * inv_freq.to(positions.device)  # [B, S, R/2]
+            angles = torch.cat([angles, angles], dim=-1)
+            cos.append((angles.cos() * table.scaling[k]).to(self.dtype))
+            sin.append((angles.sin() * table.scaling[k]).to(self.dtype))
+        return torch.stack(cos, 1), torch.stack(sin, 1)
 
     def qkv(self, i: int, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
-        """Layer i's q [B, H, S, D], k [B, H_kv, S, D] (both rotated) and v [B, H_kv, S, D]."""
-        attn, args = self.layers[i].self_attn, self.args
-        h = self.layers[i].input_layernorm(x)
+        """Layer i's q [B, H, S, D], k [B, H_kv, S, D] (both normed and rotated as the family does) and v."""
+        attn, args, block = self.layers[i].self_attn, self.args, self.layers[i]
+        h = block.input_layernorm(x) if args.family.norms != "post" else x
         B, S, _ = h.shape
-        q = attn.q_proj(h).view(B, S, args.n_heads, args.head_dim).transpose(1, 2)
-        k = attn.k_proj(h).view(B, S, args.n_kv_heads, args.head_dim).transpose(1, 2)
-        v = attn.v_proj(h).view(B, S, args.n_kv_heads, args.head_dim).transpose(1, 2)
-        cos, sin = rope
-        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v
+        q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+        if args.family.qk_norm == "projection":
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q = q.view(B, S, args.n_heads, args.head_dim).transpose(1, 2)
+        k = k.view(B, S, args.n_kv_heads, args.head_dim).transpose(1, 2)
+        v = v.view(B, S, args.n_kv_heads, args.head_dim).transpose(1, 2)
+        if args.family.qk_norm == "head":
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        plane = args.rope_of_layer[i]
+        if plane is None:
+            return q, k, v
+        cos, sin = rope[0][:, plane: plane + 1], rope[1][:, plane: plane + 1]
+        return _rotate(q, cos, sin), _rotate(k, cos, sin), v
 
     def finish(self, i: int, x: torch.Tensor, q: torch.Tensor, cache: KVCache, positions: torch.Tensor,
-               masks: "list[MaskBlock] | str | None" = None) -> torch.Tensor:
+               masks: "list[MaskBlock] | str | dict | None" = None) -> torch.Tensor:
         """Attention of queries q (rows at `positions` [B, S]) over the cache, then the MLP.
 
-        masks: CAUSAL (rows fill the cache from slot 0), the rows' precomputed `attention_masks`
-        (they depend on positions only, so one forward builds them once for all layers), or None.
+        masks: what `masks_for` returned for these rows (they depend on positions only, so one forward
+        builds them once for all layers; per window size when the model has sliding-window layers), or None.
         """
-        layer = self.layers[i]
+        layer, window = self.layers[i], self.args.windows[i] if self.args.windows else None
+        if isinstance(masks, dict):
+            masks = masks[window]
         keys, values = cache.keys[i, :, :, : cache.length], cache.values[i, :, :, : cache.length]
         with sdpa_kernel(SDPA_BACKENDS):
-            out = self._attend(q, keys, values, cache, positions, masks)
+            out = self._attend(q, keys, values, cache, positions, masks, window)
         B, _, S, _ = q.shape
-        x = x + layer.self_attn.o_proj(out.transpose(1, 2).reshape(B, S, -1))
-        return x + layer.mlp(layer.post_attention_layernorm(x))
+        attended = layer.self_attn.o_proj(out.transpose(1, 2).reshape(B, S, -1))
+        return layer.feed_forward(x, attended, self.args.family.norms, self.args.residual_scale)
 
-    def _attend(self, q, keys, values, cache: KVCache, positions: torch.Tensor, masks) -> torch.Tensor:
+    def _attend(self, q, keys, values, cache: KVCache, positions: torch.Tensor, masks, window) -> torch.Tensor:
         """q [B, H, S, D] over keys/values [B, H_kv, T, D]: causal kernel, APE, or exact position masks."""
-        if isinstance(masks, CausalBias):  # a contiguous tail behind an exact prefix
+        cap = self.args.attn_softcap
+        if isinstance(masks, CausalBias) and cap is None:  # a contiguous tail behind an exact prefix
             return F.scaled_dot_product_attention(q, keys, values, attn_mask=masks, scale=self.softmax_scale,
                                                   enable_gqa=True)
-        if isinstance(masks, str) and masks == CAUSAL:
+        if isinstance(masks, str) and masks == CAUSAL and cap is None:
             return F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=self.softmax_scale,
                                                   enable_gqa=True)
+        key_positions = cache.positions[:, : cache.length]
         if cache.ape is not None:
-            return ape_attention(q, keys, values, cache.positions[:, : cache.length], positions,
-                                 cache.context[: cache.length], cache.ape, self.softmax_scale)
+            return ape_attention(q, keys, values, key_positions, positions, cache.context[: cache.length], cache.ape,
+                                 self.softmax_scale, window, cap)
         if q.shape[2] == 1:  # decoding: one row per sequence
-            return decode_attention(q, keys, values, cache.positions[:, : cache.length], positions, self.softmax_scale)
-        masks = masks if masks is not None else attention_masks(cache.positions[:, : cache.length], positions)
-        return masked_attention(q, keys, values, masks, self.softmax_scale)
+            return decode_attention(q, keys, values, key_positions, positions, self.softmax_scale, window, cap)
+        if masks is None or isinstance(masks, (str, CausalBias)):
+            masks = attention_masks(key_positions, positions, window)
+        return masked_attention(q, keys, values, masks, self.softmax_scale, cap)
 
     def layer(self, i: int, x: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, cache: KVCache,
-              rope, masks: "list[MaskBlock] | str | None" = None) -> torch.Tensor:
+              rope, masks: "list[MaskBlock] | str | dict | None" = None) -> torch.Tensor:
         cache.ready(i)
         q, k, v = self.qkv(i, x, rope)
         cache.keys[i, :, :, slots] = k
@@ -285,15 +146,28 @@ class Decoder(nn.Module):
         return self.finish(i, x, q, cache, positions, masks)
 
     def masks_for(self, cache: KVCache, positions: torch.Tensor,
-                  slots: torch.Tensor | None = None) -> "list[MaskBlock] | str | None":
+                  slots: torch.Tensor | None = None) -> "list[MaskBlock] | str | dict | None":
         """Masks for rows at `positions` (in cache `slots`) over the cache as it is laid out now, None under
         APE. Rows that are the cache's contiguous tail, in position order behind slots that hold positions
         0.. in order, get SDPA's causal kernel: a full prefill always, everything after an exactly reused
         prefix (aligned lower-right) where the kernel has it natively (TAIL_KERNEL_DEVICES; on the CPU
         torch builds the whole mask, and per-block masks were 1.4x faster in our runs). Other rows get
-        exact position masks."""
+        exact position masks. A model with sliding-window layers gets {window or None: masks}: a window
+        layer keeps the causal kernel only while no row's window cuts anything off."""
         if cache.ape is not None:
             return None
+        full = self._masks(cache, positions, slots)
+        if not self.windows:
+            return full
+        key_positions = cache.positions[:, : cache.length]
+        windowed = {None: full}
+        for window in self.windows:
+            cut = bool(((key_positions[:, None, :] >= 0)
+                        & (key_positions[:, None, :] <= positions[:, :, None] - window)).any())
+            windowed[window] = full if not cut else attention_masks(key_positions, positions, window)
+        return windowed
+
+    def _masks(self, cache: KVCache, positions: torch.Tensor, slots: torch.Tensor | None):
         n = positions.shape[1]
         if slots is not None and n > 1 and len(slots) == n and int(slots[-1]) + 1 == cache.length:
             start = cache.length - n
@@ -307,7 +181,12 @@ class Decoder(nn.Module):
         return attention_masks(cache.positions[:, : cache.length], positions)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.norm(x)).float()
+        logits = self.lm_head(self.norm(x)).float()
+        if self.args.logits_divisor != 1.0:
+            logits = logits / self.args.logits_divisor
+        if self.args.final_softcap:
+            logits = torch.tanh(logits / self.args.final_softcap) * self.args.final_softcap
+        return logits
 
     # --- whole forwards -----------------------------------------------------------------
 
@@ -327,6 +206,15 @@ class Decoder(nn.Module):
         return self.logits(x[:, logits_rows])
 
 
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on the leading cos.shape[-1] dims of x (all of them unless the rotary is partial)."""
+    r = cos.shape[-1]
+    if r == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    rot, rest = x[..., :r], x[..., r:]
+    return torch.cat([rot * cos + rotate_half(rot) * sin, rest], dim=-1)
+
+
 # cuDNN's attention builds an execution plan for each new shape (0.8-1.2 s on an H200 in our runs), and
 # every prompt, block and recomputed-row set has new shapes; flash and memory-efficient kernels do not.
 SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
@@ -338,15 +226,17 @@ TAIL_KERNEL_DEVICES = {"cuda"}  # where a lower-right causal kernel serves a tai
 MaskBlock = tuple[int, int, int, torch.Tensor]  # query rows [start, end), key slots [0, reach), mask [B, 1, s, reach]
 
 
-def attention_masks(key_positions: torch.Tensor, query_positions: torch.Tensor) -> list[MaskBlock]:
-    """Exact causal masks by position: a query sees slot t iff 0 <= key_positions[b, t] <= its position.
+def attention_masks(key_positions: torch.Tensor, query_positions: torch.Tensor,
+                    window: int | None = None) -> list[MaskBlock]:
+    """Exact causal masks by position: a query sees slot t iff 0 <= key_positions[b, t] <= its position
+    (and key_positions[b, t] > its position - window on a sliding-window layer, as transformers masks).
 
     key_positions [B, T] (-1 = empty), query_positions [B, S]; one entry per block of QUERY_BLOCK rows.
     """
     blocks = []
     for start in range(0, query_positions.shape[1], QUERY_BLOCK):
         qpos = query_positions[:, start: start + QUERY_BLOCK]
-        allowed = (key_positions[:, None, :] >= 0) & (key_positions[:, None, :] <= qpos[:, :, None])  # [B, s, T]
+        allowed = visible(key_positions, qpos, window)  # [B, s, T]
         # Slots are in position order except for padding: the block needs keys up to the last allowed slot.
         reachable = allowed.any(dim=(0, 1)).nonzero()
         reach = int(reachable.max()) + 1 if len(reachable) else 1
@@ -356,8 +246,19 @@ def attention_masks(key_positions: torch.Tensor, query_positions: torch.Tensor) 
     return blocks
 
 
-def masked_attention(q, keys, values, masks: list[MaskBlock], scale):
-    """q [B, H, S, D] over keys/values [B, H_kv, T, D] under `attention_masks`; returns [B, H, S, D]."""
+def visible(key_positions: torch.Tensor, query_positions: torch.Tensor, window: int | None) -> torch.Tensor:
+    """[B, S, T]: which keys (positions [B, T], -1 empty) each query (positions [B, S]) attends to."""
+    keys, queries = key_positions[:, None, :], query_positions[:, :, None]
+    allowed = (keys >= 0) & (keys <= queries)
+    return allowed & (keys > queries - window) if window else allowed
+
+
+def masked_attention(q, keys, values, masks: list[MaskBlock], scale, softcap: float | None = None):
+    """q [B, H, S, D] over keys/values [B, H_kv, T, D] under `attention_masks`; returns [B, H, S, D].
+    With an attention soft-cap (Gemma 2) the scores are capped before the mask, so SDPA cannot serve."""
+    if softcap is not None:
+        return torch.cat([capped_attention(q[:, :, start:end], keys[:, :, :reach], values[:, :, :reach], mask, scale,
+                                           softcap) for start, end, reach, mask in masks], dim=2)
     gqa = keys.shape[1] != q.shape[1]
     if gqa and q.is_cuda:  # CUDA's memory-efficient kernel takes a mask but not GQA: one KV head per query head
         groups = q.shape[1] // keys.shape[1]
@@ -368,7 +269,17 @@ def masked_attention(q, keys, values, masks: list[MaskBlock], scale):
     return torch.cat(outs, dim=2)
 
 
-def decode_attention(q, keys, values, key_positions, query_positions, scale):
+def capped_attention(q, keys, values, mask, scale, softcap):
+    """Eager attention with scores soft-capped, cap * tanh(s / cap), then masked; mask [B, 1, S, T] bool."""
+    groups = q.shape[1] // keys.shape[1]
+    scores = (q @ keys.repeat_interleave(groups, 1).transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(-1, dtype=torch.float32).to(q.dtype)
+    return probs @ values.repeat_interleave(groups, 1)
+
+
+def decode_attention(q, keys, values, key_positions, query_positions, scale, window: int | None = None,
+                     softcap: float | None = None):
     """One query row per sequence, q [B, H, 1, D], over keys/values [B, H_kv, T, D]; returns [B, H, 1, D].
 
     Decoding reads every sequence's whole KV for one row: the query heads of a group share their KV
@@ -379,12 +290,15 @@ def decode_attention(q, keys, values, key_positions, query_positions, scale):
     kv_heads = keys.shape[1]
     grouped = q.reshape(B, kv_heads, H // kv_heads, D)  # query head h uses KV head h // G, like repeat_interleave
     scores = (grouped @ keys.transpose(-1, -2)).float() * scale  # [B, H_kv, G, T]
-    visible = (key_positions >= 0) & (key_positions <= query_positions.reshape(B, 1))  # [B, T]
-    probs = scores.masked_fill(~visible[:, None, None, :], float("-inf")).softmax(-1)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    seen = visible(key_positions, query_positions.reshape(B, 1), window)[:, 0]  # [B, T]
+    probs = scores.masked_fill(~seen[:, None, None, :], float("-inf")).softmax(-1)
     return (probs.to(values.dtype) @ values).reshape(B, H, 1, D)
 
 
-def ape_attention(q, keys, values, key_positions, query_positions, context, ape: tuple[float, float], scale):
+def ape_attention(q, keys, values, key_positions, query_positions, context, ape: tuple[float, float], scale,
+                  window: int | None = None, softcap: float | None = None):
     """APE: softmax over context keys at temperature T and over the other visible keys, merged by
     log-sum-exp with the context part weighted by Z_c^(S*T). T = S = 1 is ordinary attention."""
     temperature, ape_scale = ape
@@ -392,10 +306,11 @@ def ape_attention(q, keys, values, key_positions, query_positions, context, ape:
     k = keys.repeat_interleave(groups, dim=1).float()
     v = values.repeat_interleave(groups, dim=1).float()
     scores = (q.float() @ k.transpose(-1, -2)) * scale  # [B, H, S, T]
-    visible = (key_positions[:, None, :] >= 0) & (key_positions[:, None, :] <= query_positions[:, :, None])
-    visible = visible[:, None]  # [B, 1, S, T]
-    ctx = visible & context[None, None, None, :]
-    other = visible & ~context[None, None, None, :]
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    seen = visible(key_positions, query_positions, window)[:, None]  # [B, 1, S, T]
+    ctx = seen & context[None, None, None, :]
+    other = seen & ~context[None, None, None, :]
     neg = torch.finfo(torch.float32).min
     ctx_scores = torch.where(ctx, scores / temperature, neg)
     other_scores = torch.where(other, scores, neg)
@@ -414,24 +329,19 @@ def load_decoder(folder: Path, device: str | torch.device = "cpu", dtype: torch.
     """Build the decoder from a local Hugging Face folder (config.json + safetensors)."""
     from safetensors.torch import load_file
 
-    args, config = ModelArgs.from_folder(folder)
-    inv_freq, scaling = rope_frequencies(config, args.head_dim, folder / "config.json")
+    args, rope = ModelArgs.from_folder(folder)
     with torch.device("meta"):
-        model = Decoder(args, inv_freq, scaling)
+        model = Decoder(args, rope)
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise InputError(folder, "no *.safetensors weights in the model folder")
     state = {}
     for file in files:
-        for name, tensor in load_file(str(file)).items():
-            state[name.removeprefix("model.")] = tensor
-    if args.tie_embeddings or "lm_head.weight" not in state:
-        state["lm_head.weight"] = state["embed_tokens.weight"]
-    state = {name: t.to(dtype) for name, t in state.items() if not name.endswith("rotary_emb.inv_freq")}
+        state.update(load_file(str(file)))
+    state = {name: t.to(dtype) for name, t in map_state(state, args).items()}
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if missing or unexpected:
         raise InputError(folder, f"weights do not match the {args.architecture} layout "
                          f"(missing: {missing[:3]}, unexpected: {unexpected[:3]})")
-    model.inv_freq = inv_freq
     model.source = str(folder)
     return model.to(device).eval().requires_grad_(False)

@@ -5,7 +5,8 @@ is never re-tokenised, so a chunk's ids in the prompt are exactly the ids its KV
 Only a chunk's own rows are stored; its keys are rotated from the positions they were computed at
 to the positions the chunk now occupies (chunk_cache.rope), layer by layer as the rows are copied
 in (chunk_cache.upload). In parallel (APE) layout every context — a chunk with its title and
-separator — starts right after the shared prefix.
+separator — starts right after the shared prefix. Under LongRoPE (Phi-3) no entry is reused, and
+none computed, in a prompt past the factor switch: every stored entry stays in the short-factor regime.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 
 from chunk_cache.store import ChunkKV
 from chunk_cache.upload import LayerUploads, fill
+from ragkit.errors import ConfigError
 from ragkit.types import Chunk
 
 PREFIX, TITLE, CHUNK, GAP, QUESTION = "prefix", "title", "chunk", "gap", "question"  # a TITLE precedes its CHUNK
@@ -85,6 +87,12 @@ def assemble(model, segments: list[Segment], entries: dict[int, ChunkKV], exact:
     layout = Layout(token_ids=torch.tensor(ids, dtype=torch.long), positions=torch.cat(positions),
                     spans=spans, reused=torch.zeros(row, dtype=torch.bool), exact=torch.zeros(row, dtype=torch.bool),
                     context=torch.cat(contexts) if parallel else None)
+    switch = getattr(model, "rope_switch", None)
+    if entries and switch is not None and position > switch:
+        raise ConfigError("generator.mode", f"this model's LongRoPE uses other RoPE factors once a prompt passes "
+                          f"{switch} positions, so KV stored for shorter prompts is wrong in this {position}-position "
+                          "prompt (and KV computed here would be wrong in shorter ones)",
+                          allowed=["full (for prompts this long)"])
     cache = model.new_cache(1, row + extra)
     shift = torch.zeros(row, dtype=torch.long)  # new position - stored position, per row
     for index, entry in entries.items():

@@ -36,8 +36,13 @@ class ArgsLike(Protocol):
 
 class ReuseDecoder(Protocol):
     args: ArgsLike
-    inv_freq: torch.Tensor  # [D/2] fp32, raw (no attention scaling): what rope.rerotate needs
     softmax_scale: float
+
+    def layer_rope(self, i: int) -> torch.Tensor | None: ...  # layer i's raw inv_freq [R/2] fp32 (no attention
+    # scaling): what rope.rerotate needs; None on a layer without RoPE
+
+    @property
+    def rope_switch(self) -> int | None: ...  # LongRoPE: forwards reaching past it use other factors
 
     @property
     def device(self) -> torch.device: ...

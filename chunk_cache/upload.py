@@ -7,7 +7,7 @@ waits for layer i's event right before layer i first reads or writes cache.keys[
 cache.values[i] (`KVCache.ready`): layer i computes while layers i+1.. are still in transfer.
 Per layer: each host entry's layer -> its device copy (which the store's device tier keeps,
 `KVStore.promote`), each entry's layer -> its rows of the cache, then one rotation of every moved
-row to its new position (chunk_cache.rope).
+row to its new position with that layer's own RoPE (chunk_cache.rope).
 
 On a CPU, or when every entry already sits on the device, there is nothing to overlap: the same
 copies run at once on the current stream and the waits do nothing.
@@ -72,7 +72,11 @@ def fill(model, cache, spans: dict[int, tuple[int, int]], entries: dict[int, Chu
     copies = {index: _room_for(entries[index], device) for index in away}
     moved = shift.nonzero()[:, 0]
     slots = moved.to(device)
-    cos, sin = rotation(shift[moved].to(device), model.inv_freq)  # [M, D] each, once for every layer
+    rotations = {}  # per distinct RoPE setting: cos, sin [M, R], once for all layers that share it
+    for i in range(model.args.n_layers):
+        inv_freq = model.layer_rope(i)
+        if inv_freq is not None and id(inv_freq) not in rotations:
+            rotations[id(inv_freq)] = rotation(shift[moved].to(device), inv_freq)
     if uploads is None:
         uploads = LayerUploads(device, overlap=device.type == "cuda" and bool(away))
 
@@ -85,8 +89,9 @@ def fill(model, cache, spans: dict[int, tuple[int, int]], entries: dict[int, Chu
                 source.values[i].copy_(kv.values[i], non_blocking=True)
             cache.keys[i, 0, :, s:e] = source.keys[i]
             cache.values[i, 0, :, s:e] = source.values[i]
-        if len(moved):
-            cache.keys[i, 0, :, slots] = rotate(cache.keys[i, 0, :, slots], cos, sin)
+        inv_freq = model.layer_rope(i)
+        if len(moved) and inv_freq is not None:  # a layer without RoPE keeps its keys as they are
+            cache.keys[i, 0, :, slots] = rotate(cache.keys[i, 0, :, slots], *rotations[id(inv_freq)])
 
     for i in range(model.args.n_layers):
         uploads.issue(i, functools.partial(copy_layer, i))

@@ -3,16 +3,36 @@
 The model's chat template is rendered once around a placeholder and split there, so any chat
 model gets its own template. Every piece is tokenised on its own and the ids concatenated:
 a chunk's ids in the prompt are exactly `Chunk.token_ids`, the ids its cached KV belongs to.
+Generation stops on the model's own eos list (config.json, generation_config.json) and end-of-turn marks.
 """
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 from chunk_cache.assembly import CHUNK, GAP, PREFIX, QUESTION, TITLE, Segment
 from ragkit.types import Chunk
 
 _SLOT = "\x00RAGKIT_USER\x00"
-# End-of-turn markers of the supported chat families; generation stops on any present in the vocabulary.
-_END_OF_TURN = ["<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "</s>"]
+# End-of-turn markers of the supported chat families (Qwen/SmolLM, Llama 3, Gemma, Phi-3, Granite/OLMo);
+# generation stops on any present in the vocabulary, and on every eos id the model folder declares.
+_END_OF_TURN = ["<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "<|eom_id|>", "</s>",
+                "<end_of_turn>", "<|end|>"]
+
+
+def declared_eos(folder: str | Path) -> set[int]:
+    """The eos ids config.json and generation_config.json declare (an id or a list; Llama 3.1 lists three)."""
+    ids: set[int] = set()
+    for name in ("config.json", "generation_config.json"):
+        try:
+            declared = json.loads((Path(folder) / name).read_text(encoding="utf-8")).get("eos_token_id")
+        except (OSError, ValueError, AttributeError):
+            continue
+        for value in declared if isinstance(declared, list) else [declared]:
+            if isinstance(value, int):
+                ids.add(value)
+    return ids
 
 
 class ChatPrompt:
@@ -35,6 +55,7 @@ class ChatPrompt:
         self.tail_text = tail
         vocab = tokenizer.get_vocab()
         stops = {tokenizer.eos_token_id} | {vocab[t] for t in _END_OF_TURN if t in vocab}
+        stops |= {i for i in declared_eos(getattr(tokenizer, "name_or_path", "") or ".") if i < len(vocab)}
         self.stop_ids = frozenset(s for s in stops if s is not None)
 
     def ids(self, text: str) -> list[int]:

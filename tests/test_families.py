@@ -296,3 +296,23 @@ def test_gguf_llama3_scaling_is_read_and_unsupported_gguf_refused_before_dequant
     with pytest.raises(InputError, match="unsupported GGUF architecture 'rwkv7'"):  # transformers does not
         convert_gguf(_gguf(tmp_path / "rwkv7.gguf", "rwkv7"))
     assert not (tmp_path / "cache").exists()
+
+
+def test_models_command_describes_a_folder_and_refuses_by_name(tmp_path):
+    from typer.testing import CliRunner
+
+    from ragkit.cli import app
+
+    _, folder = build(tmp_path, "gemma3")
+    shown = CliRunner().invoke(app, ["models", str(folder)])
+    assert shown.exit_code == 0
+    assert "gemma3 (Gemma3ForCausalLM)" in shown.output and "layers 1,3: linear θ=1e+06 ×8" in shown.output
+    assert "layers 0,2: 16; layers 1,3: none" in shown.output
+    path = folder / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "final_logit_softcapping": None,
+                                "layer_types": ["sliding_attention", "chunked_attention"] * 2}))
+    refused = CliRunner().invoke(app, ["models", str(folder)])
+    assert refused.exit_code == 2 and "layer type 'chunked_attention' (layer 1)" in refused.output
+    assert len(refused.output.strip().splitlines()) == 1
+    listed = CliRunner().invoke(app, ["models"])
+    assert listed.exit_code == 0 and all(arch in listed.output for arch in ("Qwen3MoeForCausalLM", "Phi3ForCausalLM"))

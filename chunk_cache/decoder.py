@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 import torch
 
-Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin [B, 1, S, D]
+Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin [B, K, S, R]: one plane per RoPE setting, rows on dim 2
 
 
 class KVCacheLike(Protocol):

@@ -58,7 +58,7 @@ FAMILIES = {
                                   traits=frozenset({"num_experts", "num_local_experts"})),
     "Gemma2ForCausalLM": Family("gemma2", ("gemma2",), "Gemma 2 2B/9B/27B", norms="sandwich", gemma_norm=True,
                                 traits=GEMMA),
-    "Gemma3ForCausalLM": Family("gemma3", ("gemma3_text",), "Gemma 3 1B (text); 4B+ text towers", qk_norm="head",
+    "Gemma3ForCausalLM": Family("gemma3", ("gemma3_text",), "Gemma 3 1B (text-only checkpoints)", qk_norm="head",
                                 norms="sandwich", gemma_norm=True, traits=GEMMA),
     "Phi3ForCausalLM": Family("phi3", ("phi3",), "Phi-3/3.5-mini (LongRoPE), Phi-4-mini (partial rotary)",
                               fused=True, window_everywhere=True),

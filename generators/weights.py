@@ -52,7 +52,7 @@ def gguf_config(gguf: Path) -> dict:
     from transformers.integrations.ggml import GGUF_CONFIG_DEFAULTS_MAPPING, GGUF_CONFIG_MAPPING
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    from generators.families import resolve
+    from generators.families import family_of, resolve
 
     try:
         reader = GGUFReader(str(gguf))
@@ -72,6 +72,7 @@ def gguf_config(gguf: Path) -> dict:
     config["model_type"] = "gemma3_text" if model_type == "gemma3" else model_type
     config["tie_word_embeddings"] = all(t.name != "output.weight" for t in reader.tensors)
     config["architectures"] = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config["model_type"], "?")]
+    family_of(config, gguf)
     fields = {name.removeprefix(f"{arch}.rope.scaling."): field.contents() for name, field in reader.fields.items()
               if name.startswith(f"{arch}.rope.scaling.")}
     rope = {"rope_type": "default", "rope_theta": float(config.get("rope_theta", 10000.0))}
@@ -79,10 +80,25 @@ def gguf_config(gguf: Path) -> dict:
         rope.update(rope_type=fields["type"], factor=float(fields.get("factor", 1.0)))
         if "original_context_length" in fields:
             rope["original_max_position_embeddings"] = int(fields["original_context_length"])
-    freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
-    if freqs is not None:
-        rope.update(_llama3_from_factors(gguf, [float(x) for x in freqs.data], rope["rope_theta"],
-                                         int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])))
+    tensors = {t.name: t for t in reader.tensors if t.name.startswith("rope_")}
+    head_dim = int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
+    rotated = reader.fields.get(f"{arch}.rope.dimension_count")
+    if rotated is not None and int(rotated.contents()) < head_dim:  # Phi-4-mini: partial rotary
+        rope["partial_rotary_factor"] = int(rotated.contents()) / head_dim
+    if "rope_freqs.weight" in tensors:
+        factors = [float(x) for x in tensors["rope_freqs.weight"].data]
+        rope.update(_llama3_from_factors(gguf, factors, rope["rope_theta"], head_dim))
+    if "rope_factors_long.weight" in tensors:  # Phi-3.5 / Phi-4-mini LongRoPE, stored as two tensors
+        rope.update(rope_type="longrope", long_factor=[float(x) for x in tensors["rope_factors_long.weight"].data],
+                    short_factor=[float(x) for x in tensors["rope_factors_short.weight"].data],
+                    original_max_position_embeddings=int(fields.get("original_context_length", 4096)))
+        rope.pop("factor", None)
+        if "attn_factor" in fields:
+            rope["attention_factor"] = float(fields["attn_factor"])
+    if config["model_type"] == "gemma3_text":  # scaling belongs to the global layers; local ones keep θ 10k
+        local = reader.fields.get(f"{arch}.rope.freq_base_swa")
+        rope = {"full_attention": rope, "sliding_attention": {
+            "rope_type": "default", "rope_theta": float(local.contents()) if local is not None else 10000.0}}
     config["rope_parameters"] = rope
     resolve(config, gguf)  # refuses here, before anything is dequantised or written
     return config
@@ -167,7 +183,7 @@ def load_tokenizer(spec: str, key: str = "generator.model"):
 
 
 # Bump when the KV layout or the decoder's arithmetic changes: entries of an older decoder then miss.
-KV_LAYOUT_VERSION = 2
+KV_LAYOUT_VERSION = 3  # 3: per-family decoder; default RoPE frequencies computed as transformers does (fp32)
 # config.json fields that say how or where a folder was written, not what the model computes.
 _VOLATILE_CONFIG = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash",
                     "use_cache", "_attn_implementation_autoset"}

@@ -56,6 +56,8 @@ FAMILIES = {
     "Qwen3ForCausalLM": Family("qwen3", ("qwen3",), "Qwen3 0.6B-32B", qk_norm="head"),
     "Qwen3MoeForCausalLM": Family("qwen3-moe", ("qwen3_moe",), "Qwen3 30B-A3B, 235B-A22B", qk_norm="head",
                                   traits=frozenset({"num_experts", "num_local_experts"})),
+    "MixtralForCausalLM": Family("mixtral", ("mixtral",), "Mixtral 8x7B, 8x22B", window_everywhere=True,
+                                 traits=frozenset({"num_local_experts"})),
     "Gemma2ForCausalLM": Family("gemma2", ("gemma2",), "Gemma 2 2B/9B/27B", norms="sandwich", gemma_norm=True,
                                 traits=GEMMA),
     "Gemma3ForCausalLM": Family("gemma3", ("gemma3_text",), "Gemma 3 1B (text-only checkpoints)", qk_norm="head",
@@ -144,7 +146,8 @@ def family_of(raw: dict, source) -> Family:
         hint = "hybrid linear attention keeps a recurrent state, not per-token KV" if "Next" in arch or "3_5" in arch \
             else f"supported: {', '.join(FAMILIES)}"
         raise InputError(source, f"unsupported architecture {arch!r}", hint=hint)
-    if raw.get("model_type") not in family.model_types:
+    raw.setdefault("model_type", family.model_types[0])  # a hand-written config may leave it out
+    if raw["model_type"] not in family.model_types:
         raise InputError(source, f"architecture {arch} with model_type {raw.get('model_type')!r}: a renamed "
                          f"architecture is refused rather than computed as the nearest family",
                          hint=f"{arch} is written with model_type {', '.join(family.model_types)}")
@@ -168,7 +171,7 @@ def resolve(raw: dict, source) -> tuple[ModelArgs, RopeTable]:
     family = family_of(raw, source)
     missing = [key for key in _REQUIRED_KEYS if key not in raw]
     if missing:
-        raise InputError(source, f"missing {', '.join(missing)} for a {family.name} model")
+        raise InputError(source, f"missing {', '.join(missing)} for a {raw['architectures'][0]} model")
     for key, neutral in TRAIT_KEYS.items():
         if raw.get(key) not in neutral and key not in family.traits:
             raise InputError(source, f"{key}={raw[key]!r} is a trait ragkit does not implement for {family.name}")
@@ -186,7 +189,7 @@ def resolve(raw: dict, source) -> tuple[ModelArgs, RopeTable]:
     else:
         windows = tuple(window if kind == "sliding_attention" else None for kind in layer_types)
     table, rope_of_layer, rotary_dim = rope_table(config, layer_types, head_dim, source)
-    if family.traits >= {"no_rope_layers"}:
+    if "no_rope_layers" in family.traits:
         rope_of_layer = tuple(r if use else None for r, use in zip(rope_of_layer, config.no_rope_layers))
     activation = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", "silu")
     activations = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
@@ -202,7 +205,7 @@ def resolve(raw: dict, source) -> tuple[ModelArgs, RopeTable]:
         n_layers=n_layers, n_heads=n_heads, n_kv_heads=getattr(config, "num_key_value_heads", None) or n_heads,
         head_dim=head_dim, ffn_dim=config.intermediate_size, norm_eps=getattr(config, "rms_norm_eps", 1e-6),
         qkv_bias=family.qkv_bias or bool(getattr(config, "attention_bias", False)),
-        o_bias=bool(getattr(config, "attention_bias", False)) and family.name in ("llama", "granite"),
+        o_bias=bool(getattr(config, "attention_bias", False)) and not family.qkv_bias,  # Qwen2: q/k/v only
         mlp_bias=bool(getattr(config, "mlp_bias", False)),
         tie_embeddings=bool(raw.get("tie_word_embeddings", getattr(config, "tie_word_embeddings", False))),
         activation=activations[activation], embed_scale=embed_scale, softmax_scale=softmax_scale,
@@ -216,11 +219,12 @@ def resolve(raw: dict, source) -> tuple[ModelArgs, RopeTable]:
 
 def _moe(config, family: Family, n_layers: int) -> MoE | None:
     experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None)
-    if family.name != "qwen3-moe" or not experts:
+    if family.name not in ("qwen3-moe", "mixtral") or not experts:
         return None
     step, dense = getattr(config, "decoder_sparse_step", 1) or 1, set(getattr(config, "mlp_only_layers", []) or [])
     sparse = tuple(i not in dense and (i + 1) % step == 0 for i in range(n_layers))
-    return MoE(experts, config.num_experts_per_tok, bool(config.norm_topk_prob), config.moe_intermediate_size, sparse)
+    ffn = getattr(config, "moe_intermediate_size", None) or config.intermediate_size  # Mixtral: experts are the MLP
+    return MoE(experts, config.num_experts_per_tok, bool(getattr(config, "norm_topk_prob", True)), ffn, sparse)
 
 
 def rope_table(config, layer_types: list[str], head_dim: int, source) -> tuple[RopeTable, list[int], int]:

@@ -3,7 +3,8 @@ the preallocated KV cache, and how published weight names map onto the modules.
 
 Module and parameter names are transformers' own, so a checkpoint loads by name; the two layouts that
 differ on disk are mapped at load: Phi-3's fused `qkv_proj`/`gate_up_proj` are split, and a MoE's
-per-expert `experts.E.{gate,up,down}_proj` are stacked into transformers 5's 3-D expert tensors.
+per-expert `experts.E.{gate,up,down}_proj` (Mixtral: `block_sparse_moe.experts.E.w1/w3/w2`) are stacked
+into transformers 5's 3-D expert tensors.
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ class Experts(nn.Module):
 
 
 class SparseMoE(nn.Module):
-    """Top-k routed experts (Qwen3-MoE): softmax router in fp32, top-k, optionally renormalised."""
+    """Top-k routed experts (Qwen3-MoE, Mixtral): softmax router in fp32, top-k, optionally renormalised."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -189,14 +190,15 @@ class KVCache:
             self.context = torch.cat([self.context, self.context.new_zeros(extra)])
 
 
-_EXPERT = re.compile(r"(layers\.\d+\.mlp)\.experts\.(\d+)\.(gate|up|down)_proj\.weight")
+_EXPERT = re.compile(r"(layers\.\d+\.mlp)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight")
+_EXPERT_PART = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}  # Mixtral's names
 
 
 def map_state(state: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
     """Published tensor names -> this decoder's (prefix `model.` dropped, fused and per-expert layouts mapped)."""
     out, experts = {}, {}
     for name, tensor in state.items():
-        name = name.removeprefix("model.")
+        name = name.removeprefix("model.").replace(".block_sparse_moe.", ".mlp.")  # Mixtral's MoE block
         if name.endswith("rotary_emb.inv_freq"):
             continue
         if name.endswith("self_attn.qkv_proj.weight"):
@@ -207,13 +209,14 @@ def map_state(state: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torc
             gate, up = tensor.chunk(2)
             out[name.replace("gate_up_proj", "gate_proj")], out[name.replace("gate_up_proj", "up_proj")] = gate, up
         elif match := _EXPERT.fullmatch(name):
-            experts.setdefault(match[1], {}).setdefault(match[3], {})[int(match[2])] = tensor
+            part = _EXPERT_PART.get(match[3], match[3])
+            experts.setdefault(match[1], {}).setdefault(part, {})[int(match[2])] = tensor
         else:
             out[name] = tensor
     for prefix, parts in experts.items():
         stack = {kind: torch.stack([parts[kind][e] for e in sorted(parts[kind])]) for kind in parts}
-        out[f"{prefix}.experts.gate_up_proj"] = torch.cat([stack["gate"], stack["up"]], dim=1)
-        out[f"{prefix}.experts.down_proj"] = stack["down"]
+        out[f"{prefix}.experts.gate_up_proj"] = torch.cat([stack["gate_proj"], stack["up_proj"]], dim=1)
+        out[f"{prefix}.experts.down_proj"] = stack["down_proj"]
     if args.tie_embeddings or "lm_head.weight" not in out:
         out["lm_head.weight"] = out["embed_tokens.weight"]
     return out

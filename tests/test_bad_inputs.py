@@ -409,9 +409,9 @@ def test_damaged_run_folder_is_named_by_compare(work):
     ('["LlamaForCausalLM"]', ["config.json: expected a JSON object"]),
     ('{"architectures": ["BertModel"]}', ["unsupported architecture 'BertModel'", "supported: LlamaForCausalLM"]),
     ('{"architectures": ["LlamaForCausalLM"]}', ["missing hidden_size", "for a LlamaForCausalLM model"]),
-    ('{"architectures": ["MistralForCausalLM"], "hidden_size": 64, "num_attention_heads": 4, "vocab_size": 10, '
-     '"num_hidden_layers": 1, "intermediate_size": 8, "sliding_window": 4096, "max_position_embeddings": 32768}',
-     ["sliding window of 4096 tokens", "use a model without sliding-window attention"]),
+    ('{"architectures": ["Qwen2ForCausalLM"], "hidden_size": 64, "num_attention_heads": 4, "vocab_size": 10, '
+     '"num_hidden_layers": 1, "intermediate_size": 8, "layer_types": ["linear_attention"]}',
+     ["layer type 'linear_attention' (layer 0) is not implemented", "per-token keys and values"]),
 ])
 def test_bad_generator_model_folder(work, config_json, needles):
     model = work / "model"

@@ -51,9 +51,11 @@ CASES = {
     "qwen2.5-yarn": ("Qwen2Config", dict(rope_parameters=YARN), None),
     "qwen2.5-yarn-4.x": ("Qwen2Config", dict(rope_parameters=YARN), "4.x-type"),
     "qwen2-swa": ("Qwen2Config", dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1), None),
-    "qwen3": ("Qwen3Config", dict(head_dim=16), None),
+    "qwen3": ("Qwen3Config", dict(head_dim=16, attention_bias=True), None),  # o_proj has a bias too
     "qwen3-moe": ("Qwen3MoeConfig", dict(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                                          norm_topk_prob=True, mlp_only_layers=[2]), None),
+    "mixtral-window": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=WINDOW),
+                       None),
     "gemma2": ("Gemma2Config", dict(head_dim=16, sliding_window=WINDOW, query_pre_attn_scalar=16,
                                     tie_word_embeddings=True), None),
     "gemma3": ("Gemma3TextConfig", dict(head_dim=16, sliding_window=WINDOW, query_pre_attn_scalar=16,

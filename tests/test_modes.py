@@ -161,7 +161,7 @@ def test_the_decoder_satisfies_the_reuse_protocol(tiny_rag):
 
     members = {name for name in dir(ReuseDecoder) if not name.startswith("_")} | set(ReuseDecoder.__annotations__)
     missing = [name for name in members if not hasattr(tiny_rag.model, name)]
-    assert not missing and members >= {"qkv", "finish", "masks_for", "logits", "inv_freq", "embed_tokens"}
+    assert not missing and members >= {"qkv", "finish", "masks_for", "logits", "layer_rope", "embed_tokens"}
 
 
 @pytest.mark.parametrize("mode", list(MODES))

@@ -135,7 +135,7 @@ def test_entries_away_from_the_model_device_are_staged_there_layer_by_layer(rag)
     for index, entry in plan.entries.items():
         s, e = layout.spans[index]
         shift[s:e] = int(layout.positions[s]) - entry.start
-    elsewhere = SimpleNamespace(device=torch.device("cpu", 0), args=rag.model.args, inv_freq=rag.model.inv_freq)
+    elsewhere = SimpleNamespace(device=torch.device("cpu", 0), args=rag.model.args, layer_rope=rag.model.layer_rope)
     staged = rag.model.new_cache(1, layout.size)
     copies = fill(elsewhere, staged, {i: layout.spans[i] for i in plan.entries}, plan.entries, shift)
     assert sorted(copies) == sorted(plan.entries)

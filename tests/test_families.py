@@ -318,3 +318,39 @@ def test_models_command_describes_a_folder_and_refuses_by_name(tmp_path):
     assert len(refused.output.strip().splitlines()) == 1
     listed = CliRunner().invoke(app, ["models"])
     assert listed.exit_code == 0 and all(arch in listed.output for arch in ("Qwen3MoeForCausalLM", "Phi3ForCausalLM"))
+
+
+GEMMA_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}"
+                  "{{ raise_exception('System role not supported') }}{% endif %}"
+                  "<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n{{ m['content'] }}"
+                  "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+LLAMA3_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+                   "{{ m['content'] }}<|eot_id|>{% endfor %}"
+                   "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+
+
+@pytest.mark.parametrize("template, head, tail", [
+    (GEMMA_TEMPLATE, "<start_of_turn>user\nBe brief.\n\n", "<end_of_turn>\n<start_of_turn>model\n"),
+    (LLAMA3_TEMPLATE, "<|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>",
+     "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"),
+])
+def test_prompt_comes_from_the_model_template_and_stops_on_its_declared_eos_ids(tmp_path, template, head, tail):
+    """The family's own chat template frames the prompt (Gemma's, which refuses a system turn, gets it folded
+    into the user turn); chunk ids stay exactly as stored; generation stops on every eos id that config.json
+    and generation_config.json declare (Llama 3.1 lists three)."""
+    from generators.prompt import ChatPrompt
+    from generators.weights import load_tokenizer
+
+    _, folder = build(tmp_path, "qwen3")
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 8, 9]}))
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "eos_token_id": [11, 7]}))
+    tokenizer = load_tokenizer(str(folder))
+    tokenizer.chat_template = template
+    prompt = ChatPrompt(tokenizer, "Be brief.")
+    assert head in tokenizer.decode(prompt.head_ids) and prompt.tail_text == tail
+    chunk = Chunk(id="d#0", doc_id="d", text=TEXTS[0], token_ids=prompt.chunk_ids(TEXTS[0]), span=(0, 0),
+                  content_hash="h")
+    segments = prompt.segments("Which river?", [chunk])
+    assert segments[1].token_ids == tuple(chunk.token_ids)
+    assert {7, 8, 9, 11, tokenizer.eos_token_id} <= prompt.stop_ids

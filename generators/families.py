@@ -60,7 +60,7 @@ FAMILIES = {
                                  traits=frozenset({"num_local_experts"})),
     "Gemma2ForCausalLM": Family("gemma2", ("gemma2",), "Gemma 2 2B/9B/27B", norms="sandwich", gemma_norm=True,
                                 traits=GEMMA),
-    "Gemma3ForCausalLM": Family("gemma3", ("gemma3_text",), "Gemma 3 1B (text-only checkpoints)", qk_norm="head",
+    "Gemma3ForCausalLM": Family("gemma3", ("gemma3_text",), "Gemma 3 1B; 4B-27B via their text tower", qk_norm="head",
                                 norms="sandwich", gemma_norm=True, traits=GEMMA),
     "Phi3ForCausalLM": Family("phi3", ("phi3",), "Phi-3/3.5-mini (LongRoPE), Phi-4-mini (partial rotary)",
                               fused=True, window_everywhere=True),
@@ -70,6 +70,9 @@ FAMILIES = {
     "SmolLM3ForCausalLM": Family("smollm3", ("smollm3",), "SmolLM3 3B (no RoPE every 4th layer)",
                                  traits=frozenset({"no_rope_layers", "no_rope_layer_interval"})),
 }
+# Multimodal checkpoints whose text tower is a family above: its config is `text_config` (published sparse, the
+# config class fills the rest), its weights sit under a prefix (generators.layers.map_state), images are refused.
+TEXT_TOWERS = {"Gemma3ForConditionalGeneration": "Gemma3ForCausalLM"}
 LAYER_TYPES = ("full_attention", "sliding_attention")
 ROPE_TYPES = ["default", "linear", "llama3", "yarn", "longrope"]  # `dynamic` rescales with the length: refused
 _REQUIRED_KEYS = ("hidden_size", "num_attention_heads", "vocab_size", "num_hidden_layers", "intermediate_size")
@@ -166,8 +169,19 @@ def hf_config(raw: dict, source):
             from None
 
 
+def text_tower(raw: dict, source) -> dict:
+    """config.json of the text model: itself, or a multimodal checkpoint's `text_config` completed by its class."""
+    arch = (raw.get("architectures") or ["?"])[0]
+    if arch not in TEXT_TOWERS:
+        return raw
+    text = hf_config(dict(raw.get("text_config") or {}, model_type="gemma3_text"), source).to_dict()
+    return {k: v for k, v in text.items() if k not in ("transformers_version", "_name_or_path")} | \
+        {"architectures": [TEXT_TOWERS[arch]], "model_type": "gemma3_text"}
+
+
 def resolve(raw: dict, source) -> tuple[ModelArgs, RopeTable]:
     """ModelArgs and the RoPE table of a config.json, or an InputError naming the trait that is refused."""
+    raw = text_tower(raw, source)
     family = family_of(raw, source)
     missing = [key for key in _REQUIRED_KEYS if key not in raw]
     if missing:

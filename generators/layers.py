@@ -191,6 +191,9 @@ class KVCache:
 
 
 _EXPERT = re.compile(r"(layers\.\d+\.mlp)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight")
+# The text model's weights: Llama-style `model.`, or a multimodal checkpoint's text tower (4.x and 5.x names).
+_PREFIXES = ("language_model.model.", "model.language_model.", "language_model.", "model.")
+_NOT_TEXT = ("vision_tower.", "multi_modal_projector.")
 _EXPERT_PART = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}  # Mixtral's names
 
 
@@ -198,8 +201,12 @@ def map_state(state: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torc
     """Published tensor names -> this decoder's (prefix `model.` dropped, fused and per-expert layouts mapped)."""
     out, experts = {}, {}
     for name, tensor in state.items():
-        name = name.removeprefix("model.").replace(".block_sparse_moe.", ".mlp.")  # Mixtral's MoE block
-        if name.endswith("rotary_emb.inv_freq"):
+        for prefix in _PREFIXES:
+            if name.startswith(prefix):
+                name = name[len(prefix):]
+                break
+        name = name.replace(".block_sparse_moe.", ".mlp.")  # Mixtral's MoE block
+        if name.endswith("rotary_emb.inv_freq") or name.startswith(_NOT_TEXT):
             continue
         if name.endswith("self_attn.qkv_proj.weight"):
             sizes = [args.n_heads * args.head_dim] + [args.n_kv_heads * args.head_dim] * 2

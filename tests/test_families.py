@@ -354,3 +354,25 @@ def test_prompt_comes_from_the_model_template_and_stops_on_its_declared_eos_ids(
     segments = prompt.segments("Which river?", [chunk])
     assert segments[1].token_ids == tuple(chunk.token_ids)
     assert {7, 8, 9, 11, tokenizer.eos_token_id} <= prompt.stop_ids
+
+
+def test_gemma3_multimodal_checkpoint_loads_its_text_tower(tmp_path):
+    """Gemma 3 4B-27B are published as Gemma3ForConditionalGeneration: the text tower (its `text_config`, weights
+    under `language_model.`) is what ragkit runs, and its logits on text equal transformers' whole model."""
+    import transformers
+
+    text = {**COMMON, "num_hidden_layers": 2, "head_dim": 16, "sliding_window": WINDOW, "query_pre_attn_scalar": 16}
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                       image_token_index=49000, boi_token_index=48999, eoi_token_index=49001)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    hf = transformers.Gemma3ForConditionalGeneration(config).eval()
+    hf.save_pretrained(tmp_path / "gemma3-mm")
+    ours = load_decoder(tmp_path / "gemma3-mm")
+    assert ours.args.architecture == "Gemma3ForCausalLM" and ours.windows == [WINDOW]
+    ids = torch.randint(0, 2000, (1, 2 * WINDOW + 3), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = hf(input_ids=ids).logits[0]
+    assert (expected - _full(ours, ids)[0]).abs().max() < 1e-3

@@ -22,6 +22,7 @@ from chunk_cache.keys import KeyScheme
 from chunk_cache.modes import ReuseSettings, make_mode
 from chunk_cache.reuse import ChunkReuse
 from chunk_cache.store import KVStore
+from generators.choices import Scored, choice_ids, choice_logliks, pick
 from generators.generate import Sampling, decode, teacher_forced_logits
 from generators.model import Decoder, load_decoder
 from generators.prompt import ChatPrompt
@@ -43,6 +44,13 @@ class Answer:
     tokens: list[int]
     recompute_share: float = 0.0  # chunk rows computed over every layer / (layers x chunk rows)
     first_logits: torch.Tensor | None = field(default=None, repr=False)  # [V], with answer(keep_logits=True)
+
+
+@dataclass
+class ChoiceAnswer(Answer):
+    """A closed-form answer: `text` is the best choice; `scored` holds every choice's log-likelihood."""
+
+    scored: Scored = field(default_factory=Scored)
 
 
 def pick_device(setting: str, dtype: str = "auto") -> tuple[str, torch.dtype]:
@@ -76,6 +84,10 @@ class RagGenerator:
         self.max_new_tokens = int(generator["max_new_tokens"])
         self.sampling = Sampling(float(generator.get("temperature", 0.0)), float(generator.get("top_p", 1.0)),
                                  int(generator.get("seed", 0)))  # the run's seed, so a sampled answer reproduces
+        self.choices = list(generator.get("choices") or [])  # closed form for every query without its own
+        self.choice_norm = generator.get("choice_norm", "none")
+        if self.choices:
+            choice_ids(self.prompt.ids, self.choices, "config key 'generator.choices'")
         fields = {f.name for f in dataclasses.fields(ReuseSettings)}
         self.settings = ReuseSettings(**{k: v for k, v in cache.items() if k in fields})
         self.fingerprint = model_fingerprint(self.model)
@@ -147,6 +159,24 @@ class RagGenerator:
         answer = self.make_answer(tokens, chunks, stats, ttft, total)
         answer.first_logits = logits.cpu() if keep_logits else None
         return answer
+
+    def choose(self, question: str, chunks: list[Chunk], choices: list[str] | None = None,
+               mode: str | None = None) -> ChoiceAnswer:
+        """Prefill with reuse as `answer` does, then score every choice (default: generator.choices) by its
+        log-likelihood after the prompt, in one batched forward (generators.choices); the answer is the best
+        under generator.choice_norm. TTFT is the prefill's; total_s includes the scoring."""
+        choices = list(choices or self.choices)
+        ids = choice_ids(self.prompt.ids, choices, "choices")
+        start = time.perf_counter()
+        logits, cache, next_position, stats = self.prefill(question, chunks, mode, extra=0)
+        synchronize(self.model.device)
+        ttft = time.perf_counter() - start
+        scored = pick(choices, ids, choice_logliks(self.model, cache, logits, next_position, ids), self.choice_norm)
+        synchronize(self.model.device)
+        total = time.perf_counter() - start
+        stats["commit"](ttft)
+        answer = self.make_answer(list(ids[scored.best]), chunks, stats, ttft, total)
+        return ChoiceAnswer(**{**vars(answer), "text": scored.text}, scored=scored)
 
     def make_answer(self, tokens: list[int], chunks: list[Chunk], stats: dict, ttft: float, total: float) -> Answer:
         """The Answer of decoded `tokens` after a prefill that returned `stats`."""

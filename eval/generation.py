@@ -10,6 +10,8 @@ Each query's generation is summarised as a record (a mapping) with
     cache_hits         optional: chunks found in the KV cache, out of len(chunk_ids)
     kl                 optional: KL(full prefill || this mode) of the first answer token's distribution
     agreement          optional: share of answer tokens equal to the full-prefill answer's
+    choice_agreement   optional, closed form: 1.0 when this mode picks the reference's choice
+    loglik_gap         optional, closed form: largest |log-likelihood difference| of a choice vs the reference
 and scored into the same (aggregate, per_query) shape as retrieval, so one results.json
 holds both and the leaderboard can plot quality against TTFT.
 """
@@ -23,10 +25,12 @@ import numpy as np
 from eval.answers import score_answers
 
 Scores = tuple[dict[str, float], dict[str, dict[str, float]]]
+_COMPARED = ("kl", "agreement", "choice_agreement", "loglik_gap")  # against a reference mode, where measured
 
 
 def cache_metrics(records: Mapping[str, Mapping[str, Any]]) -> Scores:
-    """Per query: ttft_s, recompute_share, chunk_hit_rate and kl / agreement where measured; means + TTFT p50/p90."""
+    """Per query: ttft_s, recompute_share, chunk_hit_rate and the reference comparisons where measured; means +
+    TTFT p50/p90."""
     per_query: dict[str, dict[str, float]] = {}
     for qid, record in records.items():
         values: dict[str, float] = {}
@@ -39,12 +43,12 @@ def cache_metrics(records: Mapping[str, Mapping[str, Any]]) -> Scores:
             values["recompute_share"] = float(record.get("recomputed_tokens", 0)) / float(context)
         if record.get("cache_hits") is not None and record.get("chunk_ids"):
             values["chunk_hit_rate"] = float(record["cache_hits"]) / len(record["chunk_ids"])
-        for key in ("kl", "agreement"):
+        for key in _COMPARED:
             if record.get(key) is not None:
                 values[key] = float(record[key])
         per_query[qid] = values
     aggregate: dict[str, float] = {}
-    for key in ("ttft_s", "recompute_share", "chunk_hit_rate", "kl", "agreement"):
+    for key in ("ttft_s", "recompute_share", "chunk_hit_rate", *_COMPARED):
         column = [v[key] for v in per_query.values() if key in v]
         if column:
             aggregate[key] = float(np.mean(column))

@@ -24,7 +24,7 @@ from eval.significance import compare_per_query
 
 ALPHA = 0.05
 # Agreement with full prefill first: it separates cache modes even where a small model's F1 is ~0.
-QUALITY_METRICS = ("agreement", "f1", "em", "rouge_l", "accuracy")
+QUALITY_METRICS = ("agreement", "choice_agreement", "f1", "em", "rouge_l", "accuracy")
 BETTER, WORSE = "▲", "▼"
 
 
@@ -272,7 +272,7 @@ def quality_points(entries: list[RunEntry]) -> list[tuple[str, str, str, float, 
         label = f"{entry.name} · {entry.task}"
         points.append((label, entry.cache_mode or "?", quality, float(aggregate["ttft_s"]), float(aggregate[quality])))
         ref = entry.results.get("reference_mode")
-        ref_quality = 1.0 if quality == "agreement" else aggregate.get(f"{ref}_{quality}")
+        ref_quality = 1.0 if quality in ("agreement", "choice_agreement") else aggregate.get(f"{ref}_{quality}")
         if ref and f"{ref}_ttft_s" in aggregate and ref_quality is not None:
             points.append((f"{label} (reference)", ref, quality, float(aggregate[f"{ref}_ttft_s"]),
                            float(ref_quality)))

@@ -12,7 +12,10 @@
                  cache_hits; with a
                  reference mode also reference_mode, reference_answer, reference_ttft_s,
                  agreement (share of the reference's tokens predicted alike) and kl
-                 (KL(reference || mode) of the first answer token).
+                 (KL(reference || mode) of the first answer token). A closed-form answer (the best
+                 of its choices) has instead choices ([{choice, loglik, score, tokens}]) and
+                 choice_norm; with a reference mode reference_logliks, choice_agreement (1.0: the
+                 same choice) and loglik_gap (largest |log-likelihood difference| of a choice).
 
 results.json, format_version 1 (keys marked * are required to read a folder back):
 
@@ -25,12 +28,12 @@ results.json, format_version 1 (keys marked * are required to read a folder back
                          answer metrics ("em", "f1", "accuracy", "rouge_l", averaged over the
                          queries with gold answers) and the generator's cache metrics ("ttft_s",
                          "ttft_p50_s", "ttft_p90_s", "recompute_share", "chunk_hit_rate", "kl",
-                         "agreement") share it; a reference mode's own figures are prefixed
+                         "agreement", "choice_agreement", "loglik_gap") share it; a reference mode's own figures are prefixed
                          with its name ("full_f1", "full_ttft_p50_s", ...)
     per_query*           {query id: {metric: value}}: every judged query, 0 where nothing was found
     timings              {name: seconds or rate}, e.g. search_s, answer_s, questions_per_s
     counts               {name: int}, e.g. queries, scored_queries, answered_queries,
-                         queries_without_gold_answers
+                         queries_without_gold_answers, gold_outside_choices (closed form: not scored)
     ragkit_version, config_hash, corpus_fingerprint, seed, created (ISO 8601)
     machine              machine_info(): where the timings were measured
     cache_mode           generator cache mode when answers were generated (for quality/TTFT plots)

@@ -6,7 +6,9 @@ with the configured cache mode through `Pipeline.generator`, and records what an
 holds. With a reference mode (`--reference full`) the same prompt is also answered under that
 mode; the configured mode is then teacher-forced on the reference's tokens (plus a stop token
 when the reference stopped early) for token agreement, and the first-token logits of both give
-KL(reference || mode). Everything is checked before the first answer (metrics, gold answers,
+KL(reference || mode). A closed-form query (its own `choices`, or generator.choices) is answered by the
+best-scored choice instead, and compared with the reference by choice agreement and log-likelihood gap
+(ragkit.choices). Everything is checked before the first answer (metrics, gold answers,
 model, prompt lengths), and nothing is written here: eval.runs.write_run publishes the run
 folder, answers included, as one step, so a run killed midway leaves no half-written folder.
 """
@@ -22,6 +24,7 @@ from tqdm.auto import tqdm
 
 from eval.answers import check_metrics
 from eval.generation import first_token_kl, merge_scores, score_generation
+from ragkit.choices import check_choices, closed_form, query_choices
 from ragkit.errors import InputError
 from ragkit.types import Chunk, Query
 
@@ -97,14 +100,20 @@ def evaluate_answers(pipe, queries: list[Query], reference: str | None = None) -
             contexts.append([pipe.chunk(h.id) for h in hits])
     check_prompt_lengths(queries, contexts, tokenizer, cfg.generator.system_prompt, cfg.generator.max_new_tokens,
                          model_context(resolve_model_dir(cfg.generator.model)), cfg.dataset_path())
+    outside = check_choices(generator.prompt.ids, queries, generator.choices, str(cfg.dataset_path()))
+    golds = {qid: answers for qid, answers in golds.items() if qid not in outside}  # counted, not scored
 
     records, answer_s = [], 0.0
     bar = tqdm(list(zip(queries, contexts)), desc=f"answering ({cfg.cache.mode})", unit="q", dynamic_ncols=True,
                disable=not pipe.progress)
     for query, chunks in bar:
-        compared = {} if reference is None else _against_reference(
-            generator, query.text, chunks, reference, cfg.cache.mode)
-        answer = generator.answer(query.text, chunks)
+        choices = query_choices(query, generator.choices)
+        if choices:  # closed form: the best-scored choice (ragkit.choices)
+            answer, compared = closed_form(generator, query.text, chunks, choices, reference)
+        else:
+            compared = {} if reference is None else _against_reference(
+                generator, query.text, chunks, reference, cfg.cache.mode)
+            answer = generator.answer(query.text, chunks)
         answer_s += answer.total_s
         records.append({"query_id": query.id, "answer": answer.text, "golds": golds.get(query.id, []),
                         "chunk_ids": answer.chunk_ids, "mode": answer.mode, "ttft_s": answer.ttft_s,
@@ -112,7 +121,10 @@ def evaluate_answers(pipe, queries: list[Query], reference: str | None = None) -
                         "recomputed_tokens": answer.recomputed_tokens, "recompute_share": answer.recompute_share,
                         "cache_hits": answer.cache_hits, **compared})
         bar.set_postfix(ttft=f"{answer.ttft_s:.2f}s", hits=f"{answer.cache_hits}/{len(chunks)}")
-    return _scores(records, golds, metrics, reference, answer_s, len(queries))
+    scored = _scores(records, golds, metrics, reference, answer_s, len(queries))
+    if outside or any(query_choices(q, generator.choices) for q in queries):
+        scored.counts["gold_outside_choices"] = len(outside)
+    return scored
 
 
 def _against_reference(generator, question: str, chunks: list[Chunk], reference: str, mode: str) -> dict[str, Any]:
@@ -143,6 +155,7 @@ def _scores(records: list[dict[str, Any]], golds: dict[str, list[str]], metrics:
              {q: {f"{reference}_{k}": v for k, v in values.items()} for q, values in ref_per_query.items()}))
     timings = {"answer_s": round(answer_s, 3),
                "questions_per_s": round(questions / answer_s, 4) if answer_s > 0 else None}
-    counts = {"answered_queries": questions, "queries_with_gold_answers": sum(1 for r in records if r["golds"]),
+    counts = {"answered_queries": questions, "queries_with_gold_answers": sum(1 for r in records
+                                                                           if r["query_id"] in golds),
               "queries_without_gold_answers": sum(1 for r in records if not r["golds"])}
     return AnswerEval(aggregate, per_query, timings, counts, records)

@@ -184,11 +184,16 @@ def _answer_summary(results: dict) -> str:
              f"{c['queries_without_gold_answers']} without gold answers (retrieval only)  "
              f"TTFT p50 {a['ttft_p50_s']:.3f}s p90 {a['ttft_p90_s']:.3f}s  {t['questions_per_s'] or 0:.3f} questions/s  "
              f"chunk hit rate {a.get('chunk_hit_rate', 0):.2f}  recompute share {a.get('recompute_share', 0):.2f}"]
+    if "gold_outside_choices" in c:
+        lines[0] += f"  {c['gold_outside_choices']} with gold answers outside their choices (not scored)"
     ref = results.get("reference_mode")
     if ref:
         scores = "  ".join(f"{k.removeprefix(ref + '_')} {v:.4f}" for k, v in a.items()
                            if k.startswith(ref + "_") and not k.startswith(f"{ref}_ttft"))
-        lines.append(f"against {ref}: token agreement {a['agreement']:.3f}  first-token KL {a['kl']:.4f}  "
+        compared = "  ".join(f"{label} {a[key]:.4f}" for key, label in (
+            ("agreement", "token agreement"), ("kl", "first-token KL"), ("choice_agreement", "choice agreement"),
+            ("loglik_gap", "log-likelihood gap")) if key in a)
+        lines.append(f"against {ref}: {compared}  "
                      f"{ref} TTFT p50 {a[ref + '_ttft_p50_s']:.3f}s ({a[ref + '_ttft_p50_s'] / a['ttft_p50_s']:.2f}x "
                      f"{results['cache_mode']})  {ref} answers: {scores}")
     return "\n".join(lines)

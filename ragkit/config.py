@@ -21,6 +21,7 @@ from typing import Any, get_type_hints
 from chunk_cache.dtypes import GENERATOR_DTYPES
 from chunk_cache.eviction import POLICIES
 from chunk_cache.modes import MODES, ReuseSettings
+from generators.choices import NORMS
 from ragkit.errors import ConfigError
 
 DATASET_FORMATS = ["beir", "jsonl", "textdir", "bright", "coir"]
@@ -93,6 +94,11 @@ class GeneratorConfig:
     device: str = "auto"
     # "auto": bfloat16 on CUDA, float32 on CPU; float32 on CUDA reproduces the CPU figures exactly.
     dtype: str = "auto"
+    # Closed-form answers (e.g. ["yes", "no"]): each choice is scored by its log-likelihood after the prompt
+    # and the best is the answer; a query's own `choices` field wins. Empty: free generation.
+    choices: list[str] = field(default_factory=list)
+    # What the best choice maximises: "none" the total log-likelihood, "tokens" / "chars" it per token / character.
+    choice_norm: str = "none"
 
 
 @dataclass
@@ -204,6 +210,7 @@ _CHOICES = {
     "cache.mode": list(MODES),
     "cache.eviction": list(POLICIES),
     "generator.dtype": list(GENERATOR_DTYPES),
+    "generator.choice_norm": list(NORMS),
     "eval.protocol": PROTOCOLS,
     "cluster.backend": BACKENDS,
 }
@@ -318,6 +325,7 @@ def _check(cfg: Config, source: str | None) -> None:
     if address not in ("auto", "local") and not re.fullmatch(r"(ray://)?[\w.-]+:\d+", address):
         raise ConfigError("cluster.address", f'expected "auto", "local", "ray://host:port" or "host:port", '
                           f"got {address!r}", source=source)
+    _check_choices(cfg.generator.choices, source)
     if cfg.cache.ratio > 1:
         raise ConfigError("cache.ratio", f"must be in [0, 1], got {cfg.cache.ratio}", source=source)
     if not cfg.retrieval.retrievers:
@@ -330,6 +338,21 @@ def _check(cfg: Config, source: str | None) -> None:
                           allowed=["rrf", "weighted"], source=source)
     if cfg.retrieval.weights and len(cfg.retrieval.weights) != len(cfg.retrieval.retrievers):
         raise ConfigError("retrieval.weights", "needs one weight per retriever", source=source)
+
+
+def _check_choices(choices: list[str], source: str | None) -> None:
+    """Each choice has text, and no two are the same answer once normalised (gold answers are matched so)."""
+    from eval.answers import normalize_answer
+
+    seen: dict[str, int] = {}
+    for n, choice in enumerate(choices):
+        if not choice.strip():
+            raise ConfigError(f"generator.choices[{n}]", "is empty: a choice needs text", source=source)
+        key = normalize_answer(choice)
+        if key in seen:
+            raise ConfigError(f"generator.choices[{n}]", f"{choice!r} is the same answer as choice {seen[key]} "
+                              "once normalised (case, punctuation, articles)", source=source)
+        seen[key] = n
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:

@@ -66,6 +66,7 @@ class Query:
     excluded_ids: frozenset[str] = frozenset()
     answers: tuple[str, ...] = ()
     metadata: Mapping[str, Any] = field(default_factory=dict)
+    choices: tuple[str, ...] = ()  # closed-form answers allowed for this query (over generator.choices)
 
 
 @dataclass(frozen=True)

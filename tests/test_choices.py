@@ -98,3 +98,105 @@ def test_empty_choices_and_choices_that_tokenise_to_nothing_are_refused(tiny):
         choice_ids(rag.prompt.ids, [], "q1")
     with pytest.raises(InputError, match=r"choice 1 \(''\) tokenises to nothing"):
         rag.choose("q?", chunks[:1], ["yes", ""], mode="full")
+
+
+# --- `ragkit eval` with closed-form answers --------------------------------------------------------
+
+QUERIES = [
+    {"_id": "q1", "text": "Is Paris the capital of France?", "answers": ["yes"]},
+    {"_id": "q2", "text": "Is Rome the capital of France?", "answers": "No"},  # matched normalised
+    {"_id": "q3", "text": "Which river flows into the Mediterranean?", "answers": ["B"],
+     "metadata": {"choices": ["A", "B", "C"]}},  # its own choices win over generator.choices
+    {"_id": "q4", "text": "Does the Nile flow south?", "answers": ["unclear"]},  # outside yes/no: not scored
+]
+
+
+def _eval_setup(root, queries, choices='["yes", "no"]', mode="blend"):
+    import json
+
+    data = root / "data"
+    (data / "qrels").mkdir(parents=True)
+    (data / "corpus.jsonl").write_text("".join(json.dumps({"_id": f"d{i}", "title": "", "text": t}) + "\n"
+                                               for i, t in enumerate(TEXTS)))
+    (data / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
+    (data / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(
+        f"{q['_id']}\td{n % 3}\t1\n" for n, q in enumerate(queries)))
+    model = tiny_llama(root / "model")
+    config = root / "closed.toml"
+    config.write_text(f"""name = "closed"
+[dataset]
+format = "beir"
+path = "{data}"
+[chunking]
+size = 48
+overlap = 8
+[retrieval]
+k = 10
+index_dir = "{root / 'indexes'}"
+[generator]
+model = "{model}"
+device = "cpu"
+dtype = "float32"
+chunks = 2
+choices = {choices}
+[cache]
+mode = "{mode}"
+dir = "{root / 'kv'}"
+[eval]
+metrics = ["ndcg@10"]
+answer_metrics = ["em", "accuracy"]
+runs_dir = "{root / 'runs'}"
+""")
+    return config
+
+
+def test_eval_records_choice_logliks_and_agreement_with_full(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from ragkit.cli import app
+
+    config = _eval_setup(tmp_path, QUERIES)
+    result = CliRunner().invoke(app, ["eval", str(config), "--reference", "full", "-q"])
+    assert result.exit_code == 0, result.output
+    assert "1 with gold answers outside their choices (not scored)" in result.output
+    assert "choice agreement" in result.output and "log-likelihood gap" in result.output
+    run_dir = tmp_path / "runs" / "closed"
+    results = json.loads((run_dir / "results.json").read_text())
+    records = {r["query_id"]: r for r in map(json.loads, (run_dir / "answers.jsonl").read_text().splitlines())}
+    assert results["counts"]["gold_outside_choices"] == 1 and results["counts"]["queries_with_gold_answers"] == 3
+    assert [c["choice"] for c in records["q3"]["choices"]] == ["A", "B", "C"]
+    assert [c["choice"] for c in records["q1"]["choices"]] == ["yes", "no"]
+    for record in records.values():  # the answer is the best-scored choice, and full agrees with itself exactly
+        best = max(record["choices"], key=lambda c: c["score"])
+        assert record["answer"] == best["choice"] and record["choice_norm"] == "none"
+        assert record["reference_answer"] in [c["choice"] for c in record["choices"]]
+        assert len(record["reference_logliks"]) == len(record["choices"])
+        assert record["choice_agreement"] == float(record["reference_answer"] == record["answer"])
+        assert record["loglik_gap"] == pytest.approx(max(abs(c["loglik"] - r) for c, r in
+                                                         zip(record["choices"], record["reference_logliks"])))
+    per_query = results["per_query"]
+    assert "em" not in per_query["q4"] and "choice_agreement" in per_query["q4"]  # answered, recorded, not scored
+    assert per_query["q2"]["em"] == float(records["q2"]["answer"] == "no")
+    assert results["aggregate"]["em"] == pytest.approx(sum(per_query[q]["em"] for q in ("q1", "q2", "q3")) / 3)
+
+
+@pytest.mark.parametrize("queries, choices, message", [
+    ([{"_id": "q1", "text": "Is it?", "answers": ["yes"], "choices": []}], '["yes", "no"]',
+     "queries.jsonl:1: field 'choices' is an empty choice list"),
+    ([{"_id": "q1", "text": "Is it?", "answers": ["yes"], "metadata": {"choices": ["yes", " "]}}], "[]",
+     "queries.jsonl:1: field 'metadata.choices': choice 1 (' ') is empty"),
+    (QUERIES[:1], '["yes", ""]', "config key 'generator.choices[1]': is empty"),
+    (QUERIES[:1], '["Yes", "yes"]', "config key 'generator.choices[1]': 'yes' is the same answer as choice 0"),
+])
+def test_bad_choices_exit_2_naming_them(tmp_path, queries, choices, message):
+    from typer.testing import CliRunner
+
+    from ragkit.cli import app
+
+    config = _eval_setup(tmp_path, queries, choices)
+    result = CliRunner().invoke(app, ["eval", str(config), "-q"])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "runs").exists()

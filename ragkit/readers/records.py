@@ -83,16 +83,35 @@ def gold_answers(value: Any, key: str, where: str | Path, line: int) -> tuple[st
     return tuple(v for v in value if v.strip())
 
 
+def answer_choices(value: Any, key: str, where: str | Path, line: int) -> tuple[str, ...]:
+    """A query's closed-form choices: absent, or a non-empty list of strings each with text."""
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise InputError(where, f"field {key!r} must be a list of strings, got {value!r:.60}", line, hint=SKIP_HINT)
+    if not value:
+        raise InputError(where, f"field {key!r} is an empty choice list", line,
+                         hint="give the choices, e.g. [\"yes\", \"no\"], or drop the field")
+    for n, choice in enumerate(value):
+        if not choice.strip():
+            raise InputError(where, f"field {key!r}: choice {n} ({choice!r}) is empty", line, hint=SKIP_HINT)
+    return tuple(value)
+
+
 def query_from(record: Mapping[str, Any], where: str | Path, line: int) -> Query:
-    """A query; gold answers come from its `answers` field, else from `metadata.answers`."""
+    """A query; gold answers come from its `answers` field, else from `metadata.answers`, and closed-form
+    choices likewise from `choices` / `metadata.choices`."""
     text = record_text(record, ("text", "query"), where, line)
     if not text.strip():
         raise InputError(where, "query text is empty", line, hint=SKIP_HINT)
     metadata = record_metadata(record, where, line)
     key = "answers" if "answers" in record else "metadata.answers"
     answers = record["answers"] if "answers" in record else metadata.get("answers")
+    choices_key = "choices" if "choices" in record else "metadata.choices"
+    choices = record["choices"] if "choices" in record else metadata.get("choices")
     return Query(id=record_id(record, ("_id", "id"), where, line), text=text,
-                 answers=gold_answers(answers, key, where, line), metadata=metadata)
+                 answers=gold_answers(answers, key, where, line), metadata=metadata,
+                 choices=answer_choices(choices, choices_key, where, line))
 
 
 def stream_documents(records: Callable[[], Records], convert: Callable[..., Document], bad: BadLines,

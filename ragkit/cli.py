@@ -721,6 +721,34 @@ def bench_answer(
     _emit(result, as_json, answer.format_report)
 
 
+@bench_app.command("choices")
+@user_errors
+def bench_choices(
+    config: Path = typer.Argument(Path("configs/scifact-rag.toml"), help="A RAG config with generator.choices."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results object as JSON on stdout."),
+    questions: int = typer.Option(60, "--questions", min=1, help="Test queries with a gold answer."),
+    skip: int = typer.Option(0, "--skip", min=0, help="Start after this many of them (a separate slice to tune on)."),
+    modes: str = typer.Option("full,blend,naive", "--modes", callback=_mode_list, help="Comma-separated reuse "
+                              "modes; full always runs: it is the reference."),
+    threads: int = typer.Option(1, "--threads", min=1, help="torch CPU threads."),
+    overrides: Optional[List[str]] = SetOpt,
+    quiet: bool = QuietOpt,
+) -> None:
+    """Closed-form answers (generator.choices) per reuse mode: choice accuracy beside free generation from the
+    same prefill and the majority class, choice agreement and log-likelihood gap against full, and what scoring
+    the choices costs over one prefill's TTFT."""
+    import torch
+
+    from ragkit.bench import choices
+
+    torch.set_num_threads(threads)
+    pipe = _pipeline(config, ["cache.dir=", *(overrides or [])], quiet)
+    if not pipe.config.generator.choices:
+        raise typer.BadParameter("the config sets no generator.choices (e.g. --set 'generator.choices=[\"yes\",\"no\"]')")
+    result = choices.run(pipe, questions, skip, modes.split(","), lambda msg: typer.echo(msg, err=True))
+    _emit(result, as_json, choices.format_report)
+
+
 @bench_app.command("scale")
 @user_errors
 def bench_scale(

@@ -8,7 +8,9 @@ Three cache states, each on a fresh store in a temporary folder (the bench leave
             does; `retrieved`: only the chunks the benched questions retrieve, the same hits for a
             fraction of the one-off time), then every mode side by side: EM/F1, teacher-forced token
             agreement and first-token KL against full prefill, TTFT p50/p90, questions/s one at a time
-            and through the batched AnswerEngine.
+            and through the batched AnswerEngine; with generator.choices (SciFact: yes/no) also the
+            closed-form row (ragkit.bench.choices): choice accuracy per mode beside free generation
+            and the majority class, choice agreement with full, and the scoring cost over one prefill.
 The batched pass of each mode runs after its one-at-a-time pass, on the same store: prefix mode then
 finds the prompt prefixes that pass stored. The warm's one-off time is reported apart from the answering.
 Baselines on the same prompts (the segments' token ids joined) and greedy decoding: Hugging Face
@@ -265,6 +267,11 @@ def bench_dataset(pipe, questions: int, modes: list[str], warm: str, log_split: 
         result["modes"] = compare_modes(rag, items, modes, batch, log, baseline, baseline_questions)
         if baseline is not None:
             result["transformers"] = result["modes"].pop("transformers")
+        if rag.choices:  # the closed-form row: the same items and warmed store, choices scored per mode
+            from ragkit.bench import choices
+
+            log(f"{cfg.name}: closed form, choices {rag.choices}")
+            result["closed_form"] = choices.compare(rag, items, modes, log)
     return result, rag, items
 
 
@@ -333,6 +340,10 @@ def format_report(result: dict) -> str:
         lines.append(f"  warmed beforehand ({w['scope']}: {w['warmed_chunks']} chunks in {w['warm_s']:.1f}s once, "
                      f"{w['warm_s_per_chunk']:.2f}s per chunk):")
         lines += ["  " + line for line in _mode_table(d["modes"], result["setting"]["modes"])]
+        if "closed_form" in d:
+            from ragkit.bench.choices import format_table
+
+            lines += ["  " + line for line in format_table(d["closed_form"])]
         lines.append("")
     hf, llama = result["transformers"], result["llama_cpp"]
     lines += [f"transformers generate (MuSiQue prompts): TTFT p50 {hf['hf_ttft_p50_s']:.3f}s vs ragkit full prefill "

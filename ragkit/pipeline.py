@@ -324,9 +324,13 @@ class Pipeline:
         return self._generator
 
     def ask(self, question: str, on_token=None):
-        """Retrieve the top `generator.chunks` chunks and answer from them, reusing their KV."""
+        """Retrieve the top `generator.chunks` chunks and answer from them, reusing their KV (in closed form,
+        the best of generator.choices, when the config sets them)."""
         hits = self.retrieve(question, k=self.config.generator.chunks)
-        return self.generator.answer(question, [self.chunk(h.id) for h in hits], on_token=on_token)
+        chunks = [self.chunk(h.id) for h in hits]
+        if self.config.generator.choices:
+            return self.generator.choose(question, chunks)
+        return self.generator.answer(question, chunks, on_token=on_token)
 
     def ask_many(self, questions: list[str], on_token=None, batch_size: int = 16) -> list:
         """Answer many questions: one batched retrieval, then the batched engine (questions sharing chunks run

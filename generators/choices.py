@@ -6,9 +6,9 @@ loglikelihood requests): for a choice with tokens c_1..c_n after prompt p,
     log P(choice | p) = sum_t log softmax(logits(p, c_<t))[c_t]
 
 The first term comes from the prefill's last logits; the others from ONE forward of every choice's
-tokens but its last, batched, against the prompt's cache. The cache is copied once per choice
-(rows [B = choices]), so each choice attends to the prompt and its own earlier tokens only; a
-choice of one token needs no forward at all. The length-normalised score divides by the choice's
+tokens but its last, batched, against the prompt's cache. The prompt's rows are copied once per
+choice of two tokens or more (cache rows [B = those choices]), so each choice attends to the prompt
+and its own earlier tokens only; choices of one token (yes/no/maybe, A-D) need no forward at all. The length-normalised score divides by the choice's
 tokens (`tokens`) or characters (`chars`, lm-evaluation-harness's acc_norm); `none` keeps the total.
 """
 
@@ -69,23 +69,24 @@ def choice_logliks(model: Decoder, cache: KVCache, logits: torch.Tensor, next_po
 
     first = torch.log_softmax(logits.float(), -1)
     totals = [float(first[ids[0]]) for ids in choices]
-    width = max(len(ids) for ids in choices) - 1  # tokens fed: all but each choice's last
-    if width == 0:
+    longer = [n for n, ids in enumerate(choices) if len(ids) > 1]  # one row each in the batched forward
+    if not longer:
         return totals
-    batch, length = len(choices), cache.length
-    tokens = torch.zeros(batch, width, dtype=torch.long)
-    positions = torch.full((batch, width), -1, dtype=torch.long)  # padding: invisible, and sees nothing
-    for row, ids in enumerate(choices):
-        tokens[row, : len(ids) - 1] = torch.tensor(ids[:-1])
-        positions[row, : len(ids) - 1] = torch.arange(next_position, next_position + len(ids) - 1)
-    slots = torch.arange(length, length + width, device=model.device)
+    width = max(len(choices[n]) for n in longer) - 1  # tokens fed: all but each choice's last
+    tokens = torch.zeros(len(longer), width, dtype=torch.long)
+    positions = torch.full((len(longer), width), -1, dtype=torch.long)  # padding: invisible, and sees nothing
+    for row, n in enumerate(longer):
+        fed = choices[n][:-1]
+        tokens[row, : len(fed)] = torch.tensor(fed)
+        positions[row, : len(fed)] = torch.arange(next_position, next_position + len(fed))
+    slots = torch.arange(cache.length, cache.length + width, device=model.device)
     with torch.inference_mode():
-        out = model.forward(tokens.to(model.device), positions.to(model.device), _expand(cache, batch, width),
+        out = model.forward(tokens.to(model.device), positions.to(model.device), _expand(cache, len(longer), width),
                             slots, logits_rows=slice(None))
-    out = torch.log_softmax(out.float(), -1)  # [B, width, V]
-    for row, ids in enumerate(choices):
-        follow = torch.tensor(ids[1:], dtype=torch.long, device=out.device)
-        totals[row] += float(out[row, torch.arange(len(follow), device=out.device), follow].sum())
+    out = torch.log_softmax(out.float(), -1)  # [rows, width, V]
+    for row, n in enumerate(longer):
+        follow = torch.tensor(choices[n][1:], device=out.device)
+        totals[n] += float(out[row, torch.arange(len(follow), device=out.device), follow].sum())
     return totals
 
 

@@ -222,3 +222,12 @@ def test_bench_compares_choices_per_mode_with_free_generation_and_the_majority_c
         assert r["ttft_p50_s"] > 0 and r["score_p50_s"] >= 0
     lines = bench.format_table(result)
     assert [line.split()[0] for line in lines[2:]] == ["full", "naive", "blend"]
+
+
+def test_bench_choices_refuses_a_config_without_choices():
+    from typer.testing import CliRunner
+
+    from ragkit.cli import app
+
+    result = CliRunner().invoke(app, ["bench", "choices", "configs/musique-rag.toml", "-q"])
+    assert result.exit_code == 2 and "sets no generator.choices" in result.output

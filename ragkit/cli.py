@@ -728,8 +728,8 @@ def bench_choices(
     as_json: bool = typer.Option(False, "--json", help="Print the results object as JSON on stdout."),
     questions: int = typer.Option(60, "--questions", min=1, help="Test queries with a gold answer."),
     skip: int = typer.Option(0, "--skip", min=0, help="Start after this many of them (a separate slice to tune on)."),
-    modes: str = typer.Option("full,blend,naive", "--modes", callback=_mode_list, help="Comma-separated reuse "
-                              "modes; full always runs: it is the reference."),
+    modes: str = typer.Option("full,blend,naive", "--modes", callback=_bench_modes, help="Comma-separated reuse "
+                              "modes, or blend@RATIO; full always runs: it is the reference."),
     threads: int = typer.Option(1, "--threads", min=1, help="torch CPU threads."),
     overrides: Optional[List[str]] = SetOpt,
     quiet: bool = QuietOpt,

@@ -209,19 +209,21 @@ def test_bench_compares_choices_per_mode_with_free_generation_and_the_majority_c
     items = [("Is Paris in France?", chunks[:2], ["yes"]), ("Is Rome in France?", chunks[1:], ["no"]),
              ("Is Paris in Spain?", chunks[::2], ["No"]), ("Does the Nile flow south?", chunks[2:], ["unclear"])]
     logged = []
-    result = bench.compare(rag, items, ["naive", "blend"], logged.append)
-    assert list(result["modes"]) == ["full", "naive", "blend"] and len(logged) == 4
+    result = bench.compare(rag, items, ["naive", "blend@0.5"], logged.append)
+    assert list(result["modes"]) == ["full", "naive", "blend@0.5"] and len(logged) == 4
     assert result["scored_queries"] == 3 and result["gold_outside_choices"] == 1
     assert result["gold_counts"] == {"yes": 1, "no": 2} and result["majority_class"] == {"answer": "no",
                                                                                           "accuracy": 0.6667}
     full = result["modes"]["full"]
     assert full["choice_agreement_vs_full"] == 1.0 and full["loglik_gap_vs_full"] == 0.0
+    assert 0 <= result["decisive_queries"] <= 4
+    assert full["choice_agreement_decisive"] == (1.0 if result["decisive_queries"] else None)
     for r in result["modes"].values():
         assert sum(r["picked"].values()) == 4 and r["choice_accuracy"] in (0.0, 0.3333, 0.6667, 1.0)
         assert 0.0 <= r["free_accuracy"] <= 1.0 and r["prefill_plus_score_vs_prefill_p50"] >= 1.0
         assert r["ttft_p50_s"] > 0 and r["score_p50_s"] >= 0
     lines = bench.format_table(result)
-    assert [line.split()[0] for line in lines[2:]] == ["full", "naive", "blend"]
+    assert [line.split()[0] for line in lines[2:]] == ["full", "naive", "blend@0.5"]
 
 
 def test_bench_choices_refuses_a_config_without_choices():

@@ -11,7 +11,8 @@ first, the others rotated so none always runs right after it):
             the closed form costs over one prefill;
   generate  from the same prefill, generator.max_new_tokens greedy tokens: the answer without choices,
             right when its leading yes/no/maybe word or the whole answer (normalised) is the gold one.
-Reported per mode: choice accuracy, free-generation accuracy, choice agreement with full and the
+Reported per mode (or `blend@RATIO`): choice accuracy, free-generation accuracy, choice agreement with
+full (over all queries, and over the decisive ones: full's best choice ahead by DECISIVE_MARGIN), the
 largest log-likelihood gap to full (mean over queries), TTFT p50, scoring p50 and the cost ratio.
 Accuracy counts the queries whose gold answer is one of the choices; the others are counted apart.
 """
@@ -32,17 +33,23 @@ from generators.choices import choice_ids, choice_logliks, pick
 from generators.generate import decode
 from generators.rag import RagGenerator, synchronize
 from ragkit.bench.answer import fresh_store, prompt_ids
+from ragkit.bench.cache import variant_settings
 from ragkit.choices import gold_choice
 from ragkit.types import Chunk
 
 Log = Callable[[str], None]
+# Full prefill's best minus runner-up choice score at or above which a query counts as decisive: a flip
+# there is a real change of answer, not a near-tie (fixed before any held-out run; 0.5 nats = odds 1.65).
+DECISIVE_MARGIN = 0.5
 
 
-def _one(rag: RagGenerator, question: str, chunks: list[Chunk], mode: str, choices: list[str],
+def _one(rag: RagGenerator, question: str, chunks: list[Chunk], variant: str, choices: list[str],
          ids: list[tuple[int, ...]]) -> dict:
-    """Prefill, score, generate (see the module docstring); the chunks computed here are stored after."""
+    """Prefill, score, generate (see the module docstring) under a mode or `blend@RATIO`; the chunks
+    computed here are stored after."""
+    settings = variant_settings(variant)
     start = time.perf_counter()
-    logits, cache, next_position, stats = rag.prefill(question, chunks, mode)
+    logits, cache, next_position, stats = rag.prefill(question, chunks, **settings)
     synchronize(rag.model.device)
     ttft = time.perf_counter() - start
     start = time.perf_counter()
@@ -53,7 +60,9 @@ def _one(rag: RagGenerator, question: str, chunks: list[Chunk], mode: str, choic
     tokens = decode(rag.model, cache, logits[None], torch.tensor([next_position]), rag.max_new_tokens,
                     rag.prompt.stop_ids, rag.sampling)[0]
     stats["commit"](ttft)
+    runner_up = max((c.score for n, c in enumerate(scored.choices) if n != scored.best), default=float("inf"))
     return {"ttft_s": ttft, "score_s": score_s, "best": scored.best, "logliks": logliks,
+            "margin": scored.choices[scored.best].score - runner_up,
             "free": rag.prompt.tokenizer.decode(tokens, skip_special_tokens=True).strip()}
 
 
@@ -80,6 +89,8 @@ def compare(rag: RagGenerator, items: list[tuple[str, list[Chunk], list[str]]], 
                                     "accuracy": _round(counts.most_common(1)[0][1] / len(scored)) if counts else None},
                  "modes": {}}
 
+    decisive = [n for n, f in enumerate(runs["full"]) if f["margin"] >= DECISIVE_MARGIN]
+    out["decisive_queries"] = len(decisive)
     for mode in modes:
         rows, full = runs[mode], runs["full"]
         ratios = [(r["ttft_s"] + r["score_s"]) / r["ttft_s"] for r in rows]
@@ -91,6 +102,8 @@ def compare(rag: RagGenerator, items: list[tuple[str, list[Chunk], list[str]]], 
             "free_accuracy": _round(statistics.mean(free)) if scored else None,
             "choice_agreement_vs_full": _round(statistics.mean(float(r["best"] == f["best"])
                                                                for r, f in zip(rows, full))),
+            "choice_agreement_decisive": _round(statistics.mean(float(rows[n]["best"] == full[n]["best"])
+                                                                for n in decisive)) if decisive else None,
             "loglik_gap_vs_full": _round(statistics.mean(max(abs(a - b) for a, b in zip(r["logliks"], f["logliks"]))
                                                          for r, f in zip(rows, full))),
             "ttft_p50_s": _round(statistics.median(r["ttft_s"] for r in rows)),
@@ -132,12 +145,14 @@ def format_table(result: dict) -> list[str]:
     majority = result["majority_class"]
     lines = [f"closed form: choices {result['choices']} (norm {result['choice_norm']}), {result['scored_queries']} "
              f"scored queries ({result['gold_outside_choices']} with gold outside the choices), gold "
-             f"{result['gold_counts']}; majority class {majority['answer']!r} accuracy {majority['accuracy']}",
-             f"{'mode':<8}{'choice acc':>11}{'free acc':>9}{'agree':>7}{'LL gap':>8}{'TTFT p50':>10}{'score p50':>11}"
-             f"{'(prefill+score)/prefill p50':>29}{'max':>7}  picked"]
+             f"{result['gold_counts']}; majority class {majority['answer']!r} accuracy {majority['accuracy']}; "
+             f"decisive (full's margin >= {DECISIVE_MARGIN} nats): {result['decisive_queries']} queries",
+             f"{'mode':<11}{'choice acc':>11}{'free acc':>9}{'agree':>7}{'decisive':>9}{'LL gap':>8}{'TTFT p50':>10}"
+             f"{'score p50':>11}{'(prefill+score)/prefill p50':>29}{'max':>7}  picked"]
     for mode, r in result["modes"].items():
-        lines.append(f"{mode:<8}{_cell(r['choice_accuracy'], 11)}{_cell(r['free_accuracy'], 9)}"
-                     f"{r['choice_agreement_vs_full']:>7.3f}{r['loglik_gap_vs_full']:>8.4f}{r['ttft_p50_s']:>9.3f}s"
+        lines.append(f"{mode:<11}{_cell(r['choice_accuracy'], 11)}{_cell(r['free_accuracy'], 9)}"
+                     f"{r['choice_agreement_vs_full']:>7.3f}{_cell(r['choice_agreement_decisive'], 9)}"
+                     f"{r['loglik_gap_vs_full']:>8.4f}{r['ttft_p50_s']:>9.3f}s"
                      f"{r['score_p50_s'] * 1000:>9.2f}ms{r['prefill_plus_score_vs_prefill_p50']:>29.3f}"
                      f"{r['prefill_plus_score_vs_prefill_max']:>7.3f}  {r['picked']}")
     return lines

@@ -115,7 +115,7 @@ def evaluate_answers(pipe, queries: list[Query], reference: str | None = None) -
                 generator, query.text, chunks, reference, cfg.cache.mode)
             answer = generator.answer(query.text, chunks)
         answer_s += answer.total_s
-        records.append({"query_id": query.id, "answer": answer.text, "golds": golds.get(query.id, []),
+        records.append({"query_id": query.id, "answer": answer.text, "golds": list(query.answers),
                         "chunk_ids": answer.chunk_ids, "mode": answer.mode, "ttft_s": answer.ttft_s,
                         "total_s": answer.total_s, "context_tokens": answer.context_tokens,
                         "recomputed_tokens": answer.recomputed_tokens, "recompute_share": answer.recompute_share,

@@ -165,7 +165,9 @@ def test_eval_records_choice_logliks_and_agreement_with_full(tmp_path):
     run_dir = tmp_path / "runs" / "closed"
     results = json.loads((run_dir / "results.json").read_text())
     records = {r["query_id"]: r for r in map(json.loads, (run_dir / "answers.jsonl").read_text().splitlines())}
-    assert results["counts"]["gold_outside_choices"] == 1 and results["counts"]["queries_with_gold_answers"] == 3
+    counts = results["counts"]
+    assert counts["gold_outside_choices"] == 1 and counts["queries_with_gold_answers"] == 3
+    assert counts["queries_without_gold_answers"] == 0 and records["q4"]["golds"] == ["unclear"]
     assert [c["choice"] for c in records["q3"]["choices"]] == ["A", "B", "C"]
     assert [c["choice"] for c in records["q1"]["choices"]] == ["yes", "no"]
     for record in records.values():  # the answer is the best-scored choice, and full agrees with itself exactly

@@ -149,7 +149,8 @@ def format_table(result: dict) -> list[str]:
              f"decisive (full's margin >= {DECISIVE_MARGIN} nats): {result['decisive_queries']} queries",
              f"{'mode':<11}{'choice acc':>11}{'free acc':>9}{'agree':>7}{'decisive':>9}{'LL gap':>8}{'TTFT p50':>10}"
              f"{'score p50':>11}{'(prefill+score)/prefill p50':>29}{'max':>7}  picked"]
-    for mode, r in result["modes"].items():
+    for mode in sorted(result["modes"], key=lambda m: m != "full"):  # full first (JSON output sorts the keys)
+        r = result["modes"][mode]
         lines.append(f"{mode:<11}{_cell(r['choice_accuracy'], 11)}{_cell(r['free_accuracy'], 9)}"
                      f"{r['choice_agreement_vs_full']:>7.3f}{_cell(r['choice_agreement_decisive'], 9)}"
                      f"{r['loglik_gap_vs_full']:>8.4f}{r['ttft_p50_s']:>9.3f}s"

@@ -99,8 +99,9 @@ def _expand(cache: KVCache, batch: int, width: int) -> KVCache:
     def rows(t: torch.Tensor) -> torch.Tensor:  # [L, 1, H, capacity, D] -> [L, B, H, length + width, D]
         shape = list(t.shape)
         shape[1], shape[3] = batch, length + width
-        out = t.new_zeros(shape)
-        out[:, :, :, :length] = t[:, :1, :, :length]
+        out = t.new_empty(shape)
+        out[:, :, :, :length] = t[:, :1, :, :length]  # broadcast over the rows: one copy each
+        out[:, :, :, length:] = 0
         return out
 
     positions = cache.positions.new_full((batch, length + width), -1)

@@ -23,7 +23,8 @@ from ragkit.errors import InputError
 if TYPE_CHECKING:  # config validation reads NORMS without loading torch
     import torch
 
-    from generators.model import Decoder, KVCache
+    from generators.layers import KVCache
+    from generators.model import Decoder
 
 # choice_norm -> what a choice's total log-likelihood is divided by
 NORMS = {"none": lambda ids, text: 1, "tokens": lambda ids, text: len(ids), "chars": lambda ids, text: max(1, len(text))}

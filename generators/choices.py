@@ -8,8 +8,9 @@ loglikelihood requests): for a choice with tokens c_1..c_n after prompt p,
 The first term comes from the prefill's last logits; the others from ONE forward of every choice's
 tokens but its last, batched, against the prompt's cache. The prompt's rows are copied once per
 choice of two tokens or more (cache rows [B = those choices]), so each choice attends to the prompt
-and its own earlier tokens only; choices of one token (yes/no/maybe, A-D) need no forward at all. The length-normalised score divides by the choice's
-tokens (`tokens`) or characters (`chars`, lm-evaluation-harness's acc_norm); `none` keeps the total.
+and its own earlier tokens only; choices of one token (yes/no/maybe, A-D) need no forward at all.
+The length-normalised score divides by the choice's tokens (`tokens`) or characters (`chars`,
+lm-evaluation-harness's acc_norm); `none` keeps the total.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ if TYPE_CHECKING:  # config validation reads NORMS without loading torch
     from generators.model import Decoder
 
 # choice_norm -> what a choice's total log-likelihood is divided by
-NORMS = {"none": lambda ids, text: 1, "tokens": lambda ids, text: len(ids), "chars": lambda ids, text: max(1, len(text))}
+NORMS = {"none": lambda ids, text: 1, "tokens": lambda ids, text: len(ids),
+         "chars": lambda ids, text: max(1, len(text))}
 
 
 @dataclass

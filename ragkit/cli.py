@@ -744,7 +744,8 @@ def bench_choices(
     torch.set_num_threads(threads)
     pipe = _pipeline(config, ["cache.dir=", *(overrides or [])], quiet)
     if not pipe.config.generator.choices:
-        raise typer.BadParameter("the config sets no generator.choices (e.g. --set 'generator.choices=[\"yes\",\"no\"]')")
+        raise typer.BadParameter("the config sets no generator.choices "
+                                 "(e.g. --set 'generator.choices=[\"yes\",\"no\"]')")
     result = choices.run(pipe, questions, skip, modes.split(","), lambda msg: typer.echo(msg, err=True))
     _emit(result, as_json, choices.format_report)
 

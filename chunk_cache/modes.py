@@ -18,6 +18,10 @@ from their fresh and stored K/V and only the best share keeps running (CacheBlen
                reused rows with the largest V deviation x attention the question pays them
     cacheblend CacheBlend, the paper's rule: layer 0 full; at layer 1 keep 2·ratio by K+V deviation,
                at layer 2 filter those to `ratio` by the same score (gradual filtering)
+    query      query-aware (ProphetKV, A³): a first pass runs only the question over the reused KV and
+               scores every reused row by the attention it receives, fused over heads and layers
+               (chunk_cache.probe); the `ratio` share (or `recompute_tokens` rows) scoring highest
+               then runs through every layer with the uncached rows, the question last
 
 Adding a mode is one `Mode` entry here plus its rule.
 """
@@ -47,6 +51,7 @@ class ReuseSettings:
     ape_scale: float = 0.9
     craft_alpha: float = 1.0
     epic_tokens: int = 16
+    recompute_tokens: int = 0  # query: a budget in rows instead of `ratio` (0: use `ratio`)
 
 
 @dataclass
@@ -56,6 +61,8 @@ class Candidates:
 
     size: int
     reused_chunks: list["ReusedChunk"]
+    # query-aware rules: per prompt row [N] fp32, the attention the question pays it in a first pass (lazy)
+    question_attention: Callable[[], torch.Tensor] | None = None
 
 
 @dataclass
@@ -129,6 +136,33 @@ def _craft_rows(candidates: Candidates, settings: ReuseSettings) -> torch.Tensor
     return rows
 
 
+def recompute_budget(settings: ReuseSettings, reused: int) -> int:
+    """Reused rows a budgeted static rule recomputes: `recompute_tokens` when set, else ceil(ratio·reused)."""
+    if settings.recompute_tokens < 0:
+        raise ConfigError("cache.recompute_tokens", f"must be >= 0, got {settings.recompute_tokens}")
+    if not 0.0 <= settings.ratio <= 1.0:
+        raise ConfigError("cache.ratio", f"must be in [0, 1], got {settings.ratio}")
+    wanted = settings.recompute_tokens or math.ceil(settings.ratio * reused - 1e-9)
+    return min(reused, wanted)
+
+
+def _query_rows(candidates: Candidates, settings: ReuseSettings) -> torch.Tensor:
+    """The budget's worth of reused rows the question attends to most (all of them at budget 1: no first pass)."""
+    import torch
+
+    rows = torch.zeros(candidates.size, dtype=torch.bool)
+    reused = torch.zeros(candidates.size, dtype=torch.bool)
+    for chunk in candidates.reused_chunks:
+        reused[chunk.start: chunk.end] = True
+    n = recompute_budget(settings, int(reused.sum()))
+    if n == int(reused.sum()):
+        return reused
+    if n:
+        scores = candidates.question_attention().masked_fill(~reused, -1.0)
+        rows[scores.topk(n).indices] = True
+    return rows
+
+
 def _blend_checks(settings: ReuseSettings) -> list[tuple[int, float]]:
     return [(settings.full_layers, settings.ratio)]
 
@@ -155,6 +189,8 @@ MODES: dict[str, Mode] = {m.name: m for m in [
     Mode("cacheblend", "CacheBlend, the paper's rule: layer 0 full, then the `ratio` reused rows with the largest "
          "K+V deviation, filtered from 2×`ratio` at layer 1 to `ratio` at layer 2", ANY,
          layerwise=Layerwise(_cacheblend_checks, lambda d: d.keys + d.values)),
+    Mode("query", "as naive, plus the `ratio` share (or `recompute_tokens`) of reused rows the question attends to "
+         "most in a first pass over the reused KV, fused over heads and layers (ProphetKV)", ANY, static=_query_rows),
 ]}
 
 

@@ -5,7 +5,8 @@
                the present one (chunk_cache.craft's beta'), else none: the chunk is computed here
     assemble   the prompt's rows, positions and cache, reused keys rotated to their new positions; entries
                in host memory are copied in layer by layer while the layers compute (chunk_cache.upload)
-    recompute  the rows the mode selects (chunk_cache.modes), layer by layer, each attending with
+    recompute  the rows the mode selects (chunk_cache.modes; a query-aware mode first runs the question
+               alone over the reused rows, chunk_cache.probe), layer by layer, each attending with
                the exact causal mask; Cache-Craft statistics of the chunks computed here
     commit     store what was computed, so that a miss costs one computation in any process: behind
                an exact prefix under that prefix's key, else under an `approx` key (chunk_cache.keys);
@@ -28,6 +29,7 @@ from chunk_cache.craft import ChunkStatistics, attention_probs, overlap, stat_la
 from chunk_cache.decoder import ReuseDecoder
 from chunk_cache.keys import KeyScheme
 from chunk_cache.modes import ANY, NONE, Candidates, Deviation, Mode, ReusedChunk, ReuseSettings, make_mode
+from chunk_cache.probe import question_attention
 from chunk_cache.store import CacheKey, ChunkKV, KVStore
 
 MAX_VARIANTS = 4  # stored variants of one chunk compared per lookup (each may cost a disk read)
@@ -61,6 +63,7 @@ class Prefilled:
     recomputed: int  # chunk rows that ran through the last layer (computed or recomputed)
     recompute_share: float  # chunk rows computed, summed over every layer, / (layers x chunk rows)
     statistics: dict[int, dict[str, torch.Tensor]]  # miss segment index -> Cache-Craft extras
+    probe_s: float = 0.0  # seconds of a query-aware mode's first pass (part of the prefill)
 
 
 class ChunkReuse:
@@ -144,12 +147,13 @@ class ChunkReuse:
     def recompute(self, plan: Plan, layout: Layout, cache) -> Prefilled:
         chunk_rows = _rows_of(layout, plan.segments, CHUNK)
         statistics = {m.index: self._statistics(layout, plan, m.index) for m in plan.misses}
+        timing = {"probe_s": 0.0}
         if plan.mode.parallel:
             logits = self._parallel(layout, cache, plan.settings)
             layer_rows = [~layout.reused] * self.model.args.n_layers
         else:
             if plan.mode.layerwise is None:
-                rows = ~layout.reused | plan.mode.static(self._candidates(layout, plan), plan.settings)
+                rows = ~layout.reused | plan.mode.static(self._candidates(layout, plan, cache, timing), plan.settings)
                 checks = []
             else:  # every row not known to be exact runs until the first check layer
                 rows, checks = ~layout.exact, plan.mode.layerwise.checks(plan.settings)
@@ -160,12 +164,25 @@ class ChunkReuse:
         context = int(chunk_rows.sum())
         return Prefilled(logits, context, int((layer_rows[-1] & chunk_rows).sum()),
                          computed / max(1, context * len(layer_rows)),
-                         {i: s.extras() for i, s in statistics.items()})
+                         {i: s.extras() for i, s in statistics.items()}, timing["probe_s"])
 
-    def _candidates(self, layout: Layout, plan: Plan) -> Candidates:
+    def _candidates(self, layout: Layout, plan: Plan, cache, timing: dict[str, float]) -> Candidates:
+        """The reused, inexact chunks, and (lazily, timed into `timing`) the question's first pass over them."""
         reused = [ReusedChunk(*layout.spans[i], plan.entries[i].extras, plan.overlap.get(i, 0.0))
                   for i in sorted(plan.entries) if i not in plan.exact and plan.segments[i].kind == CHUNK]
-        return Candidates(layout.size, reused)
+
+        def first_pass() -> torch.Tensor:
+            start = time.perf_counter()
+            question = torch.arange(int(layout.reused.nonzero().max()) + 1, layout.size)  # rows after the last reused
+            inexact = torch.zeros(layout.size, dtype=torch.bool)
+            for chunk in reused:
+                inexact[chunk.start: chunk.end] = True
+            score = question_attention(self.model, layout.token_ids[question], layout.positions[question], question,
+                                       cache, inexact)
+            timing["probe_s"] = time.perf_counter() - start
+            return score
+
+        return Candidates(layout.size, reused, first_pass)
 
     def _statistics(self, layout: Layout, plan: Plan, index: int) -> ChunkStatistics:
         """Cache-Craft statistics of chunk `index`: attention to the head (sink excluded) and earlier chunks."""

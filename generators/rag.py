@@ -132,7 +132,7 @@ class RagGenerator:
         plan, prefilled, layout, cache = self.reuse.prefill(self.prompt.segments(question, chunks), settings, extra)
         stats = {"cache_hits": sum(1 for i in plan.entries if i != 0), "context_tokens": prefilled.context,
                  "recomputed_tokens": prefilled.recomputed, "recompute_share": prefilled.recompute_share,
-                 "mode": settings.mode,
+                 "mode": settings.mode, "probe_s": prefilled.probe_s,
                  # commit(prefill_seconds): store the chunks computed here (after decoding: never delays TTFT)
                  "commit": functools.partial(self.reuse.commit, plan, layout, cache, prefilled)}
         return prefilled.logits, cache, int(layout.positions[-1]) + 1, stats

@@ -1,0 +1,59 @@
+"""The query-aware first pass: which reused rows the question reads (ProphetKV, A³).
+
+Reused chunk rows carry keys and values computed without the chunks before them. Recomputing all of
+them is full prefill; recomputing the wrong ones buys little. The rows whose staleness reaches the
+answer are the rows the question attends to, so a cheap first pass runs only the question's rows
+through every layer over the reused (re-rotated) cache, as naive reuse would, and records per layer l,
+query head h and cache row t the causal attention probability a_{l,h,s,t} of question row s:
+
+    read_l(t)  = mean_h sum_s a_{l,h,s,t}                  attention row t receives at layer l
+    score(t)   = mean_l read_l(t) / sum_{t' reused} read_l(t')     each layer's share, fused over layers
+
+Normalising per layer keeps layers whose attention sits on the shared head (the sink) from being
+drowned out or from dominating. Uncached rows before the question (titles, separators) are invisible
+to the first pass: they are computed, with the selected rows, in the second pass. The first pass
+writes only the question's slots, which the second pass computes again, so it leaves no trace.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from chunk_cache.decoder import ReuseDecoder
+
+
+def question_attention(model: ReuseDecoder, token_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                       cache, reused: torch.Tensor) -> torch.Tensor:
+    """Run the question rows (`token_ids`, `positions` [S], cache `slots` [S]) over the cache; returns the
+    fused score [cache.length] fp32 of every row (0 outside `reused` [cache.length] bool)."""
+    device = model.device
+    slots = slots.to(device)
+    positions = positions[None].to(device)
+    cache.positions[0, slots] = positions[0]
+    x = model.embed_tokens(token_ids[None].to(device))
+    rope = model.rope(positions)
+    masks = model.masks_for(cache, positions, slots)
+    key_positions = cache.positions[0, : cache.length]
+    hidden = (key_positions < 0)[None, :] | (key_positions[None, :] > positions[0][:, None])  # [S, T]
+    on_reused = reused.to(device)
+    score = torch.zeros(cache.length, device=device)
+    for i in range(model.args.n_layers):
+        cache.ready(i)
+        q, k, v = model.qkv(i, x, rope)
+        cache.keys[i, :, :, slots] = k
+        cache.values[i, :, :, slots] = v
+        read = _read(model, q, cache.keys[i, 0, :, : cache.length], hidden)
+        total = read[on_reused].sum()
+        if total > 0:
+            score += read / total
+        x = model.finish(i, x, q, cache, positions, masks)
+    return (score / model.args.n_layers).masked_fill(~on_reused, 0.0).cpu()
+
+
+def _read(model: ReuseDecoder, q: torch.Tensor, keys: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """q [1, H, S, D] over keys [H_kv, T, D]: attention each key receives, summed over rows, mean over heads [T]."""
+    groups = q.shape[1] // keys.shape[0]
+    grouped = q[0].float().reshape(keys.shape[0], groups * q.shape[2], -1)  # [H_kv, G*S, D]: heads share KV heads
+    scores = (grouped @ keys.float().transpose(1, 2)) * model.softmax_scale  # [H_kv, G*S, T]
+    scores = scores.view(keys.shape[0], groups, q.shape[2], -1).masked_fill(hidden[None, None], float("-inf"))
+    return scores.softmax(-1).sum(dim=(0, 1, 2)) / q.shape[1]

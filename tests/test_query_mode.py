@@ -1,0 +1,116 @@
+"""The query-aware selector (`query` mode): its budget, its first pass, and that budget 1 is full prefill."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from chunk_cache.modes import MODES, Candidates, ReusedChunk, ReuseSettings, recompute_budget
+from ragkit.config import CacheConfig, GeneratorConfig
+from ragkit.errors import ConfigError
+from ragkit.types import Chunk, token_hash
+from tests.conftest import tiny_llama
+
+QUESTION = "Where is Exeter College?"
+TEXTS = ["Exeter College is in Oxford, on Turl Street.", "The Thames flows through Oxford and London.",
+         "Rivers carry boats past colleges and bridges."]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return tiny_llama(tmp_path_factory.mktemp("query") / "model", layers=3)
+
+
+def _rag(folder):
+    from generators.rag import RagGenerator
+
+    generator = {**dataclasses.asdict(GeneratorConfig()), "model": str(folder), "max_new_tokens": 3}
+    return RagGenerator(generator, {**dataclasses.asdict(CacheConfig()), "dir": ""})
+
+
+def _chunks(rag, titled: bool = True):
+    out = []
+    for i, text in enumerate(TEXTS):
+        ids = rag.prompt.chunk_ids(text)
+        out.append(Chunk(id=f"d{i}#0", doc_id=f"d{i}", text=text, token_ids=ids, span=(0, 0),
+                         content_hash=token_hash(ids), title=f"Title {i}" if titled else ""))
+    return out
+
+
+@pytest.mark.parametrize("case", ["cold", "exact", "rotated"])
+def test_query_at_budget_one_is_full_prefill(folder, case):
+    """cold: nothing cached; exact: untitled chunks warmed in prompt order (the leading one sits behind exactly
+    the head it was encoded behind); rotated: warmed chunks reused at other positions, in reverse order."""
+    rag = _rag(folder)
+    chunks = _chunks(rag, titled=case != "exact")
+    if case != "cold":
+        rag.warm(chunks, progress=False)
+    prompt = chunks[::-1] if case == "rotated" else chunks
+    full, *_ = rag.prefill(QUESTION, prompt, mode="full")
+    logits, _cache, _pos, stats = rag.prefill(QUESTION, prompt, mode="query", ratio=1.0)
+    assert stats["cache_hits"] == {"cold": 0, "exact": 3, "rotated": 3}[case]
+    assert (full - logits).abs().max() < 1e-4
+    exact_rows = len(chunks[0].token_ids) if case == "exact" else 0  # the leading chunk is exact: kept as is
+    assert stats["recomputed_tokens"] == stats["context_tokens"] - exact_rows
+    tokens = dataclasses.replace(rag.settings, mode="query", ratio=0.0, recompute_tokens=10 ** 6)
+    by_count, *_ = rag.prefill(QUESTION, prompt, **dataclasses.asdict(tokens))
+    assert (full - by_count).abs().max() < 1e-4  # a row budget past the reused rows is every row
+
+
+def test_query_at_budget_zero_is_naive_and_leaves_no_trace_of_its_first_pass(folder):
+    rag = _rag(folder)
+    chunks = _chunks(rag)
+    rag.warm(chunks, progress=False)
+    naive, *_ = rag.prefill(QUESTION, chunks[::-1], mode="naive")
+    probed, _cache, _pos, stats = rag.prefill(QUESTION, chunks[::-1], mode="query", ratio=0.0, recompute_tokens=0)
+    assert (naive - probed).abs().max() < 1e-5 and stats["recomputed_tokens"] == 0 and stats["probe_s"] == 0.0
+    full, *_ = rag.prefill(QUESTION, chunks[::-1], mode="full")
+    half, _c, _p, half_stats = rag.prefill(QUESTION, chunks[::-1], mode="query", ratio=0.5)
+    reused = half_stats["context_tokens"]
+    assert half_stats["recomputed_tokens"] == -(-reused // 2) and half_stats["probe_s"] > 0
+    some, _c, _p, some_stats = rag.prefill(QUESTION, chunks[::-1], mode="query", recompute_tokens=5)
+    assert some_stats["recomputed_tokens"] == 5
+    kl = lambda p, q: float((p.log_softmax(-1).exp() * (p.log_softmax(-1) - q.log_softmax(-1))).sum())  # noqa: E731
+    assert kl(full, half) < kl(full, naive)
+
+
+def test_the_first_pass_scores_rows_by_the_questions_attention_per_layer(folder):
+    """One layer: the fused score is the attention each reused row receives from the question rows, summed
+    over rows, averaged over heads, as a share of what all reused rows receive (reference: reuse's check)."""
+    from chunk_cache.assembly import CHUNK
+    from chunk_cache.probe import question_attention
+    from chunk_cache.reuse import _attention_received
+
+    rag = _rag(tiny_llama(folder.parent / "one-layer", layers=1))
+    chunks = _chunks(rag)
+    rag.warm(chunks, progress=False)
+    plan = rag.reuse.plan(rag.prompt.segments(QUESTION, chunks[::-1]), ReuseSettings(mode="naive"))
+    layout, cache = rag.reuse.assemble(plan, 0)
+    reused = torch.zeros(layout.size, dtype=torch.bool)
+    for index, seg in enumerate(plan.segments):
+        if seg.kind == CHUNK:
+            reused[layout.spans[index][0]: layout.spans[index][1]] = True
+    question = torch.arange(int(reused.nonzero().max()) + 1, layout.size)
+    score = question_attention(rag.model, layout.token_ids[question], layout.positions[question], question, cache,
+                               reused)
+    q, k, _v = rag.model.qkv(0, rag.model.embed_tokens(layout.token_ids[question][None]),
+                             rag.model.rope(layout.positions[question][None]))
+    read = _attention_received(rag.model, 0, q, layout.positions[question][None], cache)
+    expected = torch.where(reused, read / read[reused].sum(), 0.0)
+    assert torch.allclose(score, expected, atol=1e-5) and abs(float(score.sum()) - 1.0) < 1e-5
+
+
+def test_the_rule_picks_the_highest_scored_reused_rows_within_its_budget():
+    chunk = ReusedChunk(2, 8, {}, 0.0)
+    scores = torch.tensor([9.0, 9.0, 0.1, 0.5, 0.2, 0.9, 0.0, 0.3, 9.0, 9.0])  # rows 0-1, 8-9 are not reused
+    rows = MODES["query"].static(Candidates(10, [chunk], lambda: scores), ReuseSettings(mode="query", ratio=0.34))
+    assert rows.nonzero()[:, 0].tolist() == [3, 5, 7]  # ceil(0.34 * 6) = 3
+    assert recompute_budget(ReuseSettings(ratio=0.5, recompute_tokens=4), 6) == 4
+    assert recompute_budget(ReuseSettings(ratio=0.5, recompute_tokens=40), 6) == 6
+    never = Candidates(10, [chunk], lambda: pytest.fail("budget 1 needs no first pass"))
+    assert MODES["query"].static(never, ReuseSettings(mode="query", ratio=1.0)).sum() == 6
+    for bad in (ReuseSettings(ratio=1.5), ReuseSettings(recompute_tokens=-1)):
+        with pytest.raises(ConfigError, match="cache.(ratio|recompute_tokens)"):
+            recompute_budget(bad, 6)

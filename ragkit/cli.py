@@ -440,25 +440,6 @@ def cache_clear(config: Path = ConfigArg, overrides: Optional[List[str]] = SetOp
         typer.echo(f"removed {removed['entries']} entries ({_size(removed['bytes'])}) from {root}")
 
 
-def _bench_modes(value: Optional[str]) -> Optional[str]:
-    from chunk_cache.modes import MODES
-
-    for variant in (value or "").split(",") if value else []:
-        mode, at, ratio = variant.partition("@")
-        if mode not in MODES:
-            raise typer.BadParameter(f"unknown mode {mode!r}; allowed: {', '.join(MODES)}")
-        if at and not (MODES[mode].layerwise is not None and _is_share(ratio)):
-            raise typer.BadParameter(f"{variant!r}: @RATIO is for blend/cacheblend, in [0, 1]")
-    return value
-
-
-def _is_share(text: str) -> bool:
-    try:
-        return 0.0 <= float(text) <= 1.0
-    except ValueError:
-        return False
-
-
 def _default_bench_modes() -> str:
     from chunk_cache.modes import MODES
 
@@ -481,9 +462,15 @@ def bench_cache(
     cap_mib: int = typer.Option(256, "--cap-mib", min=1, help="Host cache budget in workload (b), MiB."),
     runs_dir: Optional[Path] = typer.Option(None, "--runs-dir", help="Also write one run folder per mode "
                                             "(answers, EM/F1, TTFT, KL, agreement) for `ragkit report`."),
-    modes: str = typer.Option(None, "--modes", callback=_bench_modes, show_default="every mode and blend@0.05",
+    modes: str = typer.Option(None, "--modes", show_default="every mode and blend@0.05",
                               help="Comma-separated modes for workload (a); blend@R runs blend at ratio R "
-                              "(e.g. blend@0.5). full always runs: it is the reference."),
+                              "(e.g. blend@0.5), query@Nt query with N recomputed rows. full always runs: it is the "
+                              "reference. With --frontier: the selectors to sweep over --budgets."),
+    frontier: bool = typer.Option(False, "--frontier", help="Sweep each selector of --modes over --budgets against "
+                                  "full prefill (bootstrap 95% intervals); write frontier.json and frontier.png "
+                                  "(speedup vs KL) to --out. Skips the other workloads."),
+    budgets: str = typer.Option("0.05,0.1,0.2,0.3", "--budgets", help="With --frontier: shares of reused rows."),
+    out: Path = typer.Option(Path("runs/frontier"), "--out", help="With --frontier: folder for the plot and JSON."),
     musique: Path = typer.Option(Path("data/musique/musique_s.json.gz"), "--musique", help="The MuSiQue sample "
                                  "(JSON list of {question, answers, ctxs}) for workload (a)."),
     stream_config: Path = typer.Option(Path("configs/scifact-bm25.toml"), "--stream-config", help="Pipeline whose "
@@ -506,6 +493,13 @@ def bench_cache(
         raise InputError(musique, "MuSiQue sample not found", hint="run from the ragkit checkout or pass --musique")
     torch.set_num_threads(threads)
     log = (lambda msg: typer.echo(msg, err=True))
+    if frontier:
+        from ragkit.bench import frontier as sweep
+
+        result = sweep.cli_frontier(cfg, musique, limit, offset, chunks, modes or "blend,query", budgets, out, log)
+        _emit(result, as_json, sweep.format_frontier)
+        return
+    bench.check_variants((modes or _default_bench_modes()).split(","))
     retrieval_requests = None
     if requests:
         from ragkit.pipeline import Pipeline

@@ -82,8 +82,10 @@ def test_bench_store_measures_each_length(tmp_path):
 
 
 @pytest.mark.parametrize("modes, problem", [("full,magic", "unknown mode 'magic'"),
-                                            ("blend@1.5", "@RATIO is for blend/cacheblend"),
-                                            ("craft@0.2", "@RATIO is for blend/cacheblend")])
+                                            ("blend@1.5", "@R (a share in [0, 1]) is for blend"),
+                                            ("craft@0.2", "@R (a share in [0, 1]) is for blend"),
+                                            ("blend@40t", "@Nt (rows) for query")])
 def test_bench_cache_refuses_bad_modes_before_loading_anything(modes, problem):
     result = runner.invoke(app, ["bench", "cache", "--modes", modes, "--limit", "1"])
     assert result.exit_code == 2 and problem in result.output
+    assert len(result.output.strip().splitlines()) == 1 and result.output.startswith("error: --modes")

@@ -25,6 +25,7 @@ from chunk_cache.store import KVStore
 from eval.generation import first_token_kl
 from generators.generate import teacher_forced_logits
 from generators.rag import synchronize
+from ragkit.errors import InputError
 from ragkit.readers.musique import read_musique
 from ragkit.types import Chunk, token_hash
 
@@ -51,9 +52,37 @@ def passage_chunks(rag, example: dict, n_chunks: int, max_tokens: int | None, qi
 
 
 def variant_settings(variant: str) -> dict:
-    """'blend' -> {'mode': 'blend'}; 'blend@0.05' -> the blend mode at ratio 0.05 (a tuning point)."""
-    mode, _, ratio = variant.partition("@")
-    return {"mode": mode, **({"ratio": float(ratio)} if ratio else {})}
+    """'blend' -> {'mode': 'blend'}; 'blend@0.05' -> blend at ratio 0.05 (a tuning point); 'query@256t' -> query
+    with a budget of 256 recomputed rows."""
+    mode, _, budget = variant.partition("@")
+    if budget.endswith("t"):
+        return {"mode": mode, "recompute_tokens": int(budget[:-1])}
+    return {"mode": mode, **({"ratio": float(budget)} if budget else {})}
+
+
+def check_variants(variants: list[str]) -> None:
+    """Refuse an unknown mode or a budget a mode does not take: MODE, MODE@R (R in [0, 1], a layer-wise mode or
+    query), query@Nt (N recomputed rows)."""
+    from chunk_cache.modes import MODES
+
+    for variant in variants:
+        mode, at, budget = variant.partition("@")
+        if mode not in MODES:
+            raise InputError("--modes", f"unknown mode {mode!r}", hint=f"one of {', '.join(MODES)}")
+        if not at:
+            continue
+        budgeted = MODES[mode].layerwise is not None or mode == "query"
+        rows = mode == "query" and budget.endswith("t") and budget[:-1].isdigit()
+        if not (budgeted and (rows or _is_share(budget))):
+            raise InputError("--modes", f"{variant!r}: @R (a share in [0, 1]) is for blend, cacheblend and query; "
+                             "@Nt (rows) for query")
+
+
+def _is_share(text: str) -> bool:
+    try:
+        return 0.0 <= float(text) <= 1.0
+    except ValueError:
+        return False
 
 
 # Full prefill's top-1 minus top-2 logit at or above which a reference token counts as decisive: a
@@ -75,9 +104,11 @@ def measure(rag, question: str, chunks: list[Chunk], variant: str, reference: li
     prompt_len = cache.length
     result = {"ttft_s": ttft, "logits": logits, "matches": 0, "predicted": [],
               "recomputed": stats["recomputed_tokens"], "context": stats["context_tokens"],
-              "layer_share": stats["recompute_share"]}
+              "layer_share": stats["recompute_share"], "probe_s": stats.get("probe_s", 0.0)}
     if reference:
-        result["predicted"] = teacher_forced_logits(rag.model, cache, logits, next_position, reference).argmax(-1).tolist()
+        forced = teacher_forced_logits(rag.model, cache, logits, next_position, reference)
+        result["predicted"] = forced.argmax(-1).tolist()
+        result["forced_logprobs"] = forced.float().log_softmax(-1).cpu()
         result["matches"] = sum(int(a == b) for a, b in zip(result["predicted"], reference))
         cache.length = prompt_len  # rewind: decoding overwrites the forced rows
     tokens = decode(rag.model, cache, logits[None], torch.tensor([next_position]), rag.max_new_tokens,
@@ -85,8 +116,10 @@ def measure(rag, question: str, chunks: list[Chunk], variant: str, reference: li
     if reference is None:
         cache.length = prompt_len
         forced = rag.forced_reference(tokens)
-        top2 = teacher_forced_logits(rag.model, cache, logits, next_position, forced).topk(2, dim=-1).values
+        forced_logits = teacher_forced_logits(rag.model, cache, logits, next_position, forced)
+        top2 = forced_logits.topk(2, dim=-1).values
         result["margins"] = (top2[:, 0] - top2[:, 1]).tolist()
+        result["forced_logprobs"] = forced_logits.float().log_softmax(-1).cpu()
     result["tokens"] = tokens
     result["text"] = rag.prompt.tokenizer.decode(tokens, skip_special_tokens=True).strip()
     return result
@@ -123,6 +156,7 @@ def compare_modes(rag, items: list[tuple[str, list[Chunk], list[str]]], modes: l
         for mode in rotated:
             result = measure(rag, question, chunks, mode, reference)
             result["kl"] = first_token_kl(full["logits"].cpu().numpy(), result["logits"].cpu().numpy())
+            result["kl_answer"] = answer_kl(full["forced_logprobs"], result.pop("forced_logprobs"))
             result["reference"] = len(reference)
             rows[mode].append(result)
         for mode in modes:
@@ -131,10 +165,16 @@ def compare_modes(rag, items: list[tuple[str, list[Chunk], list[str]]], modes: l
             r["decisive_matches"] = sum(int(d and a == b) for d, a, b in zip(decisive, r["predicted"], reference))
         for mode in modes:
             rows[mode][-1]["golds"] = golds
+        full.pop("forced_logprobs")
         progress(f"question {n + 1}/{len(items)} (TTFT/agreement/KL1): " + "  ".join(
             f"{m} {r['ttft_s']:.2f}s/{r['matches'] / max(1, r['reference']):.3f}/{r.get('kl', 0.0):.3f}"
             for m, r in ((m, rows[m][-1]) for m in modes)))
     return summarise(rows, scorer)
+
+
+def answer_kl(reference: torch.Tensor, other: torch.Tensor) -> float:
+    """KL(full || mode) averaged over the teacher-forced answer's steps, from log-probabilities [R, V]."""
+    return max(0.0, float((reference.exp() * (reference - other)).sum(-1).mean()))
 
 
 def summarise(rows: dict[str, list[dict]], scorer: Scorer | None) -> dict:
@@ -170,7 +210,9 @@ def summarise(rows: dict[str, list[dict]], scorer: Scorer | None) -> dict:
             {"text": r["text"], "golds": r.get("golds", []), "ttft_s": r["ttft_s"], "kl": r.get("kl", 0.0),
              "agreement": r["matches"] / max(1, r["reference"]), "reference_tokens": r["reference"],
              "recomputed_tokens": r["recomputed"], "recompute_share": r["layer_share"],
-             "context_tokens": r["context"]} for r in results]
+             "context_tokens": r["context"], "kl_answer": r.get("kl_answer", 0.0), "matches": r["matches"],
+             "decisive": r["decisive"], "decisive_matches": r["decisive_matches"], "probe_s": r["probe_s"]}
+            for r in results]
         out[mode] = entry
     return out
 

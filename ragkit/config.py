@@ -218,7 +218,7 @@ _CHOICES = {
 _POSITIVE = {"chunking.size", "retrieval.k", "retrieval.chunk_k", "generator.max_new_tokens", "generator.chunks",
              "cluster.shards", "cluster.embed_actors"}
 _NON_NEGATIVE = {"chunking.overlap", "dataset.limit_queries", "cache.full_layers", "cache.ratio", "cache.epic_tokens",
-                 "cache.device_bytes", "cache.host_bytes", "cache.disk_bytes", "generator.temperature",
+                 "cache.recompute_tokens", "cache.device_bytes", "cache.host_bytes", "cache.disk_bytes", "generator.temperature",
                  "cluster.gpus_per_actor"}
 
 

@@ -218,8 +218,8 @@ _CHOICES = {
 _POSITIVE = {"chunking.size", "retrieval.k", "retrieval.chunk_k", "generator.max_new_tokens", "generator.chunks",
              "cluster.shards", "cluster.embed_actors"}
 _NON_NEGATIVE = {"chunking.overlap", "dataset.limit_queries", "cache.full_layers", "cache.ratio", "cache.epic_tokens",
-                 "cache.recompute_tokens", "cache.device_bytes", "cache.host_bytes", "cache.disk_bytes", "generator.temperature",
-                 "cluster.gpus_per_actor"}
+                 "cache.recompute_tokens", "cache.device_bytes", "cache.host_bytes", "cache.disk_bytes",
+                 "generator.temperature", "cluster.gpus_per_actor"}
 
 
 def _coerce(key: str, value: Any, typ: Any, source: str | None) -> Any:

@@ -107,8 +107,8 @@ def format_frontier(result: dict) -> str:
              f"{'decisive':>20}{'1st pass':>9}"]
     for name, p in points.items():
         ci = lambda key, fmt: f"{p[key]:{fmt}} [{p[key + '_ci95'][0]:{fmt}}-{p[key + '_ci95'][1]:{fmt}}]"  # noqa: E731
-        lines.append(f"{name:<16}{ci('speedup', '.2f'):>20}{p['recompute_share']:>8.3f}{ci('first_token_kl', '.4f'):>22}"
-                     f"{p['answer_kl']:>10.4f}{p['agreement']:>8.3f}{ci('decisive_agreement', '.3f'):>20}"
+        lines.append(f"{name:<16}{ci('speedup', '.2f'):>20}{p['recompute_share']:>8.3f}"
+                     f"{ci('first_token_kl', '.4f'):>22}{p['answer_kl']:>10.4f}{p['agreement']:>8.3f}{ci('decisive_agreement', '.3f'):>20}"
                      f"{p['first_pass_share']:>9.3f}")
     lines += [f"wrote {path}" for path in result.get("files", [])]
     return "\n".join(lines)

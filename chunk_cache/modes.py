@@ -147,7 +147,8 @@ def recompute_budget(settings: ReuseSettings, reused: int) -> int:
 
 
 def _query_rows(candidates: Candidates, settings: ReuseSettings) -> torch.Tensor:
-    """The budget's worth of reused rows the question attends to most (all of them at budget 1: no first pass)."""
+    """The budget's worth of reused rows the question attends to most, each credited with part of its neighbours'
+    score (chunk_cache.probe); all of them at budget 1, with no first pass."""
     import torch
 
     rows = torch.zeros(candidates.size, dtype=torch.bool)
@@ -158,7 +159,9 @@ def _query_rows(candidates: Candidates, settings: ReuseSettings) -> torch.Tensor
     if n == int(reused.sum()):
         return reused
     if n:
-        scores = candidates.question_attention().masked_fill(~reused, -1.0)
+        from chunk_cache.probe import with_neighbours
+
+        scores = with_neighbours(candidates.question_attention()).masked_fill(~reused, -1.0)
         rows[scores.topk(n).indices] = True
     return rows
 

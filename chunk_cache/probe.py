@@ -3,23 +3,35 @@
 Reused chunk rows carry keys and values computed without the chunks before them. Recomputing all of
 them is full prefill; recomputing the wrong ones buys little. The rows whose staleness reaches the
 answer are the rows the question attends to, so a cheap first pass runs only the question's rows
-through every layer over the reused (re-rotated) cache, as naive reuse would, and records per layer l,
-query head h and cache row t the causal attention probability a_{l,h,s,t} of question row s:
+over the reused (re-rotated) cache, as naive reuse would, through the first PROBE_DEPTH of the layers,
+and records per layer l, query head h and cache row t the causal attention probability a_{l,h,s,t}
+of question row s:
 
     read_l(t)  = mean_h sum_s a_{l,h,s,t}                  attention row t receives at layer l
     score(t)   = mean_l read_l(t) / sum_{t' reused} read_l(t')     each layer's share, fused over layers
 
 Normalising per layer keeps layers whose attention sits on the shared head (the sink) from being
-drowned out or from dominating. Uncached rows before the question (titles, separators) are invisible
-to the first pass: they are computed, with the selected rows, in the second pass. The first pass
-writes only the question's slots, which the second pass computes again, so it leaves no trace.
+drowned out or from dominating. A row's immediate neighbours shape its hidden state most, so the
+selection rule also credits each row with NEIGHBOUR_SHARE of the best score within one row of it.
+Uncached rows before the question (titles, separators) are invisible to the first pass: they are
+computed, with the selected rows, in the second pass. The first pass writes only the question's
+slots, which the second pass computes again, so it leaves no trace.
+
+Tuned on MuSiQue questions 4-9 (5 passages, 10% budget, never on the held-out ones): scores from
+the first half of the layers picked rows as well as all layers did (first-token KL 0.012/0.040/0.015
+vs 0.012/0.046/0.015 on three questions) at half the first pass's cost; a quarter of them did worse.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from chunk_cache.decoder import ReuseDecoder
+
+PROBE_DEPTH = 0.5  # share of the layers (the first ones) the question runs through in the first pass
+NEIGHBOUR_SHARE = 0.5
 
 
 def question_attention(model: ReuseDecoder, token_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
@@ -37,7 +49,8 @@ def question_attention(model: ReuseDecoder, token_ids: torch.Tensor, positions: 
     hidden = (key_positions < 0)[None, :] | (key_positions[None, :] > positions[0][:, None])  # [S, T]
     on_reused = reused.to(device)
     score = torch.zeros(cache.length, device=device)
-    for i in range(model.args.n_layers):
+    depth = max(1, math.ceil(PROBE_DEPTH * model.args.n_layers))
+    for i in range(depth):
         cache.ready(i)
         q, k, v = model.qkv(i, x, rope)
         cache.keys[i, :, :, slots] = k
@@ -46,8 +59,15 @@ def question_attention(model: ReuseDecoder, token_ids: torch.Tensor, positions: 
         total = read[on_reused].sum()
         if total > 0:
             score += read / total
-        x = model.finish(i, x, q, cache, positions, masks)
-    return (score / model.args.n_layers).masked_fill(~on_reused, 0.0).cpu()
+        if i + 1 < depth:  # the last probed layer's output is never read
+            x = model.finish(i, x, q, cache, positions, masks)
+    return (score / depth).masked_fill(~on_reused, 0.0).cpu()
+
+
+def with_neighbours(score: torch.Tensor) -> torch.Tensor:
+    """score [N] plus NEIGHBOUR_SHARE x the largest score among each row and its two neighbours."""
+    nearby = torch.nn.functional.max_pool1d(score[None, None], 3, stride=1, padding=1)[0, 0]
+    return score + NEIGHBOUR_SHARE * nearby
 
 
 def _read(model: ReuseDecoder, q: torch.Tensor, keys: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:

@@ -67,3 +67,23 @@ def test_points_carry_paired_bootstrap_intervals_around_their_figures(tmp_path):
     assert json.loads(files[0].read_text())["points"]["query@0.2"]["speedup"] == pytest.approx(5.0)
     report = format_frontier({"settings": settings, "points": points, "files": [str(f) for f in files]})
     assert "query@0.2" in report and "5.00 [" in report and "frontier.png" in report
+
+
+def test_the_frontier_command_runs_points_beside_full_and_writes_its_plot(tmp_path):
+    """End to end on a tiny random model: two held-out questions, two passages each."""
+    from tests.conftest import tiny_llama
+
+    folder = tiny_llama(tmp_path / "model")
+    out = tmp_path / "frontier"
+    result = runner.invoke(app, ["bench", "cache", "configs/musique-blend.toml", "--frontier", "--modes", "query,naive",
+                                 "--budgets", "0.2,1", "--offset", "33", "--limit", "2", "--chunks", "2", "--out",
+                                 str(out), "--json", "--set", f"generator.model={folder}",
+                                 "--set", "generator.max_new_tokens=3"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout[result.stdout.index("{"):])
+    assert sorted(data["points"]) == ["naive", "query@0.2", "query@1"] and data["settings"]["offset"] == 33
+    at_one = data["points"]["query@1"]
+    assert at_one["first_token_kl"] < 1e-8 and at_one["agreement"] == 1.0 and at_one["first_pass_share"] == 0.0
+    assert data["points"]["query@0.2"]["first_pass_share"] > 0 and data["points"]["naive"]["recompute_share"] == 0
+    assert (out / "frontier.png").stat().st_size > 1000
+    assert json.loads((out / "frontier.json").read_text())["points"].keys() == data["points"].keys()

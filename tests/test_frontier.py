@@ -7,7 +7,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from ragkit.bench.frontier import format_frontier, frontier_points, summarise_points, write_frontier
+from ragkit.bench.frontier import format_frontier, frontier_points, kl_at_speedup, summarise_points, write_frontier
 from ragkit.cli import app
 from ragkit.errors import InputError
 
@@ -87,3 +87,11 @@ def test_the_frontier_command_runs_points_beside_full_and_writes_its_plot(tmp_pa
     assert data["points"]["query@0.2"]["first_pass_share"] > 0 and data["points"]["naive"]["recompute_share"] == 0
     assert (out / "frontier.png").stat().st_size > 1000
     assert json.loads((out / "frontier.json").read_text())["points"].keys() == data["points"].keys()
+
+
+def test_a_selector_is_compared_with_another_at_the_same_speedup_only_inside_its_range():
+    points = {"blend@0.1": {"selector": "blend", "speedup": 6.0, "first_token_kl": 0.08},
+              "blend@0.3": {"selector": "blend", "speedup": 2.0, "first_token_kl": 0.02},
+              "query@0.1": {"selector": "query", "speedup": 5.0, "first_token_kl": 0.03}}
+    assert kl_at_speedup(points, "blend", 5.0) == pytest.approx(0.065)
+    assert kl_at_speedup(points, "blend", 7.0) is None and kl_at_speedup(points, "query", 5.0) == 0.03

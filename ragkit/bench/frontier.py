@@ -98,6 +98,16 @@ def summarise_points(modes: dict, seed: int = 0) -> dict:
     return out
 
 
+def kl_at_speedup(points: dict, selector: str, speedup: float) -> float | None:
+    """`selector`'s first-token KL at `speedup`, linearly interpolated between its two nearest points by speedup;
+    None outside its measured range (a frontier is compared only where both were measured)."""
+    line = sorted((p["speedup"], p["first_token_kl"]) for p in points.values() if p["selector"] == selector)
+    for (s0, k0), (s1, k1) in zip(line, line[1:]):
+        if s0 <= speedup <= s1:
+            return k0 if s1 == s0 else k0 + (k1 - k0) * (speedup - s0) / (s1 - s0)
+    return next((k for s, k in line if s == speedup), None)
+
+
 def format_frontier(result: dict) -> str:
     points, settings = result["points"], result["settings"]
     lines = [f"frontier: MuSiQue, {settings['questions']} questions from question {settings['offset']} x "
@@ -110,6 +120,13 @@ def format_frontier(result: dict) -> str:
         lines.append(f"{name:<16}{ci('speedup', '.2f'):>20}{p['recompute_share']:>8.3f}"
                      f"{ci('first_token_kl', '.4f'):>22}{p['answer_kl']:>10.4f}{p['agreement']:>8.3f}{ci('decisive_agreement', '.3f'):>20}"
                      f"{p['first_pass_share']:>9.3f}")
+    selectors = list(dict.fromkeys(p["selector"] for p in points.values()))
+    for name, p in points.items():
+        for other in selectors:
+            kl = kl_at_speedup(points, other, p["speedup"]) if other != p["selector"] else None
+            if kl is not None:
+                lines.append(f"{name} at {p['speedup']:.2f}x: KL1 {p['first_token_kl']:.4f}, {other} interpolated "
+                             f"to the same speedup {kl:.4f}")
     lines += [f"wrote {path}" for path in result.get("files", [])]
     return "\n".join(lines)
 

@@ -91,8 +91,10 @@ DECISIVE_MARGIN = 1.0
 
 
 @torch.inference_mode()
-def measure(rag, question: str, chunks: list[Chunk], variant: str, reference: list[int] | None):
-    """One timed prefill under `variant`, then (untimed) teacher forcing on `reference` and greedy decoding.
+def measure(rag, question: str, chunks: list[Chunk], variant: str, reference: list[int] | None,
+            answer: bool = True):
+    """One timed prefill under `variant`, then (untimed) teacher forcing on `reference` and greedy decoding
+    (skipped for a variant with a reference when `answer` is False: only the reference is scored).
     Without a reference (full prefill) the greedy answer plus stop token is forced instead, for the
     top-2 margins that tell decisive reference tokens from near-ties."""
     from generators.generate import decode
@@ -111,6 +113,8 @@ def measure(rag, question: str, chunks: list[Chunk], variant: str, reference: li
         result["forced_logprobs"] = forced.float().log_softmax(-1).cpu()
         result["matches"] = sum(int(a == b) for a, b in zip(result["predicted"], reference))
         cache.length = prompt_len  # rewind: decoding overwrites the forced rows
+        if not answer:
+            return {**result, "tokens": [], "text": ""}
     tokens = decode(rag.model, cache, logits[None], torch.tensor([next_position]), rag.max_new_tokens,
                     rag.prompt.stop_ids)[0]
     if reference is None:
@@ -134,8 +138,9 @@ def hold(rag, chunks: list[Chunk]) -> None:
 
 
 def compare_modes(rag, items: list[tuple[str, list[Chunk], list[str]]], modes: list[str], scorer: Scorer | None,
-                  progress: Callable[[str], None] = lambda _m: None) -> dict:
-    """Per mode: TTFT median/p90, speedups, recompute share, first-token KL, agreement, EM/F1."""
+                  progress: Callable[[str], None] = lambda _m: None, answer: bool = True) -> dict:
+    """Per mode: TTFT median/p90, speedups, recompute share, first-token KL, agreement, EM/F1 (`answer`: each
+    mode also decodes its own answer)."""
     modes = ["full"] + [m for m in modes if m != "full"]
     warmup = items[0][1][:2]  # a short prompt warms allocator and kernels for every variant
     rag.warm(warmup, progress=False)
@@ -154,7 +159,7 @@ def compare_modes(rag, items: list[tuple[str, list[Chunk], list[str]]], modes: l
         shift = n % max(1, len(modes) - 1)  # interleave the order, so no mode always runs first
         rotated = modes[1:][shift:] + modes[1:][:shift]
         for mode in rotated:
-            result = measure(rag, question, chunks, mode, reference)
+            result = measure(rag, question, chunks, mode, reference, answer)
             result["kl"] = first_token_kl(full["logits"].cpu().numpy(), result["logits"].cpu().numpy())
             result["kl_answer"] = answer_kl(full["forced_logprobs"], result.pop("forced_logprobs"))
             result["reference"] = len(reference)

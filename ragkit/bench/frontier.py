@@ -201,7 +201,7 @@ def cli_frontier(cfg, musique: Path, limit: int | None, offset: int, n_chunks: i
              for i, ex in enumerate(examples)]
     progress(f"frontier: {len(items)} MuSiQue questions (from question {offset}) x {n_chunks} passages, "
              f"{len(points)} points + full")
-    modes_run = compare_modes(rag, items, points, None, progress)
+    modes_run = compare_modes(rag, items, points, None, progress, answer=False)  # agreement needs no own answers
     settings = {"model": cfg.generator.model, "questions": len(items), "offset": offset, "chunks": n_chunks,
                 "threads": torch.get_num_threads(), "device": str(rag.model.device), "dtype": rag.keys.dtype,
                 "full_layers": cfg.cache.full_layers, "bootstrap_samples": BOOTSTRAP_SAMPLES,

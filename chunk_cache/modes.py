@@ -80,7 +80,6 @@ class Deviation:
     keys: torch.Tensor  # squared L2 distance of fresh vs stored K (same post-RoPE frame), per row
     values: torch.Tensor  # the same for V
     attention_read: Callable[[], torch.Tensor]  # attention the trailing question rows pay each row (lazy)
-    question_reads: torch.Tensor | None = None  # probed modes: the first pass's fused score (chunk_cache.probe)
 
 
 @dataclass(frozen=True)
@@ -100,7 +99,6 @@ class Mode:
     static: Callable[[Candidates, ReuseSettings], torch.Tensor] | None = None  # reused rows recomputed [N] bool
     layerwise: Layerwise | None = None
     needs_statistics: bool = False  # entries must carry Cache-Craft statistics
-    probed: bool = False  # a layer-wise rule that also reads the question's first pass (chunk_cache.probe)
 
 
 def _nothing(candidates: Candidates, settings: ReuseSettings) -> torch.Tensor:

@@ -29,7 +29,7 @@ from chunk_cache.craft import ChunkStatistics, attention_probs, overlap, stat_la
 from chunk_cache.decoder import ReuseDecoder
 from chunk_cache.keys import KeyScheme
 from chunk_cache.modes import ANY, NONE, Candidates, Deviation, Mode, ReusedChunk, ReuseSettings, make_mode
-from chunk_cache.probe import question_attention, with_neighbours
+from chunk_cache.probe import question_attention
 from chunk_cache.store import CacheKey, ChunkKV, KVStore
 
 MAX_VARIANTS = 4  # stored variants of one chunk compared per lookup (each may cost a disk read)
@@ -157,10 +157,7 @@ class ChunkReuse:
                 checks = []
             else:  # every row not known to be exact runs until the first check layer
                 rows, checks = ~layout.exact, plan.mode.layerwise.checks(plan.settings)
-            reads = None
-            if plan.mode.probed and plan.mode.layerwise is not None and bool((layout.reused & ~layout.exact).any()):
-                reads = with_neighbours(self._candidates(layout, plan, cache, timing).question_attention())
-            logits, layer_rows = self._run(layout, cache, rows, checks, plan, statistics, reads)
+            logits, layer_rows = self._run(layout, cache, rows, checks, plan, statistics)
         cache.ready(self.model.args.n_layers - 1)  # every layer in place for decoding, commit and batching
         cache.uploads = None
         computed = sum(int((r & chunk_rows).sum()) for r in layer_rows)
@@ -195,8 +192,7 @@ class ChunkReuse:
         return ChunkStatistics(layout.spans[index], groups)
 
     def _run(self, layout: Layout, cache, rows: torch.Tensor, checks: list[tuple[int, float]], plan: Plan,
-             statistics: dict[int, ChunkStatistics],
-             reads: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+             statistics: dict[int, ChunkStatistics]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Compute `rows` layer by layer; at each check layer keep the best-scoring share of the reused,
         inexact rows (computed rows always stay). Returns last-row logits and the rows of every layer."""
         model, device = self.model, self.model.device
@@ -216,7 +212,7 @@ class ChunkReuse:
             keep = None
             if i in pending:
                 keep = self._select(i, idx, q, k, v, slots, positions, cache, candidates, pending[i],
-                                    plan.mode.layerwise.score, reads)
+                                    plan.mode.layerwise.score)
             cache.keys[i, :, :, slots] = k
             cache.values[i, :, :, slots] = v
             if i in sampled:
@@ -237,7 +233,7 @@ class ChunkReuse:
         return model.logits(x[:, -1:])[0, -1], layer_rows
 
     def _select(self, layer: int, idx, q, k, v, slots, positions, cache, candidates: torch.Tensor, share: float,
-                score, reads: torch.Tensor | None = None) -> torch.Tensor:
+                score) -> torch.Tensor:
         """Which of the running rows `idx` keep running after check `layer`: every computed row, and the
         top `share` of all reused, inexact rows of the prompt by the mode's score."""
         running = candidates[idx]
@@ -255,8 +251,7 @@ class ChunkReuse:
                 return read[slots].cpu()
 
             deviation = Deviation((k.float() - stored_k).pow(2).sum(dim=(0, 1, 3)).cpu(),
-                                  (v.float() - stored_v).pow(2).sum(dim=(0, 1, 3)).cpu(), attention_read,
-                                  reads[idx] if reads is not None else None)
+                                  (v.float() - stored_v).pow(2).sum(dim=(0, 1, 3)).cpu(), attention_read)
             scores = score(deviation)
             scores[~running] = -1.0
             keep[scores.topk(n_pick).indices] = True

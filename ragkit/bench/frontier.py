@@ -113,12 +113,12 @@ def format_frontier(result: dict) -> str:
     lines = [f"frontier: MuSiQue, {settings['questions']} questions from question {settings['offset']} x "
              f"{settings['chunks']} passages, {settings['device']}, {settings['threads']} thread(s); "
              f"full prefill TTFT median {settings['full_ttft_median_s']:.2f}s; [bootstrap 95% interval]",
-             f"{'point':<16}{'vs full':>20}{'recomp':>8}{'KL1':>22}{'KL answer':>10}{'agree':>8}"
-             f"{'decisive':>20}{'1st pass':>9}"]
+             f"{'point':<16}{'vs full':>20}{'recomp':>8}{'KL1':>24}{'KL answer':>10}{'agree':>8}"
+             f"{'decisive':>22}{'1st pass':>9}"]
     for name, p in points.items():
         ci = lambda key, fmt: f"{p[key]:{fmt}} [{p[key + '_ci95'][0]:{fmt}}-{p[key + '_ci95'][1]:{fmt}}]"  # noqa: E731
         lines.append(f"{name:<16}{ci('speedup', '.2f'):>20}{p['recompute_share']:>8.3f}"
-                     f"{ci('first_token_kl', '.4f'):>22}{p['answer_kl']:>10.4f}{p['agreement']:>8.3f}{ci('decisive_agreement', '.3f'):>20}"
+                     f"{ci('first_token_kl', '.4f'):>24}{p['answer_kl']:>10.4f}{p['agreement']:>8.3f}{ci('decisive_agreement', '.3f'):>22}"
                      f"{p['first_pass_share']:>9.3f}")
     selectors = list(dict.fromkeys(p["selector"] for p in points.values()))
     for name, p in points.items():

@@ -722,7 +722,7 @@ def bench_choices(
     as_json: bool = typer.Option(False, "--json", help="Print the results object as JSON on stdout."),
     questions: int = typer.Option(60, "--questions", min=1, help="Test queries with a gold answer."),
     skip: int = typer.Option(0, "--skip", min=0, help="Start after this many of them (a separate slice to tune on)."),
-    modes: str = typer.Option("full,blend,naive", "--modes", callback=_bench_modes, help="Comma-separated reuse "
+    modes: str = typer.Option("full,blend,naive", "--modes", help="Comma-separated reuse "
                               "modes, or blend@RATIO; full always runs: it is the reference."),
     threads: int = typer.Option(1, "--threads", min=1, help="torch CPU threads."),
     overrides: Optional[List[str]] = SetOpt,
@@ -734,7 +734,9 @@ def bench_choices(
     import torch
 
     from ragkit.bench import choices
+    from ragkit.bench.cache import check_variants
 
+    check_variants(modes.split(","))
     torch.set_num_threads(threads)
     pipe = _pipeline(config, ["cache.dir=", *(overrides or [])], quiet)
     if not pipe.config.generator.choices:

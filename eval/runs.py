@@ -3,7 +3,8 @@
 `runs/<name>/` (a suite writes one such folder per task under `runs/<name>/<task>/`) holds
 
 - `run.trec`     the scored ranking (after the protocol's exclusions and cut), TREC format, so
-                 trec_eval or pytrec_eval can re-score it without ragkit;
+                 trec_eval or pytrec_eval can re-score it without ragkit; with [rerank] stages it is
+                 the last stage's, and `run.first_stage.trec` (`run.stage<i>.trec`) the earlier ones';
 - `results.json` the results object below;
 - `config.json`  the resolved pipeline config (every default filled in);
 - `answers.jsonl` only when answers were generated: one JSON object per answered query, in
@@ -37,6 +38,10 @@ results.json, format_version 1 (keys marked * are required to read a folder back
     ragkit_version, config_hash, corpus_fingerprint, seed, created (ISO 8601)
     machine              machine_info(): where the timings were measured
     cache_mode           generator cache mode when answers were generated (for quality/TTFT plots)
+    stages               with [query] expansion or [rerank] stages: the stage labels in order
+                         ("retrieval", "llm-pointwise@20", ...); aggregate/per_query then also hold
+                         the earlier stages' metrics as "first_stage_<metric>", "stage<i>_<metric>",
+                         and counts the LLM prompts computed (llm_calls) and found cached (llm_cache_hits)
 
 Use `make_results` to build it; `read_run` refuses folders of another format version.
 """
@@ -153,9 +158,9 @@ def suite_summary(name: str, task_results: list[dict[str, Any]]) -> dict[str, An
 
 
 def write_run(run_dir: Path, run: Run, results: dict[str, Any], config: dict[str, Any],
-              answers: list[dict[str, Any]] | None = None) -> None:
-    """Write run.trec, results.json, config.json and (given answers) answers.jsonl, replacing
-    `run_dir` as one step."""
+              answers: list[dict[str, Any]] | None = None, stage_runs: dict[str, Run] | None = None) -> None:
+    """Write run.trec, results.json, config.json, (given answers) answers.jsonl and (given the runs of
+    earlier stages) run.<stage>.trec, replacing `run_dir` as one step."""
     missing = [key for key in REQUIRED_KEYS if key not in results]
     if missing:
         raise ValueError(f"results lack {missing}; build them with eval.runs.make_results")
@@ -163,6 +168,8 @@ def write_run(run_dir: Path, run: Run, results: dict[str, Any], config: dict[str
     results.setdefault("task", task_label(config))
     with publish_dir(run_dir) as tmp:
         write_trec_run(tmp / RUN_FILE, run)
+        for label, stage_run in (stage_runs or {}).items():
+            write_trec_run(tmp / f"run.{label}.trec", stage_run)
         atomic_write_json(tmp / RESULTS_FILE, results)
         atomic_write_json(tmp / CONFIG_FILE, config)
         if answers is not None:

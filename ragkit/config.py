@@ -29,6 +29,9 @@ PROTOCOLS = ["beir", "bright", "coir"]
 FUSIONS = ["none", "rrf", "weighted"]
 NORMALIZATIONS = ["minmax", "zscore"]
 BACKENDS = ["local", "ray"]
+GENERATOR_BACKENDS = ["local", "openai"]
+EXPANSIONS = ["none", "reason", "hyde", "query2doc"]
+LLM_BACKENDS = ["local", "openai"]
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
                "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -99,6 +102,8 @@ class GeneratorConfig:
     choices: list[str] = field(default_factory=list)
     # What the best choice maximises: "none" the total log-likelihood, "tokens" / "chars" it per token / character.
     choice_norm: str = "none"
+    # "openai": answers come from the [llm] endpoint with full prompts (no chunk KV reuse; results say so).
+    backend: str = "local"
 
 
 @dataclass
@@ -117,6 +122,40 @@ class EvalConfig:
     # Scored against the queries' gold answers when `ragkit eval` answers: em, f1, accuracy (yes/no/maybe), rouge_l.
     answer_metrics: list[str] = field(default_factory=lambda: ["em", "f1"])
     runs_dir: str = "runs"
+
+
+@dataclass
+class RerankConfig:
+    # Each entry is a table with `type` (cross-encoder, bi-encoder, llm-pointwise, llm-listwise), `depth`
+    # (how many of the previous stage's top documents it reorders) and its parameters; stages run in order
+    # and retrievers.rerank validates each table.
+    stages: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class QueryConfig:
+    # Rewrite each query before retrieval with the [llm]: "reason" (query + the LLM's reasoning about it,
+    # BRIGHT's protocol), "hyde" (a hypothetical answer passage alone), "query2doc" (query + that passage).
+    # Rerankers still see the original query.
+    expansion: str = "none"
+    max_tokens: int = 128
+
+
+@dataclass
+class LLMConfig:
+    # "local": the [generator] model on this machine; "openai": any OpenAI-compatible endpoint (vLLM,
+    # SGLang, llama.cpp's server, `ragkit serve`) at base_url. Used by query expansion, llm-listwise
+    # reranking and generator.backend = "openai".
+    backend: str = "local"
+    base_url: str = ""
+    model: str = ""
+    # Name of the environment variable holding the API key (the key itself never goes in a config).
+    api_key_env: str = "OPENAI_API_KEY"
+    concurrency: int = 4
+    timeout: float = 60.0
+    retries: int = 3
+    # Expansions and LLM rerank scores, keyed by (model fingerprint or endpoint + model, prompt).
+    cache_dir: str = ".ragkit/llm"
 
 
 @dataclass
@@ -154,6 +193,9 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    rerank: RerankConfig = field(default_factory=RerankConfig)
+    query: QueryConfig = field(default_factory=QueryConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
     # A suite: one table per task, each overriding [dataset] keys, plus an optional `name` for its
     # folder (default: domain, task or the dataset folder's name), e.g. `[[tasks]]` `domain = "biology"`.
     # Each task is indexed to indexes/<name>/<task>/ and evaluated to runs/<name>/<task>/.
@@ -213,13 +255,16 @@ _CHOICES = {
     "generator.choice_norm": list(NORMS),
     "eval.protocol": PROTOCOLS,
     "cluster.backend": BACKENDS,
+    "generator.backend": GENERATOR_BACKENDS,
+    "query.expansion": EXPANSIONS,
+    "llm.backend": LLM_BACKENDS,
 }
 
 _POSITIVE = {"chunking.size", "retrieval.k", "retrieval.chunk_k", "generator.max_new_tokens", "generator.chunks",
-             "cluster.shards", "cluster.embed_actors"}
+             "cluster.shards", "cluster.embed_actors", "query.max_tokens", "llm.concurrency", "llm.timeout"}
 _NON_NEGATIVE = {"chunking.overlap", "dataset.limit_queries", "cache.full_layers", "cache.ratio", "cache.epic_tokens",
                  "cache.recompute_tokens", "cache.device_bytes", "cache.host_bytes", "cache.disk_bytes",
-                 "generator.temperature", "cluster.gpus_per_actor"}
+                 "generator.temperature", "cluster.gpus_per_actor", "llm.retries"}
 
 
 def _coerce(key: str, value: Any, typ: Any, source: str | None) -> Any:
@@ -338,6 +383,13 @@ def _check(cfg: Config, source: str | None) -> None:
                           allowed=["rrf", "weighted"], source=source)
     if cfg.retrieval.weights and len(cfg.retrieval.weights) != len(cfg.retrieval.retrievers):
         raise ConfigError("retrieval.weights", "needs one weight per retriever", source=source)
+    from retrievers.rerank import check_stages
+
+    check_stages(cfg.rerank.stages, source)
+    uses_endpoint = cfg.llm.backend == "openai" or cfg.generator.backend == "openai"
+    if uses_endpoint and not re.fullmatch(r"https?://\S+", cfg.llm.base_url):
+        raise ConfigError("llm.base_url", f"an OpenAI-compatible endpoint needs a URL such as "
+                          f"http://127.0.0.1:8000/v1, got {cfg.llm.base_url!r}", source=source)
 
 
 def _check_choices(choices: list[str], source: str | None) -> None:

@@ -52,3 +52,7 @@ class ConfigError(RagkitError):
 
 class IndexMismatchError(RagkitError):
     """A saved index or cache that was built for something else (corpus, model, version)."""
+
+
+class EndpointError(RagkitError):
+    """An LLM endpoint that stayed down, failing or unreadable after every retry: names the URL."""

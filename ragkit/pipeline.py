@@ -23,6 +23,7 @@ import ragkit
 from ragkit.config import Config, load_config
 from ragkit.errors import IndexMismatchError, InputError, RagkitError
 from ragkit.readers import Dataset, open_dataset
+from ragkit.reranking import SecondStage, score_earlier_stages
 from ragkit.storage import atomic_write_json, folder_lock, hash_file, publish_dir, recover_dir
 from ragkit.types import Chunk, Hit, Query, Run, rank_hits
 
@@ -222,20 +223,25 @@ class Pipeline:
     def retrieve(self, question: str, k: int = 10, filter: dict | None = None) -> list[Hit]:
         return self.retrieve_batch([question], k, filter=filter)[0]
 
-    def search(self, queries: list[Query], batch_size: int = 64) -> Run:
-        """Document-level run: chunk hits folded to their documents by max score (MaxP)."""
+    def search(self, queries: list[Query], batch_size: int = 64, texts: list[str] | None = None) -> Run:
+        """Document-level run: chunk hits folded to their documents by max score (MaxP). `texts` replaces
+        the queries' texts for retrieval (an expansion); `best_chunks[qid][doc_id]` keeps each document's
+        best chunk (what a reranker reads)."""
         r = self.config.retrieval
+        texts = [q.text for q in queries] if texts is None else texts
         rankings: dict[str, list[Hit]] = {}
+        self.best_chunks: dict[str, dict[str, str]] = {}
         bar = self._bar(total=len(queries), desc="retrieving", unit="q")
         for start in range(0, len(queries), batch_size):
             batch = queries[start:start + batch_size]
-            hits = self.retrieve_batch([q.text for q in batch], max(r.chunk_k, r.k))
+            hits = self.retrieve_batch(texts[start:start + batch_size], max(r.chunk_k, r.k))
             for query, chunk_hits in zip(batch, hits):
                 best: dict[str, float] = {}
+                chunk_of = self.best_chunks[query.id] = {}
                 for hit in chunk_hits:
                     doc_id = Chunk.doc_id_of(hit.id)
                     if hit.score > best.get(doc_id, float("-inf")):
-                        best[doc_id] = hit.score
+                        best[doc_id], chunk_of[doc_id] = hit.score, hit.id
                 rankings[query.id] = rank_hits(best, r.k)
             bar.update(len(batch))
         bar.close()
@@ -268,18 +274,23 @@ class Pipeline:
         loaded = self.retrievers
         t_index = time.perf_counter() - t0
         queries = self.queries()
+        second = SecondStage(self)  # [query] expansion and [rerank] stages (ragkit.reranking)
+        texts = second.texts(queries)
         t1 = time.perf_counter()
-        run = self.search(queries)
+        run = self.search(queries, texts=texts)
         t_search = time.perf_counter() - t1
-        run, qrels = apply_protocol(cfg.eval.protocol, run, queries, qrels)
-        aggregate, per_query = score_run(run, qrels, cfg.eval.metrics)
+        stages = [("retrieval", run)] + second.rerank(queries, run, self.best_chunks)
+        run, scored_qrels = apply_protocol(cfg.eval.protocol, stages[-1][1], queries, qrels)
+        aggregate, per_query = score_run(run, scored_qrels, cfg.eval.metrics)
+        aggregate, per_query, stage_runs = score_earlier_stages(stages[:-1], cfg.eval.protocol, queries, qrels,
+                                                                cfg.eval.metrics, aggregate, per_query)
         timings = {"index_load_or_build_s": round(t_index, 3), "search_s": round(t_search, 3),
-                   "qps": round(len(queries) / t_search, 2) if t_search > 0 else None}
+                   "qps": round(len(queries) / t_search, 2) if t_search > 0 else None, **second.timings}
         counts = {"queries": len(queries), "scored_queries": len(per_query),
                   "retrievers": len(loaded), "chunks": len(self._chunks or {}),
                   "unjudged_queries_dropped": self.dataset.dropped_queries,
                   "bad_lines_skipped": self.dataset.skipped.total}
-        extra: dict[str, Any] = {}
+        extra: dict[str, Any] = {"stages": [label for label, _ in stages]} if second.active else {}
         answered = None
         if answers:
             from ragkit.answering import evaluate_answers
@@ -288,7 +299,8 @@ class Pipeline:
             aggregate, per_query = merge_scores((aggregate, per_query), (answered.aggregate, answered.per_query))
             timings.update(answered.timings)
             counts.update(answered.counts)
-            extra = {"cache_mode": cfg.cache.mode, "reference_mode": reference}
+            extra.update(cache_mode=cfg.cache.mode, reference_mode=reference)
+        counts.update(second.summary())
         config_dict = cfg.to_dict()
         results = make_results(
             cfg.name, cfg.eval.protocol, aggregate, per_query, config_dict,
@@ -296,7 +308,7 @@ class Pipeline:
             timings=timings, counts=counts, index_config_hash=cfg.fingerprint(), **extra,
         )
         run_dir = cfg.run_dir()
-        write_run(run_dir, run, results, config_dict, answered.records if answered else None)
+        write_run(run_dir, run, results, config_dict, answered.records if answered else None, stage_runs)
         return {**results, "run_dir": str(run_dir)}
 
     def _evaluate_suite(self, answers: bool | None, reference: str | None) -> dict[str, Any]:

@@ -9,8 +9,9 @@ the chunk behind the head alone). With reuse (`prefix` mode: exact entries only)
 question's rows; without (`full`) every row is computed. The two give the same logits up to float
 rounding, since a reused exact entry holds the rows a full prefill computes. The score is
 logsumexp(logit "yes" variants) - logsumexp(logit "no" variants) at the reply's first token. A chunk
-not yet cached is computed once and stored, as answering does. The title (when the dataset has one)
-goes after the passage, so that it never changes the rows in front of the question.
+not yet cached is computed once and stored, as answering does. With `title` the document's title
+goes after the passage (before it, the chunk would no longer sit behind the head it was cached
+behind); it is off by default since its rows are computed for every candidate.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from chunk_cache.assembly import CHUNK, PREFIX, QUESTION, Segment
 from chunk_cache.modes import ReuseSettings
 from ragkit.types import Chunk
 
-ASK = "Is the document relevant to the question? Answer yes or no."
+ASK = "Relevant? Answer yes or no."  # short: every token here is computed per candidate
 YES, NO = ("yes", "Yes", " yes", " Yes"), ("no", "No", " no", " No")
 CACHED, UNCACHED = "prefix", "full"  # reuse modes: exact chunk entries, or everything computed
 
@@ -39,8 +40,8 @@ class PointwiseStats:
 class PointwiseScorer:
     """Relevance scores of (question, chunk) pairs from a generators.rag.RagGenerator."""
 
-    def __init__(self, rag, cached: bool = True):
-        self.rag = rag
+    def __init__(self, rag, cached: bool = True, title: bool = False):
+        self.rag, self.title = rag, title
         self.settings = ReuseSettings(mode=CACHED if cached else UNCACHED)
         self.yes = _first_ids(rag.prompt, YES)
         self.no = _first_ids(rag.prompt, NO)
@@ -48,7 +49,7 @@ class PointwiseScorer:
 
     def segments(self, question: str, chunk: Chunk) -> list[Segment]:
         prompt = self.rag.prompt
-        title = f"\n\nTitle: {chunk.title}" if chunk.title else ""
+        title = f"\n\nTitle: {chunk.title}" if self.title and chunk.title else ""
         tail = f"{title}\n\nQuestion: {question}\n{ASK}{prompt.tail_text}"
         return [Segment(PREFIX, prompt.head_ids), Segment(CHUNK, tuple(chunk.token_ids), chunk),
                 Segment(QUESTION, tuple(prompt.ids(tail)))]

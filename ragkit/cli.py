@@ -539,6 +539,25 @@ def _write_mode_runs(runs_dir: Path, cfg, modes: dict) -> None:
         write_run(runs_dir / name, Run({}, name=name), results, {**config, "name": name})
 
 
+@bench_app.command("rerank")
+@user_errors
+def bench_rerank(
+    config: Path = typer.Argument(..., help="Pipeline TOML (its index, dataset and generator)."),
+    queries: int = typer.Option(30, "--queries", min=1, help="The first N judged queries."),
+    depth: int = typer.Option(20, "--depth", min=1, help="Top documents reranked per query."),
+    title: bool = typer.Option(False, "--title", help="Show each document's title after the passage."),
+    overrides: Optional[List[str]] = typer.Option(None, "--set", help="Override a config key: section.key=value."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results object as JSON on stdout."),
+) -> None:
+    """LLM pointwise rerank on cached chunk KV vs uncached, one process: scores, time, nDCG@10 (+ bi-encoder)."""
+    import torch
+
+    from ragkit.bench import rerank as bench
+
+    torch.set_num_threads(1)
+    _emit(bench.run(_pipeline(config, overrides, quiet=as_json), queries, depth, title), as_json, bench.format_report)
+
+
 @bench_app.command("store")
 @user_errors
 def bench_store(

@@ -75,7 +75,7 @@ class SecondStage:
     def _pointwise(self, params) -> "CachedPointwise":
         from generators.pointwise import PointwiseScorer
 
-        return CachedPointwise(PointwiseScorer(self.pipe.generator, cached=params.cached), self)
+        return CachedPointwise(PointwiseScorer(self.pipe.generator, cached=params.cached, title=params.title), self)
 
     def _listwise(self, params):
         from generators.listwise import ListwiseReranker

@@ -60,6 +60,8 @@ class BiEncoderParams(StageParams):
 class PointwiseParams(StageParams):
     # Reuse each candidate's cached chunk KV (`prefix` mode); false computes every prompt in full.
     cached: bool = True
+    # Show the document's title after the passage (its tokens are then computed for every candidate).
+    title: bool = False
 
 
 @dataclass
@@ -108,10 +110,15 @@ def build(spec: dict[str, Any], position: int,
 
 
 def rerank(reranker: Reranker, query: str, hits: list[Hit], depth: int, chunk_of: Callable[[str], Chunk]) -> list[Hit]:
-    """`hits` with the top `depth` reordered by the reranker (ties keep their previous order), the rest
-    below in their order; scores become n, n-1, ..., 1."""
-    head, rest = hits[:depth], hits[depth:]
-    scores = reranker.score(query, [chunk_of(h.id) for h in head]) if head else []
+    """`hits` with the top `depth` reordered by the reranker's scores of their chunks (see `reorder`)."""
+    head = hits[:depth]
+    return reorder(hits, reranker.score(query, [chunk_of(h.id) for h in head]) if head else [])
+
+
+def reorder(hits: list[Hit], scores: list[float]) -> list[Hit]:
+    """The first len(scores) hits sorted by score (ties keep their order), the rest below in their order;
+    the new scores are n, n-1, ..., 1."""
+    head, rest = hits[:len(scores)], hits[len(scores):]
     order = sorted(range(len(head)), key=lambda i: (-scores[i], i))
     ranked = [head[i].id for i in order] + [h.id for h in rest]
     return [Hit(doc_id, float(len(ranked) - i), i + 1) for i, doc_id in enumerate(ranked)]

@@ -1,0 +1,91 @@
+"""`ragkit bench rerank`: LLM pointwise reranking on cached chunk KV against the same scorer uncached.
+
+For the first `queries` judged queries of a config's dataset: retrieve, take the top `depth` documents
+(each judged by its best chunk), warm exactly those chunks, then score every (query, chunk) pair twice
+in one process, with reuse (`prefix`: the chunk's stored rows, only the question computed) and without
+(`full`: every row computed), and compare. Also reports nDCG@10 of the first stage, of the LLM rerank
+and of a bi-encoder rerank (all-MiniLM-L6-v2) over the same candidates, on the same queries.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from eval.protocols import apply_protocol
+from eval.retrieval import score_run
+from ragkit.types import Run
+
+
+def run(pipe, queries: int, depth: int, title: bool = False, bi_encoder: str = "all-MiniLM-L6-v2") -> dict[str, Any]:
+    from generators.pointwise import PointwiseScorer
+    from retrievers import rerank as stages
+
+    cfg = pipe.config
+    subset = pipe.queries()[:queries]
+    first = pipe.search(subset)
+    best = pipe.best_chunks
+    pairs = [(q, [h.id for h in first[q.id][:depth]]) for q in subset]
+    chunks = {q.id: [pipe.chunk(best[q.id][d]) for d in docs] for q, docs in pairs}
+    warmed = pipe.generator.warm([c for cs in chunks.values() for c in cs], progress=pipe.progress)
+
+    scorers = {"cached": PointwiseScorer(pipe.generator, cached=True, title=title),
+               "uncached": PointwiseScorer(pipe.generator, cached=False, title=title)}
+    scores: dict[str, dict[str, list[float]]] = {}
+    for name, scorer in scorers.items():
+        scores[name] = {q.id: scorer.score(q.text, chunks[q.id]) for q, _ in pairs}
+    deltas = [abs(a - b) for q, _ in pairs for a, b in zip(scores["cached"][q.id], scores["uncached"][q.id])]
+
+    bi = stages.BiEncoderReranker(stages.BiEncoderParams(model=bi_encoder, depth=depth), "bench.bi_encoder")
+    start = time.perf_counter()
+    bi_scores = {q.id: bi.score(q.text, chunks[q.id]) for q, _ in pairs}
+    bi_s = time.perf_counter() - start
+
+    qrels = pipe.dataset.qrels
+    ndcg = {"first stage": _ndcg(cfg, first, subset, qrels),
+            "llm-pointwise": _ndcg(cfg, _reordered(first, pairs, scores["cached"]), subset, qrels),
+            "bi-encoder": _ndcg(cfg, _reordered(first, pairs, bi_scores), subset, qrels)}
+    timing = {name: round(s.stats.seconds, 3) for name, s in scorers.items()}
+    rows = {name: round(s.stats.computed_rows / max(1, s.stats.prompts), 1) for name, s in scorers.items()}
+    return {"config": cfg.name, "queries": len(subset), "query_ids": [q.id for q in subset], "depth": depth,
+            "pairs": len(deltas), "chunks_warmed": warmed, "rerank_s": timing, "bi_encoder_s": round(bi_s, 3),
+            "rows_computed_per_prompt": rows,
+            "speedup": round(timing["uncached"] / timing["cached"], 2) if timing["cached"] else None,
+            "max_abs_score_delta": max(deltas, default=0.0), "ndcg@10": ndcg,
+            "title": title, "model": cfg.generator.model, "dtype": pipe.generator.keys.dtype, **_threads()}
+
+
+def _reordered(first: Run, pairs, scores: dict[str, list[float]]) -> Run:
+    """The first-stage run with each query's top documents reordered by `scores`."""
+    from retrievers.rerank import reorder
+
+    return Run({q.id: reorder(first[q.id], scores[q.id]) for q, _ in pairs}, name=first.name)
+
+
+def _ndcg(cfg, run: Run, queries, qrels) -> float:
+    run, qrels = apply_protocol(cfg.eval.protocol, run, queries, qrels)
+    return round(score_run(run, qrels, ["ndcg@10"])[0]["ndcg@10"], 4)
+
+
+def _threads() -> dict[str, int]:
+    import torch
+
+    return {"torch_threads": torch.get_num_threads()}
+
+
+def format_report(result: dict[str, Any]) -> str:
+    t = result["rerank_s"]
+    lines = [f"bench rerank: {result['config']}, {result['queries']} queries x top {result['depth']} = "
+             f"{result['pairs']} (query, chunk) pairs{', titles shown' if result['title'] else ''}, "
+             f"{result['model']} {result['dtype']}, "
+             f"{result['torch_threads']} thread(s)",
+             f"  {'':<10}{'rerank s':>10}{'rows/prompt':>13}",
+             *(f"  {name:<10}{t[name]:>10.3f}{result['rows_computed_per_prompt'][name]:>13.1f}" for name in t),
+             f"  speedup cached vs uncached: {result['speedup']}x;  max |score delta|: {result['max_abs_score_delta']:.2e}",
+             f"  nDCG@10  first stage {result['ndcg@10']['first stage']:.4f}  llm-pointwise "
+             f"{result['ndcg@10']['llm-pointwise']:.4f}  bi-encoder {result['ndcg@10']['bi-encoder']:.4f} "
+             f"({result['bi_encoder_s']:.2f} s)"]
+    return "\n".join(lines)
+
+
+__all__ = ["run", "format_report"]

@@ -47,7 +47,7 @@ class ListwiseReranker:
         """Indices of `chunks`, most relevant first."""
         order = list(range(len(chunks)))
         end = len(order)
-        while True:
+        while end > 1:  # a single passage has no order to ask for
             start = max(0, end - self.window)
             texts = [_passage(chunks[i], self.chars) for i in order[start:end]]
             reply = self.llm.complete(window_prompt(query, texts), self.max_tokens)
@@ -56,8 +56,9 @@ class ListwiseReranker:
             self.repaired += int(repaired)
             order[start:end] = [order[start + i] for i in permutation]
             if start == 0:
-                return order
+                break
             end -= self.step
+        return order
 
     def score(self, query: str, chunks: list[Chunk]) -> list[float]:
         scores = [0.0] * len(chunks)

@@ -5,7 +5,9 @@ environment variable the config names, never from the config itself. A request t
 connection, a timeout, a 5xx or 429, a body that is not a chat completion) is retried with
 exponential backoff (0.5 s, 1 s, 2 s, ...); after the last retry one EndpointError names the URL and
 the last failure. A 4xx other than 429 is the request's fault and is not retried. `complete_many`
-keeps up to `concurrency` requests in flight and returns the replies in input order.
+keeps up to `concurrency` requests in flight and returns the replies in input order. With
+`whole_prompt` (answers: the RAG prompt is sent whole) a `ragkit serve` endpoint is told `k: 0`, so
+that it answers the messages as they are instead of retrieving for them.
 """
 
 from __future__ import annotations
@@ -24,15 +26,25 @@ BACKOFF_S = 0.5
 
 class EndpointLLM:
     def __init__(self, base_url: str, model: str = "", api_key_env: str = "OPENAI_API_KEY", concurrency: int = 4,
-                 timeout: float = 60.0, retries: int = 3, seed: int = 0):
+                 timeout: float = 60.0, retries: int = 3, whole_prompt: bool = False):
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model = model
-        self.concurrency, self.retries, self.seed = concurrency, retries, seed
+        self.concurrency, self.retries = concurrency, retries
         self.api_key_env = api_key_env
         key = os.environ.get(api_key_env, "")
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.client = httpx.Client(timeout=timeout, headers=headers)
         self.requests = 0  # HTTP requests sent, retries included
+        # `ragkit serve` retrieves for a chat unless told k=0; other servers get no extra field
+        self.extra_body = {"k": 0} if whole_prompt and self._is_ragkit(base_url) else {}
+
+    def _is_ragkit(self, base_url: str) -> bool:
+        """Whether the endpoint is `ragkit serve` (its /models says owned_by "ragkit"); unreachable: no."""
+        try:
+            models = self.client.get(base_url.rstrip("/") + "/models").json()["data"]
+            return any(m.get("owned_by") == "ragkit" for m in models)
+        except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError):
+            return False
 
     @property
     def identity(self) -> str:
@@ -42,7 +54,7 @@ class EndpointLLM:
     def complete(self, messages: list[dict[str, str]], max_tokens: int, temperature: float = 0.0) -> str:
         """The assistant's reply to `messages` (greedy by default)."""
         body: dict[str, Any] = {"messages": messages, "max_tokens": max_tokens, "temperature": temperature,
-                                "seed": self.seed, "stream": False}
+                                "stream": False, **self.extra_body}
         if self.model:
             body["model"] = self.model
         problem = ""

@@ -64,8 +64,13 @@ class ChatPrompt:
     def chunk_ids(self, text: str) -> tuple[int, ...]:
         return tuple(self.ids(text))
 
-    def segments(self, question: str, chunks: list[Chunk]) -> list[Segment]:
-        """prefix, then per chunk [title] chunk separator, then the question and the reply header."""
+    def segments(self, question: str | list[dict[str, str]], chunks: list[Chunk]) -> list[Segment]:
+        """prefix, then per chunk [title] chunk separator, then the question and the reply header. A question
+        given as chat messages is a whole prompt (a plain chat request, no chunks): the template renders it
+        as it is, and nothing of it is cached or reused."""
+        if not isinstance(question, str):
+            text = self.tokenizer.apply_chat_template(question, tokenize=False, add_generation_prompt=True)
+            return [Segment(QUESTION, tuple(self.ids(text)))]
         segments = [Segment(PREFIX, self.head_ids)]
         for chunk in chunks:
             if chunk.title:
@@ -74,3 +79,11 @@ class ChatPrompt:
             segments.append(Segment(GAP, self.separator_ids))
         segments.append(Segment(QUESTION, tuple(self.ids(f"Question: {question}" + self.tail_text))))
         return segments
+
+
+def rag_messages(system_prompt: str, question: str, chunks: list[Chunk]) -> list[dict[str, str]]:
+    """The RAG prompt as chat messages, for an endpoint: a chat template renders them to the very text
+    whose pieces ChatPrompt.segments tokenises (head and "Documents:", [title] chunk separator, question)."""
+    documents = "".join((f"Title: {c.title}\n" if c.title else "") + c.text + "\n\n" for c in chunks)
+    return [{"role": "system", "content": system_prompt},
+            {"role": "user", "content": f"Documents:\n{documents}Question: {question}"}]

@@ -8,7 +8,9 @@ mode; the configured mode is then teacher-forced on the reference's tokens (plus
 when the reference stopped early) for token agreement, and the first-token logits of both give
 KL(reference || mode). A closed-form query (its own `choices`, or generator.choices) is answered by the
 best-scored choice instead, and compared with the reference by choice agreement and log-likelihood gap
-(ragkit.choices). Everything is checked before the first answer (metrics, gold answers,
+(ragkit.choices). With generator.backend = "openai" the prompts go whole, as chat messages, to the [llm]
+endpoint instead (mode "openai-full-prompt": no chunk KV reuse, no TTFT). Everything is checked before
+the first answer (metrics, gold answers,
 model, prompt lengths), and nothing is written here: eval.runs.write_run publishes the run
 folder, answers included, as one step, so a run killed midway leaves no half-written folder.
 """
@@ -16,6 +18,7 @@ folder, answers included, as one step, so a run killed midway leaves no half-wri
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +35,7 @@ from ragkit.types import Chunk, Query
 # ~40 tokens for SmolLM2's template; the margin covers longer templates and system prompts.
 PROMPT_OVERHEAD_TOKENS = 96
 RETRIEVE_BATCH = 64
+ENDPOINT_MODE = "openai-full-prompt"  # generator.backend = "openai": whole prompts on an endpoint, no KV reuse
 
 
 @dataclass
@@ -91,7 +95,11 @@ def evaluate_answers(pipe, queries: list[Query], reference: str | None = None) -
     cfg = pipe.config
     metrics = check_metrics(cfg.eval.answer_metrics)
     golds = gold_answers(queries, cfg.dataset_path())
-    generator = pipe.generator  # a missing model folder stops here, before any answer
+    endpoint = cfg.generator.backend == "openai"
+    if endpoint and (reference is not None or cfg.generator.choices or any(q.choices for q in queries)):
+        raise InputError(cfg.dataset_path(), "--reference and closed-form choices score the local generator; "
+                         "generator.backend = \"openai\" answers with full prompts on the endpoint")
+    generator = None if endpoint else pipe.generator  # a missing model folder stops here, before any answer
     tokenizer = load_tokenizer(cfg.generator.model)
     contexts = []
     for start in range(0, len(queries), RETRIEVE_BATCH):
@@ -100,6 +108,8 @@ def evaluate_answers(pipe, queries: list[Query], reference: str | None = None) -
             contexts.append([pipe.chunk(h.id) for h in hits])
     check_prompt_lengths(queries, contexts, tokenizer, cfg.generator.system_prompt, cfg.generator.max_new_tokens,
                          model_context(resolve_model_dir(cfg.generator.model)), cfg.dataset_path())
+    if endpoint:
+        return _endpoint_answers(pipe, queries, contexts, golds, metrics)
     outside = check_choices(generator.prompt.ids, queries, generator.choices, str(cfg.dataset_path()))
     golds = {qid: answers for qid, answers in golds.items() if qid not in outside}  # counted, not scored
 
@@ -125,6 +135,31 @@ def evaluate_answers(pipe, queries: list[Query], reference: str | None = None) -
     if outside or any(query_choices(q, generator.choices) for q in queries):
         scored.counts["gold_outside_choices"] = len(outside)
     return scored
+
+
+def _endpoint_answers(pipe, queries: list[Query], contexts: list[list[Chunk]], golds: dict[str, list[str]],
+                      metrics: list[str]) -> AnswerEval:
+    """generator.backend = "openai": every RAG prompt is sent whole to the [llm] endpoint, its chunks as
+    text (no chunk KV reuse: mode "openai-full-prompt"); up to llm.concurrency requests at a time."""
+    from generators.endpoint import EndpointLLM
+    from generators.prompt import rag_messages
+
+    cfg, llm_cfg = pipe.config, pipe.config.llm
+    llm = EndpointLLM(llm_cfg.base_url, llm_cfg.model, llm_cfg.api_key_env, llm_cfg.concurrency, llm_cfg.timeout,
+                      llm_cfg.retries, whole_prompt=True)
+    prompts = [rag_messages(cfg.generator.system_prompt, q.text, chunks) for q, chunks in zip(queries, contexts)]
+    start = time.perf_counter()
+    try:
+        replies = llm.complete_many(prompts, cfg.generator.max_new_tokens, cfg.generator.temperature)
+    finally:
+        llm.close()
+    answer_s = time.perf_counter() - start
+    records = [{"query_id": q.id, "answer": reply.strip(), "golds": golds.get(q.id, []),
+                "chunk_ids": [c.id for c in chunks], "mode": ENDPOINT_MODE, "endpoint": llm.url}
+               for q, chunks, reply in zip(queries, contexts, replies)]
+    result = _scores(records, golds, metrics, None, answer_s, len(queries))
+    result.counts["endpoint_requests"] = llm.requests
+    return result
 
 
 def _against_reference(generator, question: str, chunks: list[Chunk], reference: str, mode: str) -> dict[str, Any]:

@@ -299,7 +299,10 @@ class Pipeline:
             aggregate, per_query = merge_scores((aggregate, per_query), (answered.aggregate, answered.per_query))
             timings.update(answered.timings)
             counts.update(answered.counts)
-            extra.update(cache_mode=cfg.cache.mode, reference_mode=reference)
+            from ragkit.answering import ENDPOINT_MODE
+
+            extra.update(cache_mode=ENDPOINT_MODE if cfg.generator.backend == "openai" else cfg.cache.mode,
+                         reference_mode=reference)
         counts.update(second.summary())
         config_dict = cfg.to_dict()
         results = make_results(

@@ -119,8 +119,7 @@ def make_llm(pipe) -> Any:
     if cfg.backend == "openai":
         from generators.endpoint import EndpointLLM
 
-        return EndpointLLM(cfg.base_url, cfg.model, cfg.api_key_env, cfg.concurrency, cfg.timeout, cfg.retries,
-                           seed=pipe.config.seed)
+        return EndpointLLM(cfg.base_url, cfg.model, cfg.api_key_env, cfg.concurrency, cfg.timeout, cfg.retries)
     from generators.llm import LocalLLM
 
     return LocalLLM(pipe.generator)

@@ -1,7 +1,9 @@
 """OpenAI-compatible `/v1/chat/completions` and `/v1/models`: the `openai` client works unchanged.
 
 The last user message is the question; retrieval runs first and the answer comes from the
-retrieved chunks under the server's own system prompt (other messages are not used). Streaming
+retrieved chunks under the server's own system prompt (other messages are not used). With ragkit's
+`k: 0` nothing is retrieved and the messages are the whole prompt, computed in full: ragkit serve as a
+plain LLM endpoint (what `generator.backend = "openai"` sends its RAG prompts to). Streaming
 sends `data: {chat.completion.chunk}` lines and a final `data: [DONE]`. ragkit's figures (chunk ids,
 TTFT, cache hits, tokens recomputed, mode) ride along under the `ragkit` key.
 """
@@ -40,7 +42,8 @@ def add_openai_routes(app: FastAPI, server: Server, auth) -> None:
         field = f"messages.{users[-1]}.content"
         job = limits.job(service, body.messages[users[-1]].text(), k=body.k, mode=body.mode,
                          max_tokens=body.max_tokens if body.max_tokens is not None else body.max_completion_tokens,
-                         temperature=body.temperature, stop=body.stop, question_field=field)
+                         temperature=body.temperature, stop=body.stop, question_field=field,
+                         messages=[{"role": m.role, "content": m.text()} for m in body.messages])
         ticket = server.scheduler.submit(job)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
                 "model": body.model or service.name}

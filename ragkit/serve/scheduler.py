@@ -36,6 +36,7 @@ class Job:
     stop: tuple[str, ...]
     deadline: float  # time.monotonic() by which the answer must be complete
     arrived: float = field(default_factory=time.monotonic)
+    messages: list[dict[str, str]] | None = None  # k = 0: the chat as the whole prompt (no retrieval, full prefill)
 
 
 CANCELLED = {"status": 499, "message": "the request was cancelled"}

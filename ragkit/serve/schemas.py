@@ -107,10 +107,11 @@ class Limits:
     max_body_bytes: int = 64 << 10
     deadline_s: float = 120.0
 
-    def k(self, value: int | None) -> int:
+    def k(self, value: int | None, whole_prompt: bool = False) -> int:
+        """Chunks to retrieve; a chat may say 0: no retrieval, its messages are the whole prompt."""
         k = self.default_k if value is None else value
-        if not 1 <= k <= self.max_k:
-            raise FieldError("k", f"must be between 1 and {self.max_k}, got {k}")
+        if not (0 if whole_prompt else 1) <= k <= self.max_k:
+            raise FieldError("k", f"must be between {0 if whole_prompt else 1} and {self.max_k}, got {k}")
         return k
 
     def question(self, value: str, field: str = "question") -> str:
@@ -126,9 +127,10 @@ class Limits:
         return text
 
     def job(self, service, question: str, *, k: int | None, mode: str | None, max_tokens: int | None,
-            temperature: float | None, stop: Stop, question_field: str = "question") -> Job:
+            temperature: float | None, stop: Stop, question_field: str = "question",
+            messages: list[dict[str, str]] | None = None) -> Job:
         question = self.question(question, question_field)
-        k = self.k(k)
+        k = self.k(k, whole_prompt=messages is not None)
         mode = self.default_mode if mode is None else mode
         if mode not in self.modes:
             raise FieldError("mode", f"unknown mode {mode!r}; allowed: {', '.join(self.modes)}")
@@ -143,11 +145,12 @@ class Limits:
             raise FieldError("stop", f"at most {MAX_STOP_STRINGS} non-empty strings of up to {MAX_STOP_CHARS} "
                              "characters")
         room = service.question_room(k, tokens)
-        used = service.count_tokens(question)
+        used = service.count_tokens(question if messages is None or k else "\n".join(m["content"] for m in messages))
         if used > room:
             raise FieldError(question_field, f"{used} tokens; with k={k} chunks and max_tokens={tokens} the "
                              f"model's context leaves room for {max(room, 0)}")
-        return Job(question, k, mode, tokens, temperature, stops, deadline=time.monotonic() + self.deadline_s)
+        return Job(question, k, mode, tokens, temperature, stops, deadline=time.monotonic() + self.deadline_s,
+                   messages=messages if k == 0 else None)
 
     def public(self) -> dict:
         return {"modes": list(self.modes), "default_mode": self.default_mode, "default_k": self.default_k,

@@ -66,11 +66,13 @@ class RagService:
 
     def start(self, ticket: Ticket) -> Started:
         job = ticket.job
-        hits = self.search(job.question, job.k)
+        hits = self.search(job.question, job.k) if job.k else []
         ticket.emit("retrieved", hits)
         chunks = [self.pipeline.chunk(h["id"]) for h in hits]
         output = _Output(ticket, self.max_output_chars)
-        request = Request(job.question, chunks, mode=job.mode, max_new_tokens=job.max_tokens,
+        whole = job.messages is not None  # a plain chat: its messages are the prompt, nothing to reuse
+        request = Request(job.messages if whole else job.question, chunks, mode="full" if whole else job.mode,
+                          max_new_tokens=job.max_tokens,
                           temperature=job.temperature, on_token=output.add)
 
         def finish(answer: Answer) -> None:

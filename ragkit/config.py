@@ -383,9 +383,10 @@ def _check(cfg: Config, source: str | None) -> None:
                           allowed=["rrf", "weighted"], source=source)
     if cfg.retrieval.weights and len(cfg.retrieval.weights) != len(cfg.retrieval.retrievers):
         raise ConfigError("retrieval.weights", "needs one weight per retriever", source=source)
-    from retrievers.rerank import check_stages
+    if cfg.rerank.stages:
+        from retrievers.rerank import check_stages
 
-    check_stages(cfg.rerank.stages, source)
+        check_stages(cfg.rerank.stages, source)
     uses_endpoint = cfg.llm.backend == "openai" or cfg.generator.backend == "openai"
     if uses_endpoint and not re.fullmatch(r"https?://\S+", cfg.llm.base_url):
         raise ConfigError("llm.base_url", f"an OpenAI-compatible endpoint needs a URL such as "

@@ -41,6 +41,7 @@ class Pipeline:
         self._retrievers: list | None = None
         self._chunks: dict[str, Chunk] | None = None
         self._generator = None
+        self.best_chunks: dict[str, dict[str, str]] = {}  # set by search(): query -> document -> its best chunk
         random.seed(config.seed)
 
     @classmethod
@@ -230,7 +231,7 @@ class Pipeline:
         r = self.config.retrieval
         texts = [q.text for q in queries] if texts is None else texts
         rankings: dict[str, list[Hit]] = {}
-        self.best_chunks: dict[str, dict[str, str]] = {}
+        self.best_chunks = {}
         bar = self._bar(total=len(queries), desc="retrieving", unit="q")
         for start in range(0, len(queries), batch_size):
             batch = queries[start:start + batch_size]

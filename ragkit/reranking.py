@@ -13,6 +13,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from ragkit.types import Query, Run
 
 
@@ -63,7 +65,7 @@ class SecondStage:
             label = f"{spec['type']}@{params.depth}"
             start = time.perf_counter()
             rankings = {}
-            for query in self.pipe._bar(queries, desc=f"reranking ({label})", unit="q"):
+            for query in tqdm(queries, desc=f"reranking ({label})", unit="q", disable=not self.pipe.progress):
                 chunk_ids = best_chunks.get(query.id, {})
                 rankings[query.id] = stages.rerank(reranker, query.text, run.get(query.id, []), params.depth,
                                                    lambda doc_id: self.pipe.chunk(chunk_ids[doc_id]))

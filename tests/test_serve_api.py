@@ -101,6 +101,8 @@ MALFORMED = [
     ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 422, "messages.0.role"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, 422, "messages.0.content"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": QUESTION}], "n": 2}, 422, "n"),
+    ("/answer", {"question": QUESTION, "k": 0}, 422, "k"),  # k = 0 (the messages as the prompt): chats only
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": QUESTION}], "k": -1}, 422, "k"),
     ("/arena/preference", {"question": QUESTION, "system_a": "gpt", "system_b": "blend", "answer_a": "a",
                            "answer_b": "b", "preference": "a"}, 422, "system_a"),
     ("/arena/preference", {"question": QUESTION, "system_a": "full", "system_b": "blend", "answer_a": "a",

@@ -182,7 +182,8 @@ def _answer_summary(results: dict) -> str:
     a, t, c = results["aggregate"], results["timings"], results["counts"]
     lines = [f"answers ({results['cache_mode']}): {c['answered_queries']} questions, "
              f"{c['queries_without_gold_answers']} without gold answers (retrieval only)  "
-             f"TTFT p50 {a['ttft_p50_s']:.3f}s p90 {a['ttft_p90_s']:.3f}s  {t['questions_per_s'] or 0:.3f} questions/s  "
+             + (f"TTFT p50 {a['ttft_p50_s']:.3f}s p90 {a['ttft_p90_s']:.3f}s  " if "ttft_p50_s" in a else "")
+             + f"{t['questions_per_s'] or 0:.3f} questions/s  "
              f"chunk hit rate {a.get('chunk_hit_rate', 0):.2f}  recompute share {a.get('recompute_share', 0):.2f}"]
     if "gold_outside_choices" in c:
         lines[0] += f"  {c['gold_outside_choices']} with gold answers outside their choices (not scored)"

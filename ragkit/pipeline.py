@@ -294,14 +294,12 @@ class Pipeline:
         extra: dict[str, Any] = {"stages": [label for label, _ in stages]} if second.active else {}
         answered = None
         if answers:
-            from ragkit.answering import evaluate_answers
+            from ragkit.answering import ENDPOINT_MODE, evaluate_answers
 
             answered = evaluate_answers(self, queries, reference)
             aggregate, per_query = merge_scores((aggregate, per_query), (answered.aggregate, answered.per_query))
             timings.update(answered.timings)
             counts.update(answered.counts)
-            from ragkit.answering import ENDPOINT_MODE
-
             extra.update(cache_mode=ENDPOINT_MODE if cfg.generator.backend == "openai" else cfg.cache.mode,
                          reference_mode=reference)
         counts.update(second.summary())

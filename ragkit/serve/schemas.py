@@ -114,11 +114,12 @@ class Limits:
             raise FieldError("k", f"must be between {0 if whole_prompt else 1} and {self.max_k}, got {k}")
         return k
 
-    def question(self, value: str, field: str = "question") -> str:
+    def question(self, value: str, field: str = "question", whole_prompt: bool = False) -> str:
+        """A question within max_question_chars; a whole prompt (k = 0) is bounded by the context instead."""
         text = value.strip()
         if not text:
             raise FieldError(field, "must not be empty")
-        if len(text) > self.max_question_chars:
+        if not whole_prompt and len(text) > self.max_question_chars:
             raise FieldError(field, f"{len(text)} characters; at most {self.max_question_chars}")
         try:
             text.encode("utf-8")
@@ -129,8 +130,8 @@ class Limits:
     def job(self, service, question: str, *, k: int | None, mode: str | None, max_tokens: int | None,
             temperature: float | None, stop: Stop, question_field: str = "question",
             messages: list[dict[str, str]] | None = None) -> Job:
-        question = self.question(question, question_field)
         k = self.k(k, whole_prompt=messages is not None)
+        question = self.question(question, question_field, whole_prompt=k == 0)
         mode = self.default_mode if mode is None else mode
         if mode not in self.modes:
             raise FieldError("mode", f"unknown mode {mode!r}; allowed: {', '.join(self.modes)}")

@@ -75,7 +75,6 @@ class ListwiseParams(StageParams):
 
 STAGES: dict[str, type[StageParams]] = {"cross-encoder": CrossEncoderParams, "bi-encoder": BiEncoderParams,
                                         "llm-pointwise": PointwiseParams, "llm-listwise": ListwiseParams}
-LLM_STAGES = ("llm-pointwise", "llm-listwise")
 
 
 def stage_params(spec: Any, position: int, source: str | None = None) -> tuple[str, StageParams]:

@@ -374,11 +374,11 @@ class EntryKey:
 
     model: str
     dtype: str
-    prefix: str
+    context: str  # files and journal of format 2 name it "prefix_hash" / "p"
     chunk: str
 
     def record(self) -> dict[str, str]:
-        return {"m": self.model, "y": self.dtype, "p": self.prefix, "k": self.chunk}
+        return {"m": self.model, "y": self.dtype, "p": self.context, "k": self.chunk}
 
 
 def _header_key(path: Path) -> EntryKey | None:

@@ -13,6 +13,8 @@
                the store's device tier keeps the device copies of the entries uploaded here
 
 `ChunkReuse.prefill` runs the first three; the generator decodes from the cache it returns, then commits.
+A batch of prompts reads the store through `HeldEntries` (an `EntrySource`): `lookup_many` fetches every
+entry their plans may read, once, ahead of their prefills.
 """
 
 from __future__ import annotations
@@ -20,11 +22,11 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Iterable, Protocol
 
 import torch
 
-from chunk_cache.assembly import CHUNK, PREFIX, Layout, Segment, assemble
+from chunk_cache.assembly import CHUNK, HEAD, Layout, Segment, assemble
 from chunk_cache.craft import ChunkStatistics, attention_probs, overlap, stat_layers
 from chunk_cache.decoder import ReuseDecoder
 from chunk_cache.keys import KeyScheme
@@ -33,6 +35,72 @@ from chunk_cache.probe import question_attention
 from chunk_cache.store import CacheKey, ChunkKV, KVStore
 
 MAX_VARIANTS = 4  # stored variants of one chunk compared per lookup (each may cost a disk read)
+
+
+class EntrySource(Protocol):
+    """What the reuse path reads and writes entries through: a `KVStore`, or a batch's `HeldEntries`."""
+
+    def get(self, key: CacheKey, upload: bool = True) -> ChunkKV | None: ...
+
+    def variants(self, dtype: str, chunk_hash: str) -> list[CacheKey]: ...
+
+    def put(self, key: CacheKey, kv: ChunkKV, recompute_cost_s: float = 0.0) -> None: ...
+
+    def promote(self, key: CacheKey, kv: ChunkKV) -> None: ...
+
+    def refresh(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Lookups:
+    """What a plan of one prompt may read: each chunk behind exactly the tokens before it (`keys`), and
+    the stored variants of each chunk (`chunk_hashes`)."""
+
+    keys: frozenset[CacheKey] = frozenset()
+    chunk_hashes: frozenset[str] = frozenset()
+
+
+class HeldEntries:
+    """The store as a batch's prefills see it: each key is fetched once (`ChunkReuse.lookup_many`, on a
+    background thread) and its entry, or its absence, held until released, so a group's shared chunks
+    are read once and cannot be evicted by the group's own stores while it is being prefilled. Writes go
+    through to the store. Host entries stay in host memory until a prefill uploads them layer by layer."""
+
+    def __init__(self, store: EntrySource):
+        self.store = store
+        self.entries: dict[CacheKey, ChunkKV | None] = {}
+
+    def get(self, key: CacheKey, upload: bool = True) -> ChunkKV | None:
+        if key not in self.entries:
+            self.entries[key] = self.store.get(key, upload=False)
+        kv = self.entries[key]
+        return kv.to(self.store.device) if upload and kv is not None else kv
+
+    def variants(self, dtype: str, chunk_hash: str) -> list[CacheKey]:
+        return self.store.variants(dtype, chunk_hash)
+
+    def put(self, key: CacheKey, kv: ChunkKV, recompute_cost_s: float = 0.0) -> None:
+        self.store.put(key, kv, recompute_cost_s=recompute_cost_s)
+        self.entries[key] = kv
+
+    def promote(self, key: CacheKey, kv: ChunkKV) -> None:
+        """A prefill's device copy of a held host entry: the group's next prefills reuse it, the store keeps it."""
+        self.store.promote(key, kv)
+        if key in self.entries:
+            self.entries[key] = kv
+
+    def refresh(self) -> None:
+        self.store.refresh()
+
+    def hold(self, fetched: dict[CacheKey, ChunkKV | None]) -> None:
+        for key, kv in fetched.items():
+            self.entries.setdefault(key, kv)  # an entry stored meanwhile is newer than the fetched one
+
+    def release(self, keep: Iterable[Lookups]) -> None:
+        """Drop every held entry that none of `keep` may read."""
+        keys = set().union(*(lookups.keys for lookups in keep))
+        hashes = set().union(*(lookups.chunk_hashes for lookups in keep))
+        self.entries = {key: kv for key, kv in self.entries.items() if key in keys or key.chunk_hash in hashes}
 
 
 @dataclass
@@ -54,12 +122,13 @@ class Plan:
     exact: set[int] = field(default_factory=set)  # indices whose entry is exact where it now sits
     overlap: dict[int, float] = field(default_factory=dict)  # inexact index -> beta' of its variant
     misses: list[Miss] = field(default_factory=list)
+    statistics: bool = False  # collect Cache-Craft statistics of the misses (modes that read them; warming)
 
 
 @dataclass
 class Prefilled:
     logits: torch.Tensor  # [V] fp32, next-token logits after the last prompt row
-    context: int  # chunk rows in the prompt
+    chunk_rows: int  # chunk rows in the prompt
     recomputed: int  # chunk rows that ran through the last layer (computed or recomputed)
     recompute_share: float  # chunk rows computed, summed over every layer, / (layers x chunk rows)
     statistics: dict[int, dict[str, torch.Tensor]]  # miss segment index -> Cache-Craft extras
@@ -74,26 +143,56 @@ class ChunkReuse:
         self._head: ChunkKV | None = None
 
     # --- plan -----------------------------------------------------------------------------
-    def plan(self, segments: list[Segment], settings: ReuseSettings) -> Plan:
+    def exact_keys(self, segments: list[Segment]) -> dict[int, CacheKey]:
+        """Per chunk segment, its key behind exactly the tokens now before it (the one walk over a prompt)."""
+        keys, before = {}, list(segments[0].token_ids)
+        for index, seg in enumerate(segments[1:], start=1):
+            if seg.kind == CHUNK:
+                keys[index] = self.keys.exact(before, seg.token_ids)
+            before.extend(seg.token_ids)
+        return keys
+
+    def lookups(self, segments: list[Segment], mode: str) -> Lookups:
+        """What `plan(segments, mode)` may read from the store."""
+        lookup = make_mode(mode).lookup
+        if lookup == NONE:
+            return Lookups()
+        keys = frozenset(self.exact_keys(segments).values())
+        return Lookups(keys, frozenset(k.chunk_hash for k in keys) if lookup == ANY else frozenset())
+
+    def lookup_many(self, lookups: Iterable[Lookups], skip: Iterable[CacheKey] = ()) -> dict[CacheKey, ChunkKV | None]:
+        """Fetch, as the store holds them (host entries stay on the host), every entry plans with these
+        `lookups` may read, but those in `skip`: for a prefetch thread (the store is thread safe)."""
+        keys, hashes = set(), set()
+        for item in lookups:
+            keys |= item.keys
+            hashes |= item.chunk_hashes
+        keys |= {key for h in hashes for key in self.store.variants(self.keys.dtype, h)[:MAX_VARIANTS]}
+        return {key: self.store.get(key, upload=False) for key in keys - set(skip)}
+
+    def plan(self, segments: list[Segment], settings: ReuseSettings, source: EntrySource | None = None) -> Plan:
+        """`source`: where entries are read (default: the store; a batch passes its `HeldEntries`)."""
         mode = make_mode(settings.mode)
         plan = Plan(segments, mode, settings)
         if mode.lookup == NONE:
             return plan
-        self.store.flush()  # see the entries other processes stored since the last prompt
+        source = self.store if source is None else source
+        source.refresh()  # see the entries other processes stored since the last prompt
         plan.entries[0], plan.keys[0], plan.exact = self.head(), self.keys.head(), {0}
+        exact_keys = self.exact_keys(segments)
         before: list[int] = list(segments[0].token_ids)
         chunks_before: list[str] = []
         leading = not mode.parallel  # every row so far is what full prefill computes
         for index, seg in enumerate(segments[1:], start=1):
             if seg.kind == CHUNK:
-                exact_key = self.keys.exact(before, seg.token_ids)
-                kv = self.store.get(exact_key, upload=False) if leading else None
+                exact_key = exact_keys[index]
+                kv = source.get(exact_key, upload=False) if leading else None
                 if kv is not None:
                     plan.entries[index], plan.keys[index] = kv, exact_key
                     plan.exact.add(index)
                 else:
                     now_before = [] if mode.parallel else chunks_before  # APE's chunks do not see each other
-                    found = self._best_variant(seg, now_before, mode) if mode.lookup == ANY else None
+                    found = self._best_variant(source, seg, now_before, mode) if mode.lookup == ANY else None
                     if found is None and mode.parallel:  # APE cannot compute a chunk in place
                         found = self.keys.shared(seg.token_ids), self.encode(seg.token_ids), 1.0
                     if found is None:
@@ -104,15 +203,22 @@ class ChunkReuse:
                         leading = False
                 chunks_before.append(exact_key.chunk_hash)
             before.extend(seg.token_ids)
+        if len(plan.entries) == 1 and not mode.parallel and getattr(self.model, "rope_switch", None) is None:
+            # Nothing but the head found: compute it too, so the prompt is one causal prefill (the kernel full
+            # prefill gets) and a cold prompt costs no more than full prefill; the misses are stored as planned.
+            # (Under LongRoPE the head stays an entry: assembly then refuses prompts past the factor switch,
+            # whose computed rows must not be stored.)
+            plan.entries, plan.keys, plan.exact = {}, {}, set()
+        plan.statistics = mode.needs_statistics
         return plan
 
-    def _best_variant(self, seg: Segment, chunks_before: list[str],
+    def _best_variant(self, source: EntrySource, seg: Segment, chunks_before: list[str],
                       mode: Mode) -> tuple[CacheKey, ChunkKV, float] | None:
         """The stored variant of the chunk needing least recomputation here: highest beta' (Cache-Craft),
         and for modes that read statistics, one that carries them."""
         best, best_rank = None, None
-        for key in self.store.variants(self.keys.dtype, self.keys.shared(seg.token_ids).chunk_hash)[:MAX_VARIANTS]:
-            kv = self.store.get(key, upload=False)
+        for key in source.variants(self.keys.dtype, self.keys.shared(seg.token_ids).chunk_hash)[:MAX_VARIANTS]:
+            kv = source.get(key, upload=False)
             if kv is None:
                 continue
             beta = overlap(kv.context, kv.extras.get("inter_by_chunk"), chunks_before)
@@ -146,7 +252,7 @@ class ChunkReuse:
     # --- recompute ------------------------------------------------------------------------
     def recompute(self, plan: Plan, layout: Layout, cache) -> Prefilled:
         chunk_rows = _rows_of(layout, plan.segments, CHUNK)
-        statistics = {m.index: self._statistics(layout, plan, m.index) for m in plan.misses}
+        statistics = {m.index: self._statistics(layout, plan, m.index) for m in plan.misses} if plan.statistics else {}
         timing = {"probe_s": 0.0}
         if plan.mode.parallel:
             logits = self._parallel(layout, cache, plan.settings)
@@ -161,9 +267,9 @@ class ChunkReuse:
         cache.ready(self.model.args.n_layers - 1)  # every layer in place for decoding, commit and batching
         cache.uploads = None
         computed = sum(int((r & chunk_rows).sum()) for r in layer_rows)
-        context = int(chunk_rows.sum())
-        return Prefilled(logits, context, int((layer_rows[-1] & chunk_rows).sum()),
-                         computed / max(1, context * len(layer_rows)),
+        n_chunk_rows = int(chunk_rows.sum())
+        return Prefilled(logits, n_chunk_rows, int((layer_rows[-1] & chunk_rows).sum()),
+                         computed / max(1, n_chunk_rows * len(layer_rows)),
                          {i: s.extras() for i, s in statistics.items()}, timing["probe_s"])
 
     def _candidates(self, layout: Layout, plan: Plan, cache, timing: dict[str, float]) -> Candidates:
@@ -258,54 +364,59 @@ class ChunkReuse:
         return keep
 
     def _parallel(self, layout: Layout, cache, settings: ReuseSettings) -> torch.Tensor:
-        """APE: each context's computed rows (title, separator) attend to the head and their own context
-        only; then the question attends to every context at temperature T, rescaled by S."""
+        """APE: each group's computed rows (title, separator) attend to the head and their own group
+        only; then the question attends to every group at temperature T, rescaled by S."""
         model, device = self.model, self.model.device
         computed = ~layout.reused
-        for context in layout.context[computed].unique().tolist():
-            if context < 0:
+        for group in layout.group[computed].unique().tolist():
+            if group < 0:
                 continue
-            rows = computed & (layout.context == context)
-            hidden = (layout.context >= 0) & (layout.context != context)
+            rows = computed & (layout.group == group)
+            hidden = (layout.group >= 0) & (layout.group != group)
             saved = cache.positions[0, : layout.size].clone()
-            cache.positions[0, : layout.size][hidden.to(device)] = -1  # other contexts are invisible to it
+            cache.positions[0, : layout.size][hidden.to(device)] = -1  # other groups are invisible to it
             idx = rows.nonzero()[:, 0]
             model.forward(layout.token_ids[idx][None].to(device), layout.positions[idx][None].to(device), cache,
                           idx.to(device))
             saved[idx.to(device)] = cache.positions[0, idx.to(device)]
             cache.positions[0, : layout.size] = saved
         cache.ape = (settings.ape_temperature, settings.ape_scale)
-        idx = (computed & (layout.context < 0)).nonzero()[:, 0]
+        idx = (computed & (layout.group < 0)).nonzero()[:, 0]
         return model.forward(layout.token_ids[idx][None].to(device), layout.positions[idx][None].to(device), cache,
                              idx.to(device))[0, -1]
 
     # --- commit ---------------------------------------------------------------------------
-    def commit(self, plan: Plan, layout: Layout, cache, prefilled: Prefilled, prefill_s: float) -> None:
+    def commit(self, plan: Plan, layout: Layout, cache, prefilled: Prefilled, prefill_s: float,
+               source: EntrySource | None = None) -> None:
         """Store each chunk computed in this prompt, with its statistics and the chunks before it; hand
         the device copies of entries uploaded from host memory to the store's device tier (a hit moves
-        an entry to the first tier; the upload already made the copy)."""
+        an entry to the first tier; the upload already made the copy). The store writes entries to disk
+        off the caller's thread when it has a writer (chunk_cache.writer)."""
+        source = self.store if source is None else source
         for index, kv in layout.uploaded.items():
-            self.store.promote(plan.keys[index], kv)
+            source.promote(plan.keys[index], kv)
         for miss in plan.misses:
             s, e = layout.spans[miss.index]
             kv = ChunkKV(cache.keys[:, 0, :, s:e].clone(), cache.values[:, 0, :, s:e].clone(),
                          start=int(layout.positions[s]), extras=prefilled.statistics.get(miss.index, {}),
                          context=miss.context)
-            self.store.put(miss.key, kv, recompute_cost_s=prefill_s * (e - s) / max(1, layout.size))
+            source.put(miss.key, kv, recompute_cost_s=prefill_s * (e - s) / max(1, layout.size))
 
     # --- the steps in order ------------------------------------------------------------------
-    def prefill(self, segments: list[Segment], settings: ReuseSettings, extra: int):
+    def prefill(self, segments: list[Segment], settings: ReuseSettings, extra: int,
+                source: EntrySource | None = None):
         """Plan, assemble and recompute a prompt; returns (plan, Prefilled, layout, cache). The caller
-        commits once it has decoded, so storing the misses never delays the first token."""
-        plan = self.plan(segments, settings)
+        commits once the first token is out, so storing the misses never delays it."""
+        plan = self.plan(segments, settings, source)
         layout, cache = self.assemble(plan, extra)
         return plan, self.recompute(plan, layout, cache), layout, cache
 
     def encode(self, chunk_ids: Iterable[int]) -> ChunkKV:
         """The chunk computed behind the shared head alone, stored under its shared key (a warm)."""
-        segments = [Segment(PREFIX, self.keys.head_ids), Segment(CHUNK, tuple(chunk_ids))]
+        segments = [Segment(HEAD, self.keys.head_ids), Segment(CHUNK, tuple(chunk_ids))]
         plan = Plan(segments, make_mode("naive"), ReuseSettings(mode="naive"), entries={0: self.head()},
-                    keys={0: self.keys.head()}, exact={0}, misses=[Miss(1, self.keys.shared(chunk_ids), ())])
+                    keys={0: self.keys.head()}, exact={0}, misses=[Miss(1, self.keys.shared(chunk_ids), ())],
+                    statistics=True)
         layout, cache = self.assemble(plan, 0)
         start = time.perf_counter()
         prefilled = self.recompute(plan, layout, cache)

@@ -7,7 +7,9 @@ context, in this process's tiers and in the shared disk folder. Each tier has a 
 evicts by a pluggable policy (chunk_cache.eviction). Memory tiers hold an entry in one place and
 move it to the first tier on a hit; disk is written through on `put`, so a warmed cache survives
 the process, and disk reads are verified (fingerprint, key, xxh3) before use (chunk_cache.disk). The
-store's lock guards only its memory tiers: files are read, hashed, serialised and fsynced outside it.
+store's lock guards only its memory tiers: files are read, hashed, serialised and fsynced outside it,
+and with `write_behind` on a writer thread (chunk_cache.writer): `put` returns once memory holds the
+entry, and `wait_written(ticket)` once it is on disk.
 """
 
 from __future__ import annotations
@@ -24,20 +26,20 @@ from filelock import FileLock
 from chunk_cache.disk import ENTRIES, LOCK, MANIFEST, SUFFIX, DiskTier, clear_files, entry_files, read_manifest
 from chunk_cache.dtypes import KV_DTYPES
 from chunk_cache.eviction import EntryStats, EvictionPolicy, choose_victims, make_policy, tick
+from chunk_cache.writer import DiskWriter
 from ragkit.errors import IndexMismatchError
-
 
 
 @dataclass(frozen=True)
 class CacheKey:
     model: str  # model fingerprint (opaque here)
     dtype: str  # one of chunk_cache.dtypes.KV_DTYPES
-    prefix_hash: str  # the context the rows were computed behind (chunk_cache.keys names each kind)
+    context_hash: str  # the context the rows were computed behind (chunk_cache.keys names each kind)
     chunk_hash: str  # token_hash(chunk token ids) == Chunk.content_hash
 
     def digest(self) -> str:
         """Hex sha256 of the fields; the only thing that names a file, so no key can escape its folder."""
-        fields = [self.model, self.dtype, self.prefix_hash, self.chunk_hash]
+        fields = [self.model, self.dtype, self.context_hash, self.chunk_hash]
         return hashlib.sha256(json.dumps(fields).encode()).hexdigest()
 
 
@@ -137,7 +139,8 @@ class KVStore:
     """
 
     def __init__(self, root: Path | None, model_fingerprint: str, *, device: str = "cpu", device_bytes: int = 0,
-                 host_bytes: int = 2 << 30, disk_bytes: int = 20 << 30, eviction: str = "lru"):
+                 host_bytes: int = 2 << 30, disk_bytes: int = 20 << 30, eviction: str = "lru",
+                 write_behind: bool = False):
         self.model = model_fingerprint
         self.device = torch.device(device)
         self.policy = make_policy(eviction)
@@ -146,6 +149,7 @@ class KVStore:
         if on_accelerator:
             self._memory.insert(0, MemoryTier("device", self.device, device_bytes, self.policy))
         self._disk = DiskTier(Path(root), disk_bytes, self.policy) if root is not None else None
+        self._writer = DiskWriter() if write_behind and self._disk is not None else None
         self._lock = threading.RLock()
         self.hits = self.misses = 0
 
@@ -158,6 +162,9 @@ class KVStore:
         digest = self._digest(key)
         with self._lock:
             held = self._take_from_memory(digest)
+        if held is None and self._writer is not None:  # spilled from memory, not on disk yet
+            queued = self._writer.pending(digest)
+            held = Held(key, queued.kv, queued.usage) if queued is not None else None
         if held is None:  # read and check the file without the lock; another thread may load it too
             held = self._load(key, digest, tick())
         if held is None:
@@ -218,6 +225,12 @@ class KVStore:
             self._write(held, make_room=True)
         self._write_spilled(spilled)
 
+    def _write(self, held: Held, make_room: bool) -> None:
+        if self._writer is None:
+            self._write_now(held, make_room)
+        else:
+            self._writer.submit(held.key.digest(), lambda: self._write_now(held, make_room), held.usage.nbytes, held)
+
     def variants(self, dtype: str, chunk_hash: str) -> list[CacheKey]:
         """Keys of every stored entry of this chunk for this store's model and `dtype`, any context:
         in this process's memory tiers (first) and, through the disk folder's journal, written by any process."""
@@ -225,7 +238,7 @@ class KVStore:
             held = sorted({held.key for tier in self._memory for held in tier.entries.values()
                            if held.key.chunk_hash == chunk_hash and held.key.dtype == dtype}, key=_context)
             on_disk = [] if self._disk is None else sorted(
-                {CacheKey(k.model, k.dtype, k.prefix, k.chunk) for _, k in self._disk.variants(self.model, dtype,
+                {CacheKey(k.model, k.dtype, k.context, k.chunk) for _, k in self._disk.variants(self.model, dtype,
                                                                                               chunk_hash)}
                 - set(held), key=_context)
         return held + on_disk
@@ -237,6 +250,8 @@ class KVStore:
         with self._lock:
             if any(digest in tier.entries for tier in self._memory):
                 return True
+        if self._writer is not None and self._writer.pending(digest) is not None:
+            return True
         return self._disk is not None and self._disk.contains(digest, self.model)
 
     def stats(self) -> dict:
@@ -254,11 +269,25 @@ class KVStore:
                     "eviction": self.policy.name, "tiers": tiers, "hits": self.hits, "misses": self.misses,
                     "hit_rate": self.hits / lookups if lookups else 0.0, "entries": entries}
 
-    def flush(self) -> None:
-        """Publish queued hit counts to the disk journal now (done anyway on writes and at exit)."""
+    def refresh(self) -> None:
+        """See the entries other processes stored; publish queued hit counts to the disk journal."""
         if self._disk is not None:
             with self._lock:
                 self._disk.refresh()
+
+    def written(self) -> int:
+        """A ticket for every disk write queued so far (0 without a writer): see `wait_written`."""
+        return self._writer.last_ticket if self._writer is not None else 0
+
+    def wait_written(self, ticket: int | None = None) -> None:
+        """Return once the writes up to `ticket` (default: all) are on disk; at once without a writer."""
+        if self._writer is not None:
+            self._writer.wait(ticket)
+
+    def flush(self) -> None:
+        """Every queued write on disk and every queued hit count in the journal (done anyway at exit)."""
+        self.wait_written()
+        self.refresh()
 
     def clear(self) -> None:
         """Drop every entry from every tier (and the disk folder's files, keeping the folder)."""
@@ -289,8 +318,8 @@ class KVStore:
             for held in spilled:
                 self._write(held, make_room=False)
 
-    def _write(self, held: Held, make_room: bool) -> None:
-        meta = {"model": held.key.model, "dtype": held.key.dtype, "prefix_hash": held.key.prefix_hash,
+    def _write_now(self, held: Held, make_room: bool) -> None:
+        meta = {"model": held.key.model, "dtype": held.key.dtype, "prefix_hash": held.key.context_hash,  # v2 files' name
                 "chunk_hash": held.key.chunk_hash, "start": str(int(held.kv.start)),
                 "context": json.dumps(list(held.kv.context)), "cost_s": repr(float(held.usage.cost_s))}
         self._disk.write(held.key.digest(), held.kv.tensors(), meta, held.usage.cost_s, make_room=make_room)
@@ -308,7 +337,7 @@ class KVStore:
 
 
 def _context(key: CacheKey) -> str:
-    return key.prefix_hash
+    return key.context_hash
 
 
 def _entry_row(digest: str, tier: str, usage: EntryStats, now: float) -> dict:

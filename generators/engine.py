@@ -7,19 +7,24 @@ gains from chunk reuse, not from batching. The engine therefore:
 - orders the queue so that questions with overlapping chunk sets run together (BatchLLM's global
   grouping of shared prefixes, applied to chunks: `group_order`);
 - fetches the store entries a group will look up once, on a background thread while the previous
-  group decodes, and holds them until the group is prefilled (`HeldEntries`); entries in host memory
-  stay there, and each prefill uploads what it reuses layer by layer (chunk_cache.upload);
+  group decodes (`ChunkReuse.lookup_many`), and holds them until the group is prefilled
+  (chunk_cache.reuse.HeldEntries); entries in host memory stay there, and each prefill uploads what it
+  reuses layer by layer (chunk_cache.upload);
 - prefills each admitted question on its own through `RagGenerator.prefill` (any reuse mode) and
-  commits its missed chunks at once, so the next question finds them as it would one at a time;
+  commits its missed chunks at once: memory holds them before the next question is planned, so it finds
+  them as it would one at a time, and the store writes them to disk while the batch decodes; a request
+  is reported answered only once its own writes are on disk (chunk_cache.writer);
 - copies the prompt KV into a free row of one right-padded batch cache (slots past a row's length
   carry position -1 and are never attended) and decodes one token for every row per `step`, each
   row with its own stop tokens and budget. A finished row leaves at once (the last row moves into
   its place) and queued requests join between steps, within `max_batch` rows and `max_kv_bytes`.
 
-A server calls `submit` and `step` in its own loop (`cancel` for a request nobody waits for, `stop`
-for one whose output ended on the caller's terms); `run` answers a list. APE lays every prompt's
-chunks side by side and attends to them with a temperature carried by its cache (one context mask
-per cache, not per row), so APE requests are answered one at a time when they reach the head of the queue.
+Everything a request may set (mode, token budget, temperature, stop tokens, streaming, a reference to
+teacher-force) travels on its `Request`; the generator is never reconfigured. A server calls `submit`
+and `step` in its own loop (`cancel` for a request nobody waits for, `stop` for one whose output ended
+on the caller's terms); `run` answers a list. A mode whose chunks sit at shared positions (the
+registry's `parallel` trait: APE) attends to them with a temperature carried by its cache (one context
+mask per cache, not per row), so such requests are answered alone when they reach the head of the queue.
 """
 
 from __future__ import annotations
@@ -27,16 +32,13 @@ from __future__ import annotations
 import dataclasses
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 
-from chunk_cache.assembly import CHUNK
-from chunk_cache.modes import NONE, make_mode
-from chunk_cache.reuse import MAX_VARIANTS
-from chunk_cache.store import CacheKey, ChunkKV
+from chunk_cache.modes import make_mode
+from chunk_cache.reuse import HeldEntries, Lookups
 from generators.generate import Sampling, decode_step, pick
 from generators.model import KVCache
 from generators.rag import Answer, RagGenerator, synchronize
@@ -52,6 +54,8 @@ class Request:
     stop_ids: frozenset[int] | None = None  # None: the prompt's end-of-turn tokens
     temperature: float | None = None  # None: the generator's
     on_token: Callable[[str], None] | None = None
+    keep_logits: bool = False  # keep the first token's logits on the Answer
+    forced: list[int] | None = None  # a reference to teacher-force from the same prefill (Answer.forced)
 
 
 @dataclass
@@ -68,6 +72,9 @@ class _Sequence:
     ttft: float
     sampling: Sampling
     rng: torch.Generator | None
+    written: int  # the store's write ticket after this request's commit
+    first_logits: torch.Tensor | None
+    forced: list[int] | None
     tokens: list[int] = field(default_factory=list)
     done: bool = False
 
@@ -106,56 +113,6 @@ def group_order(chunk_sets: list[set[str]], group_size: int) -> list[int]:
     return order
 
 
-class HeldEntries:
-    """The store as the engine's prefills see it: each key is fetched once and its entry (or its
-    absence) held until released, so a group's shared chunks are read once and cannot be evicted
-    by the group's own stores while it is being prefilled. Writes go through to the store."""
-
-    def __init__(self, store):
-        self.store = store
-        self.entries: dict[CacheKey, ChunkKV | None] = {}
-
-    def get(self, key: CacheKey, upload: bool = True) -> ChunkKV | None:
-        """Held as the store's `get(key, upload=False)` returned it: host entries stay in host memory until a
-        prefill uploads them layer by layer (chunk_cache.upload)."""
-        if key not in self.entries:
-            self.entries[key] = self.store.get(key, upload=False)
-        kv = self.entries[key]
-        return kv.to(self.store.device) if upload and kv is not None else kv
-
-    def promote(self, key: CacheKey, kv: ChunkKV) -> None:
-        """A prefill's device copy of a held host entry: the group's next prefills reuse it, the store keeps it."""
-        self.store.promote(key, kv)
-        if key in self.entries:
-            self.entries[key] = kv
-
-    def put(self, key: CacheKey, kv: ChunkKV, recompute_cost_s: float = 0.0) -> None:
-        self.store.put(key, kv, recompute_cost_s=recompute_cost_s)
-        self.entries[key] = kv
-
-    def __contains__(self, key: object) -> bool:
-        return self.entries.get(key) is not None or key in self.store
-
-    def variants(self, dtype: str, chunk_hash: str) -> list[CacheKey]:
-        return self.store.variants(dtype, chunk_hash)
-
-    def flush(self) -> None:
-        self.store.flush()
-
-    def fetch(self, keys: Iterable[CacheKey], chunk_hashes: Iterable[str], dtype: str) -> dict:
-        """Look keys, and the stored variants of chunks, up in the store (run on the prefetch thread;
-        the store is thread safe)."""
-        keys = set(keys) | {key for h in chunk_hashes for key in self.store.variants(dtype, h)[:MAX_VARIANTS]}
-        return {key: self.store.get(key, upload=False) for key in keys}
-
-    def hold(self, fetched: dict[CacheKey, ChunkKV | None]) -> None:
-        for key, kv in fetched.items():
-            self.entries.setdefault(key, kv)  # an entry stored meanwhile is newer than the fetched one
-
-    def release(self, keep: set[CacheKey]) -> None:
-        self.entries = {key: kv for key, kv in self.entries.items() if key in keep}
-
-
 class AnswerEngine:
     """Continuous batching over a `RagGenerator`: `submit` requests, call `step` until `idle`.
 
@@ -182,7 +139,7 @@ class AnswerEngine:
         self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-prefetch")
         self._prefetch: Future | None = None
         self._prefetched: set[int] = set()  # tickets whose keys were fetched or are being fetched
-        self._request_keys: dict[int, tuple[set[CacheKey], set[str]]] = {}  # queued ticket -> _keys(), computed once
+        self._lookups: dict[int, Lookups] = {}  # queued ticket -> what its plan may read, computed once
         self._tickets = 0
         # what a caller may report: seconds in batched decode steps, the largest batch and batch cache
         self.decode_s = 0.0
@@ -192,7 +149,9 @@ class AnswerEngine:
     # --- the serving loop -------------------------------------------------------------------
 
     def submit(self, request: Request) -> int:
-        """Queue a request; returns its ticket (step() reports answers by ticket)."""
+        """Queue a request; returns its ticket (step() reports answers by ticket). A prompt that cannot fit
+        the model's context with its answer is refused here (InputError), before it takes a row."""
+        self.rag.check_fits(request.question, request.chunks, self._budget(request))
         ticket = self._tickets
         self._tickets += 1
         self.queue.append((ticket, request))
@@ -204,6 +163,9 @@ class AnswerEngine:
 
     def step(self) -> list[tuple[int, Answer]]:
         """Admit what fits, emit one token per running sequence, retire the finished, decode the rest."""
+        if self.held.store is not self.rag.store:  # the generator was handed another store: start over on it
+            self._merge_prefetch()
+            self.held, self._prefetched = HeldEntries(self.rag.store), set()
         finished = self._admit()
         self._prefetch_next()
         finished += self._emit()
@@ -213,14 +175,20 @@ class AnswerEngine:
             self.cache = None  # idle: give the batch cache's memory back
         return finished
 
-    def run(self, requests: list[Request]) -> list[Answer]:
-        """Answer every request (grouped by shared chunks); answers in the order of `requests`."""
-        order = group_order([{c.content_hash for c in r.chunks} for r in requests], self.max_batch)
+    def run(self, requests: list[Request], grouped: bool = True,
+            on_answer: Callable[[int, Answer], None] | None = None) -> list[Answer]:
+        """Answer every request; answers in the order of `requests`. `grouped`: admit requests sharing
+        chunks together (else in the given order, so each is planned after the ones before it committed).
+        on_answer(index, answer) as each one is done."""
+        order = group_order([{c.content_hash for c in r.chunks} for r in requests], self.max_batch) \
+            if grouped else range(len(requests))
         index = {self.submit(requests[i]): i for i in order}
         answers: list[Answer | None] = [None] * len(requests)
         while not self.idle:
             for ticket, answer in self.step():
                 answers[index[ticket]] = answer
+                if on_answer is not None:
+                    on_answer(index[ticket], answer)
         return answers
 
     def cancel(self, ticket: int) -> bool:
@@ -229,7 +197,7 @@ class AnswerEngine:
         for index, (queued, _) in enumerate(self.queue):
             if queued == ticket:
                 del self.queue[index]
-                self._request_keys.pop(ticket, None)
+                self._lookups.pop(ticket, None)
                 self._prefetched.discard(ticket)
                 return True
         for row, sequence in enumerate(self.rows):
@@ -254,12 +222,13 @@ class AnswerEngine:
         while self.queue and len(self.rows) < self.max_batch:
             ticket, request = self.queue[0]
             budget = self._budget(request)
-            if (request.mode or self.rag.settings.mode) == "ape":
-                if self.rows:  # APE runs alone (see the module docstring): wait for the batch to drain
+            if make_mode(self._mode(request)).parallel:
+                if self.rows:  # answered alone (see the module docstring): wait for the batch to drain
                     break
                 self.queue.pop(0)
-                self._request_keys.pop(ticket, None)
-                finished.append((ticket, self._answer_alone(request)))
+                self._lookups.pop(ticket, None)
+                self._prefetched.discard(ticket)
+                finished.append((ticket, self._answer_alone(request, budget)))
                 continue
             slots = self._prompt_rows(request) + budget
             if not self._reserve(len(self.rows) + 1, slots):
@@ -275,8 +244,11 @@ class AnswerEngine:
             admitted = True
         if admitted:
             self.peak_rows = max(self.peak_rows, len(self.rows))
-            self.held.release(self._window_keys())
+            self.held.release([self._lookups_of(ticket, request) for ticket, request in self._window()])
         return finished
+
+    def _mode(self, request: Request) -> str:
+        return request.mode or self.rag.settings.mode
 
     def _budget(self, request: Request) -> int:
         return self.rag.max_new_tokens if request.max_new_tokens is None else request.max_new_tokens
@@ -307,48 +279,36 @@ class AnswerEngine:
         return True
 
     def _start(self, ticket: int, request: Request, budget: int) -> tuple[_Sequence, KVCache]:
-        """Prefill a request (its misses stored at once); returns its sequence and its prompt's cache."""
-        self._request_keys.pop(ticket, None)
+        """Prefill a request and commit its misses; returns its sequence and its prompt's cache."""
+        self._lookups.pop(ticket, None)
         self._prefetched.discard(ticket)
+        self._merge_prefetch()
         started = time.perf_counter()
-        with self._lookups():
-            logits, cache, next_position, stats = self._prefill(request.question, request.chunks, request.mode)
-            synchronize(self.model.device)
-            ttft = time.perf_counter() - started
-            stats["commit"](ttft)
+        logits, cache, next_position, stats = self._prefill(
+            request.question, request.chunks, request.mode, extra=max(budget, len(request.forced or ())) + 1,
+            source=self.held)
+        synchronize(self.model.device)
+        ttft = time.perf_counter() - started
+        stats["commit"](ttft)
+        forced = self.rag.teacher_forced(cache, logits, next_position, request.forced) if request.forced else None
         sampling = self._sampling(request)
         rng = torch.Generator().manual_seed(sampling.seed) if sampling.temperature > 0 else None
         stops = self.rag.prompt.stop_ids if request.stop_ids is None else request.stop_ids
         return _Sequence(ticket, request, logits, next_position, cache.length, budget, stops, stats, started, ttft,
-                         sampling, rng), cache
+                         sampling, rng, self.rag.store.written(), logits.cpu() if request.keep_logits else None,
+                         forced), cache
 
     def _sampling(self, request: Request) -> Sampling:
         if request.temperature is None:
             return self.rag.sampling
         return dataclasses.replace(self.rag.sampling, temperature=request.temperature)
 
-    def _answer_alone(self, request: Request) -> Answer:
-        """The request's budget and temperature hold for this answer only (the engine's thread is the
-        generator's only user); its stop ids are the prompt's."""
-        rag, saved = self.rag, (self.rag.max_new_tokens, self.rag.sampling)
-        rag.max_new_tokens, rag.sampling = self._budget(request), self._sampling(request)
-        try:
-            with self._lookups():
-                return rag.answer(request.question, request.chunks, on_token=request.on_token, mode=request.mode)
-        finally:
-            rag.max_new_tokens, rag.sampling = saved
-
-    @contextmanager
-    def _lookups(self):
-        """The reuse path looks entries up in its store; route those lookups through the held entries."""
+    def _answer_alone(self, request: Request, budget: int) -> Answer:
         self._merge_prefetch()
-        reuse = self.rag.reuse
-        self.held.store = reuse.store
-        reuse.store = self.held
-        try:
-            yield
-        finally:
-            reuse.store = self.held.store
+        return self.rag.answer(request.question, request.chunks, on_token=request.on_token, mode=request.mode,
+                               keep_logits=request.keep_logits, max_new_tokens=budget,
+                               sampling=self._sampling(request), stop_ids=request.stop_ids, forced=request.forced,
+                               source=self.held)
 
     # --- prefetching --------------------------------------------------------------------------
 
@@ -356,31 +316,11 @@ class AnswerEngine:
         """The queued requests the next admissions will take."""
         return self.queue[: self.max_batch]
 
-    def _keys(self, ticket: int, request: Request) -> tuple[set[CacheKey], set[str]]:
-        """What a prefill of `request` may look up: each chunk behind exactly the tokens before it
-        (keys), and the stored variants of each chunk (chunk hashes)."""
-        if ticket in self._request_keys:
-            return self._request_keys[ticket]
-        keys, hashes = self._request_keys[ticket] = set(), set()
-        if make_mode(request.mode or self.rag.settings.mode).lookup == NONE:
-            return keys, hashes
-        segments = self.rag.prompt.segments(request.question, request.chunks)
-        before = list(segments[0].token_ids)
-        for seg in segments[1:]:
-            if seg.kind == CHUNK:
-                exact = self.rag.keys.exact(before, seg.token_ids)
-                keys.add(exact)
-                hashes.add(exact.chunk_hash)
-            before.extend(seg.token_ids)
-        return keys, hashes
-
-    def _window_keys(self) -> set[CacheKey]:
-        """Keys the queued window may look up, its chunks' stored variants included."""
-        keep = set()
-        for ticket, request in self._window():
-            keys, hashes = self._keys(ticket, request)
-            keep |= keys | {key for key in self.held.entries if key.chunk_hash in hashes}
-        return keep
+    def _lookups_of(self, ticket: int, request: Request) -> Lookups:
+        if ticket not in self._lookups:
+            segments = self.rag.prompt.segments(request.question, request.chunks)
+            self._lookups[ticket] = self.rag.reuse.lookups(segments, self._mode(request))
+        return self._lookups[ticket]
 
     def _prefetch_next(self) -> None:
         """Start fetching the entries of queued requests the next admissions will need."""
@@ -388,12 +328,10 @@ class AnswerEngine:
             return
         self._merge_prefetch()
         todo = [(ticket, request) for ticket, request in self._window() if ticket not in self._prefetched]
-        looked_up = [self._keys(ticket, request) for ticket, request in todo]
-        keys = set().union(*(keys for keys, _ in looked_up)) - self.held.entries.keys()
-        hashes = set().union(*(hashes for _, hashes in looked_up))
+        wanted = [self._lookups_of(ticket, request) for ticket, request in todo]
         self._prefetched.update(ticket for ticket, _ in todo)
-        if keys or hashes:
-            self._prefetch = self._prefetcher.submit(self.held.fetch, keys, hashes, self.rag.keys.dtype)
+        if any(item.keys or item.chunk_hashes for item in wanted):
+            self._prefetch = self._prefetcher.submit(self.rag.reuse.lookup_many, wanted, set(self.held.entries))
 
     def _merge_prefetch(self) -> None:
         if self._prefetch is not None:
@@ -427,8 +365,10 @@ class AnswerEngine:
 
     def _retire(self, row: int) -> tuple[int, Answer]:
         sequence = self._free(row)
+        self.rag.store.wait_written(sequence.written)  # its chunks are on disk before anyone hears of its answer
         total = time.perf_counter() - sequence.started
         answer = self.rag.make_answer(sequence.tokens, sequence.request.chunks, sequence.stats, sequence.ttft, total)
+        answer.first_logits, answer.forced = sequence.first_logits, sequence.forced
         return sequence.ticket, answer
 
     def _free(self, row: int) -> _Sequence:

@@ -92,12 +92,16 @@ class LocalLLM:
 
     @torch.inference_mode()
     def complete(self, messages: list[dict[str, str]], max_tokens: int, temperature: float = 0.0) -> str:
-        from generators.generate import Sampling, decode, prefill_batch
+        from generators.generate import Sampling, decode
 
         tokenizer = self.rag.prompt.tokenizer
         ids = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                  return_dict=False))
-        cache, logits, next_positions = prefill_batch(self.rag.model, [ids], max_tokens + 1)
+        model = self.rag.model
+        cache = model.new_cache(1, len(ids) + max_tokens + 1)
+        positions = torch.arange(len(ids), device=model.device)
+        logits = model.forward(torch.tensor([ids], device=model.device), positions[None], cache, positions)[:, -1]
+        next_positions = torch.tensor([len(ids)], device=model.device)
         sampling = Sampling(temperature, self.rag.sampling.top_p, self.rag.sampling.seed)
         tokens = decode(self.rag.model, cache, logits, next_positions, max_tokens, self.rag.prompt.stop_ids,
                         sampling)[0]

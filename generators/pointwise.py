@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from chunk_cache.assembly import CHUNK, PREFIX, QUESTION, Segment
+from chunk_cache.assembly import CHUNK, HEAD, QUESTION, Segment
 from chunk_cache.modes import ReuseSettings
 from ragkit.types import Chunk
 
@@ -51,7 +51,7 @@ class PointwiseScorer:
         prompt = self.rag.prompt
         title = f"\n\nTitle: {chunk.title}" if self.title and chunk.title else ""
         tail = f"{title}\n\nQuestion: {question}\n{ASK}{prompt.tail_text}"
-        return [Segment(PREFIX, prompt.head_ids), Segment(CHUNK, tuple(chunk.token_ids), chunk),
+        return [Segment(HEAD, prompt.head_ids), Segment(CHUNK, tuple(chunk.token_ids)),
                 Segment(QUESTION, tuple(prompt.ids(tail)))]
 
     def prompt_ids(self, question: str, chunk: Chunk) -> list[int]:

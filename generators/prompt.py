@@ -4,6 +4,8 @@ The model's chat template is rendered once around a placeholder and split there,
 model gets its own template. Every piece is tokenised on its own and the ids concatenated:
 a chunk's ids in the prompt are exactly `Chunk.token_ids`, the ids its cached KV belongs to.
 Generation stops on the model's own eos list (config.json, generation_config.json) and end-of-turn marks.
+The prompt's budget is counted here only: `size` (exact, for a question and its chunks) and `room`
+(what is left for a question before retrieval, with `chunk_allowance` per chunk).
 """
 
 from __future__ import annotations
@@ -11,10 +13,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from chunk_cache.assembly import CHUNK, GAP, PREFIX, QUESTION, TITLE, Segment
+from chunk_cache.assembly import CHUNK, GAP, HEAD, QUESTION, TITLE, Segment
 from ragkit.types import Chunk
 
 _SLOT = "\x00RAGKIT_USER\x00"
+TITLE_ALLOWANCE = 24  # tokens kept for a chunk's title line when the title is not known yet
 # End-of-turn markers of the supported chat families (Qwen/SmolLM, Llama 3, Gemma, Phi-3, Granite/OLMo);
 # generation stops on any present in the vocabulary, and on every eos id the model folder declares.
 _END_OF_TURN = ["<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "<|eom_id|>", "</s>",
@@ -64,18 +67,32 @@ class ChatPrompt:
     def chunk_ids(self, text: str) -> tuple[int, ...]:
         return tuple(self.ids(text))
 
+    def size(self, question: str | list[dict[str, str]], chunks: list[Chunk]) -> int:
+        """Prompt rows of `question` over `chunks`, exactly."""
+        return sum(len(seg.token_ids) for seg in self.segments(question, chunks))
+
+    def chunk_allowance(self, chunk_tokens: int) -> int:
+        """Rows a chunk of at most `chunk_tokens` tokens takes with its title and separator."""
+        return chunk_tokens + TITLE_ALLOWANCE + len(self.separator_ids)
+
+    def room(self, context_length: int, chunk_rows: int, max_new_tokens: int) -> int:
+        """Tokens a question's text may take when the chunks take `chunk_rows` rows and the answer
+        `max_new_tokens`, within `context_length` (the question's wrapper and the reply header counted)."""
+        wrapper = len(self.ids("Question: " + self.tail_text))
+        return context_length - len(self.head_ids) - chunk_rows - wrapper - max_new_tokens
+
     def segments(self, question: str | list[dict[str, str]], chunks: list[Chunk]) -> list[Segment]:
-        """prefix, then per chunk [title] chunk separator, then the question and the reply header. A question
-        given as chat messages is a whole prompt (a plain chat request, no chunks): the template renders it
-        as it is, and nothing of it is cached or reused."""
+        """The head, then per chunk [title] chunk separator, then the question and the reply header. A
+        question given as chat messages is a whole prompt (a plain chat request, no chunks): the template
+        renders it as it is, and nothing of it is cached or reused."""
         if not isinstance(question, str):
             text = self.tokenizer.apply_chat_template(question, tokenize=False, add_generation_prompt=True)
             return [Segment(QUESTION, tuple(self.ids(text)))]
-        segments = [Segment(PREFIX, self.head_ids)]
+        segments = [Segment(HEAD, self.head_ids)]
         for chunk in chunks:
             if chunk.title:
                 segments.append(Segment(TITLE, tuple(self.ids(f"Title: {chunk.title}\n"))))
-            segments.append(Segment(CHUNK, tuple(chunk.token_ids), chunk))
+            segments.append(Segment(CHUNK, tuple(chunk.token_ids)))
             segments.append(Segment(GAP, self.separator_ids))
         segments.append(Segment(QUESTION, tuple(self.ids(f"Question: {question}" + self.tail_text))))
         return segments

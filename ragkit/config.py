@@ -373,6 +373,7 @@ def _check(cfg: Config, source: str | None) -> None:
     _check_choices(cfg.generator.choices, source)
     if cfg.cache.ratio > 1:
         raise ConfigError("cache.ratio", f"must be in [0, 1], got {cfg.cache.ratio}", source=source)
+    _check_metrics(cfg, source)
     if not cfg.retrieval.retrievers:
         raise ConfigError("retrieval.retrievers", "needs at least one retriever", source=source)
     for i, spec in enumerate(cfg.retrieval.retrievers):
@@ -406,6 +407,35 @@ def _check_choices(choices: list[str], source: str | None) -> None:
             raise ConfigError(f"generator.choices[{n}]", f"{choice!r} is the same answer as choice {seen[key]} "
                               "once normalised (case, punctuation, articles)", source=source)
         seen[key] = n
+
+
+def check_modes(names: str | list[str] | tuple[str, ...], key: str = "cache.mode") -> list[str]:
+    """Reuse-mode names (a list, or a comma-separated string) checked against the registry (chunk_cache.modes)."""
+    names = [n.strip() for n in names.split(",") if n.strip()] if isinstance(names, str) else list(names)
+    for name in names:
+        if name not in MODES:
+            raise ConfigError(key, f"unknown mode {name!r}", allowed=list(MODES))
+    return names
+
+
+MODE_NAMES = tuple(MODES)  # the registry's names, for callers that must not import chunk_cache
+
+
+def _check_metrics(cfg: Config, source: str | None) -> None:
+    """Retrieval metrics by eval.retrieval's grammar, answer metrics by eval.answers' list: checked on load,
+    before any index is built or answer generated."""
+    from eval.answers import METRICS as ANSWER_METRICS
+    from eval.retrieval import parse_metric
+
+    for name in cfg.eval.metrics:
+        try:
+            parse_metric(name)
+        except ConfigError as exc:
+            raise ConfigError(*exc._args[:3], source=source) from None
+    unknown = [m for m in cfg.eval.answer_metrics if m not in ANSWER_METRICS]
+    if unknown:
+        raise ConfigError("eval.answer_metrics", f"unknown answer metrics {unknown}", allowed=sorted(ANSWER_METRICS),
+                          source=source)
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:

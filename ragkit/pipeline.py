@@ -1,21 +1,24 @@
 """Pipeline: corpus -> chunks -> retrievers -> (chunk cache + generator) -> eval -> run folder.
 
-The CLI is a thin shell over this class:
+The CLI and the server are thin shells over this class:
 
     p = Pipeline.from_config("configs/scifact-bm25.toml")
     p.index(); p.retrieve("...", k=10); p.evaluate(); p.ask("...")
+
+Every answer — `ask`, `ask_many`, answer evaluation, `ragkit serve` — is a request submitted to the
+one batched engine the pipeline owns (`engine`, generators.engine.AnswerEngine); per-request settings
+(mode, token budget, temperature, stop tokens, streaming) travel on the request (`request`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import random
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -23,13 +26,15 @@ import ragkit
 from ragkit.config import Config, load_config
 from ragkit.errors import IndexMismatchError, InputError, RagkitError
 from ragkit.readers import Dataset, open_dataset
+from ragkit.index_files import file_checksums, read_chunks, verify_checksums, write_chunks
 from ragkit.reranking import SecondStage, score_earlier_stages
-from ragkit.storage import atomic_write_json, folder_lock, hash_file, publish_dir, recover_dir
+from ragkit.storage import atomic_write_json, folder_lock, publish_dir, recover_dir
 from ragkit.types import Chunk, Hit, Query, Run, rank_hits
 
 # 2: the manifest lists a sha256 per file, checked on every load.
 INDEX_FORMAT = 2
 MANIFEST = "manifest.json"
+DEFAULT_BATCH = 16  # questions the engine decodes together unless told otherwise
 
 
 class Pipeline:
@@ -41,6 +46,7 @@ class Pipeline:
         self._retrievers: list | None = None
         self._chunks: dict[str, Chunk] | None = None
         self._generator = None
+        self._engine = None
         self.best_chunks: dict[str, dict[str, str]] = {}  # set by search(): query -> document -> its best chunk
         random.seed(config.seed)
 
@@ -71,7 +77,6 @@ class Pipeline:
     # -- indexing ---------------------------------------------------------------------------
     def index(self) -> dict[str, Any]:
         """Chunk the corpus and build every retriever, published to index_dir as one step."""
-        import retrievers
         from ragkit.chunking import chunk_documents
 
         cfg = self.config
@@ -82,25 +87,20 @@ class Pipeline:
         chunks = list(chunk_documents(docs, tokenizer, cfg.chunking.size, cfg.chunking.overlap))
         built = []
         target = cfg.index_dir()
-        plan = self._build_plan() if cfg.sharded() else None
+        factory = self._factory()
         with publish_dir(target, lock=True) as tmp:
-            _write_chunks(tmp / "chunks.jsonl", chunks)
+            write_chunks(tmp / "chunks.jsonl", chunks)
             for position, spec in enumerate(cfg.retrieval.retrievers):
                 sub = tmp / f"retriever-{position}"
                 sub.mkdir()
-                if plan is not None:
-                    self._build_sharded(spec, position, chunks, sub, plan)
-                    continue
-                retriever = retrievers.build(spec, position)
-                retriever.index(self._bar(chunks, desc=f"indexing {spec['type']}", unit="chunk"))
-                retriever.save(sub)
-                built.append(retriever)
+                built.append(factory.build(spec, position, chunks, sub,
+                                           lambda items, desc: self._bar(items, desc=desc, unit="chunk")))
             manifest = self._manifest(len({c.doc_id for c in chunks}), len(chunks))
             manifest["build_s"] = round(time.perf_counter() - started, 3)
-            manifest["files"] = _file_checksums(tmp)
+            manifest["files"] = file_checksums(tmp, MANIFEST)
             atomic_write_json(tmp / MANIFEST, manifest)
-        if plan is not None:  # sharded retrievers are opened where they were published
-            built = [self._load_retriever(target, position, spec)
+        if factory.sharded:  # sharded retrievers are opened where they were published
+            built = [factory.open(target / f"retriever-{position}", position, spec)
                      for position, spec in enumerate(cfg.retrieval.retrievers)]
         self._retrievers = built
         self._chunks = {c.id: c for c in chunks}
@@ -134,7 +134,7 @@ class Pipeline:
         if manifest.get("config_hash") != self.config.fingerprint():
             raise IndexMismatchError(f"{folder}: index was built with other dataset/chunking/retriever "
                                      f"settings; {rebuild}")
-        _verify_checksums(folder, manifest.get("files"), rebuild)
+        verify_checksums(folder, MANIFEST, manifest.get("files"), rebuild)
         return manifest
 
     def _load_index(self) -> None:
@@ -144,55 +144,18 @@ class Pipeline:
             with folder_lock(folder, shared=True):  # no `ragkit index` swaps the folder while we read it
                 if (folder / "manifest.json").exists():
                     self._check_manifest(folder)
-                    self._chunks = {c.id: c for c in _read_chunks(folder / "chunks.jsonl")}
-                    self._retrievers = [self._load_retriever(folder, position, spec)
+                    self._chunks = {c.id: c for c in read_chunks(folder / "chunks.jsonl")}
+                    factory = self._factory()
+                    self._retrievers = [factory.open(folder / f"retriever-{position}", position, spec)
                                         for position, spec in enumerate(self.config.retrieval.retrievers)]
                     return
         self.index()
 
-    # -- scale-out ---------------------------------------------------------------------------
-    def _runner(self):
-        if self.config.cluster.backend == "ray":
-            from retrievers import ray_backend
+    def _factory(self):
+        from retrievers.factory import RetrieverFactory
 
-            return ray_backend.RayRunner(self.config.cluster, progress=self.progress)
-        from retrievers.shards import LocalRunner
-
-        return LocalRunner(progress=self.progress)
-
-    def _build_plan(self):
-        from retrievers.shards import BuildPlan
-
-        return BuildPlan(shards=self.config.cluster.shards, memory_budget=self.config.index.budget_bytes(),
-                         runner=self._runner())
-
-    def _build_sharded(self, spec: dict[str, Any], position: int, chunks: list[Chunk], folder: Path, plan) -> None:
-        """Stream one retriever into shards: embeddings first (resumable) for the dense kinds."""
-        from retrievers import shards
-
-        embeddings = shards.embed(spec, position, chunks, plan) if spec["type"] in shards.DENSE_KINDS else None
-        shards.build(spec, position, chunks, folder, plan, embeddings)
-
-    def _load_retriever(self, folder: Path, position: int, spec: dict[str, Any]):
-        import retrievers
-
-        sub = folder / f"retriever-{position}"
-        pool = None
-        if self.config.cluster.backend == "ray":
-            from retrievers import ray_backend
-
-            pool = ray_backend.actor_pool(self.config.cluster)
-        try:
-            if self.config.sharded():
-                from retrievers.shards import ShardedRetriever
-
-                return ShardedRetriever(spec, position, sub, pool)
-            retriever = retrievers.build(spec, position)
-            retriever.load(sub)
-        except (OSError, ValueError, KeyError, TypeError) as exc:  # files that pass checksums yet do not parse
-            raise IndexMismatchError(f"{sub}: unreadable index ({type(exc).__name__}: {exc}); "
-                                     "rebuild it with `ragkit index`") from None
-        return retriever
+        cfg = self.config
+        return RetrieverFactory(cfg.cluster, cfg.sharded(), cfg.index.budget_bytes(), progress=self.progress)
 
     @property
     def retrievers(self) -> list:
@@ -327,7 +290,7 @@ class Pipeline:
         atomic_write_json(self.config.run_dir() / "suite.json", summary)
         return {**summary, "aggregate": summary["average"], "skipped": skipped, "run_dir": str(self.config.run_dir())}
 
-    # -- generation -------------------------------------------------------------------------
+    # -- answering ----------------------------------------------------------------------------
     @property
     def generator(self):
         if self._generator is None:
@@ -337,29 +300,89 @@ class Pipeline:
                                            dataclasses.asdict(self.config.cache))
         return self._generator
 
+    @property
+    def engine(self):
+        """The batched engine every answer goes through (loads the model on first use)."""
+        if self._engine is None:
+            from generators.engine import AnswerEngine
+
+            self._engine = AnswerEngine(self.generator, max_batch=DEFAULT_BATCH)
+        return self._engine
+
+    def request(self, question: str, chunks: list[Chunk], **settings):
+        """An engine request: `settings` are Request fields (mode, max_new_tokens, temperature, stop_ids,
+        on_token, keep_logits, forced); what is not given is the config's."""
+        from generators.engine import Request
+
+        return Request(question, chunks, **settings)
+
+    def answer(self, requests: list, grouped: bool = True, on_answer=None) -> list:
+        """Answer requests through the engine; answers in request order. `grouped`: questions sharing chunks
+        run together (else in the given order, each planned after the ones before it were stored).
+        on_answer(index, answer) as each is done."""
+        return self.engine.run(requests, grouped=grouped, on_answer=on_answer)
+
+    def chunks_for(self, questions: list[str], batch_size: int = 64) -> list[list[Chunk]]:
+        """The top `generator.chunks` chunks of each question: what its answer is given."""
+        found = []
+        for start in range(0, len(questions), batch_size):
+            for hits in self.retrieve_batch(questions[start:start + batch_size], self.config.generator.chunks):
+                found.append([self.chunk(h.id) for h in hits])
+        return found
+
     def ask(self, question: str, on_token=None):
         """Retrieve the top `generator.chunks` chunks and answer from them, reusing their KV (in closed form,
         the best of generator.choices, when the config sets them)."""
-        hits = self.retrieve(question, k=self.config.generator.chunks)
-        chunks = [self.chunk(h.id) for h in hits]
+        chunks = self.chunks_for([question])[0]
         if self.config.generator.choices:
             return self.generator.choose(question, chunks)
-        return self.generator.answer(question, chunks, on_token=on_token)
+        return self.answer([self.request(question, chunks, on_token=on_token)])[0]
 
     def ask_many(self, questions: list[str], on_token=None, batch_size: int = 16) -> list:
         """Answer many questions: one batched retrieval, then the batched engine (questions sharing chunks run
         together, decoding is batched); answers in question order. on_token(index, text) streams them."""
-        from generators.engine import AnswerEngine, Request
+        requests = [self.request(q, chunks, on_token=None if on_token is None else functools.partial(on_token, i))
+                    for i, (q, chunks) in enumerate(zip(questions, self.chunks_for(questions)))]
+        if self.engine.idle:
+            self.engine.max_batch = batch_size
+        return self.answer(requests)
 
-        hits = self.retrieve_batch(questions, k=self.config.generator.chunks)
-        requests = [Request(q, [self.chunk(h.id) for h in found],
-                            on_token=None if on_token is None else functools.partial(on_token, i))
-                    for i, (q, found) in enumerate(zip(questions, hits))]
-        engine = AnswerEngine(self.generator, max_batch=batch_size)
-        try:
-            return engine.run(requests)
-        finally:
-            engine.close()
+    def prompt_fits(self, question: str, chunks: list[Chunk], max_new_tokens: int | None = None) -> tuple[int, int]:
+        """(tokens the prompt and its answer need, the model's context length): the engine refuses a request
+        past it; answer evaluation checks every query first, to name the one that does not fit."""
+        budget = self.config.generator.max_new_tokens if max_new_tokens is None else max_new_tokens
+        return self.generator.prompt.size(question, chunks) + budget, self.generator.info.context_length
+
+    def question_room(self, k: int, max_new_tokens: int) -> int:
+        """Tokens a question may take so that a prompt of `k` chunks of chunking.size and its answer fit."""
+        prompt = self.generator.prompt
+        return prompt.room(self.generator.info.context_length, k * prompt.chunk_allowance(self.config.chunking.size),
+                           max_new_tokens)
+
+    def token_counter(self):
+        """A function text -> token count with its own tokenizer (fast tokenizers are not safe to share
+        between threads: a server counts on its event loop while the engine's thread tokenizes)."""
+        from generators.weights import load_tokenizer
+
+        tokenizer = load_tokenizer(self.config.generator.model)
+        return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def cache_stats(self) -> dict[str, Any]:
+        """The KV store's hit rate and bytes per tier."""
+        stats = self.generator.store.stats()
+        return {"hit_rate": stats["hit_rate"], "tiers": {name: tier["bytes"] for name, tier in stats["tiers"].items()}}
+
+    def flush(self) -> None:
+        """Every chunk the KV store holds for disk written, and its hit counts in the disk journal."""
+        if self._generator is not None:
+            self._generator.store.flush()
+
+    def close(self) -> None:
+        """Stop the engine's prefetch thread and flush the KV store."""
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
+        self.flush()
 
     def warm_cache(self, top: int | None = None, queries: list[str] | None = None) -> int:
         """Precompute chunk KV: every chunk, or the chunks retrieved for `queries` (default: the dataset's),
@@ -390,52 +413,6 @@ class Pipeline:
         except InputError as exc:
             raise InputError(source, f"neither a query-log file nor a split of the dataset ({exc})") from None
         return [q.text for q in queries]
-
-
-def _write_chunks(path: Path, chunks: list[Chunk]) -> None:
-    with open(path, "w", encoding="utf-8") as fh:
-        for c in chunks:
-            fh.write(json.dumps({"id": c.id, "doc_id": c.doc_id, "text": c.text, "title": c.title,
-                                 "token_ids": list(c.token_ids), "span": list(c.span), "hash": c.content_hash,
-                                 "metadata": dict(c.metadata)}, ensure_ascii=False) + "\n")
-
-
-def _file_checksums(folder: Path) -> dict[str, str]:
-    """sha256 of every file under `folder` (the manifest itself excepted), by relative path."""
-    return {path.relative_to(folder).as_posix(): _sha256(path)
-            for path in sorted(folder.rglob("*")) if path.is_file() and path != folder / MANIFEST}
-
-
-def _sha256(path: Path) -> str:
-    return hash_file(path, hashlib.sha256())
-
-
-def _verify_checksums(folder: Path, files: Any, rebuild: str) -> None:
-    """A file changed, truncated or removed since `ragkit index` wrote it is never read."""
-    if not isinstance(files, dict) or not files:
-        raise IndexMismatchError(f"{folder / MANIFEST}: no file checksums in the index manifest; {rebuild}")
-    for name, expected in files.items():
-        path = folder / name
-        if not path.is_file():
-            raise IndexMismatchError(f"{path}: missing from the index; {rebuild}")
-        if _sha256(path) != expected:
-            raise IndexMismatchError(f"{path}: checksum mismatch, the file changed after `ragkit index` "
-                                     f"wrote it; {rebuild}")
-
-
-def _read_chunks(path: Path) -> Iterator[Chunk]:
-    try:
-        with open(path, encoding="utf-8") as fh:
-            for line_no, line in enumerate(fh, 1):
-                try:
-                    r = json.loads(line)
-                    yield Chunk(r["id"], r["doc_id"], r["text"], tuple(r["token_ids"]), tuple(r["span"]),
-                                r["hash"], r.get("title", ""), r.get("metadata", {}))
-                except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                    raise IndexMismatchError(f"{path}:{line_no}: damaged chunk record ({exc}); "
-                                             "rebuild with `ragkit index`") from None
-    except FileNotFoundError:
-        raise IndexMismatchError(f"{path}: missing; rebuild with `ragkit index`") from None
 
 
 __all__ = ["Pipeline", "RagkitError"]

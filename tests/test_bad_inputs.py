@@ -262,7 +262,7 @@ def test_disk_full_while_indexing_keeps_the_old_index(work, monkeypatch):
     def full_disk(path, chunks):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(pipeline_module, "_write_chunks", full_disk)
+    monkeypatch.setattr(pipeline_module, "write_chunks", full_disk)
     assert_user_error(invoke("index", work / "pipeline.toml", "--quiet"), "chunks.jsonl", "No space left on device")
     after = {p.relative_to(work).as_posix(): p.read_bytes() for p in (work / "index").rglob("*") if p.is_file()}
     assert after == before

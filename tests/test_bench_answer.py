@@ -127,7 +127,8 @@ def test_cli_refuses_bad_flags_before_loading_a_model(flags, monkeypatch):
 def test_report_lists_modes_in_run_order_and_says_why_llama_cpp_is_missing(tiny, tmp_path):
     _folder, rag, items = tiny
     answer.fresh_store(rag, tmp_path / "kv", 1 << 30)
-    cold = answer.answer_all(rag, items)
+    cold = answer.cold_vs_full(rag, items)
+    assert cold["full"]["hit_rate"] == 0.0 and cold["questions_per_s_vs_full"] > 0
     modes = answer.compare_modes(rag, items, ["naive", "blend"], batch=2, log=lambda _m: None)
     dataset = {"questions": 2, "chunks_per_question": 2, "prompt_tokens_mean": 50.0, "max_new_tokens": 2,
                "cold": cold, "query_log": {"skipped": "no query-log split for this dataset"},

@@ -2,7 +2,7 @@
 
 import json
 
-from ragkit.cli import _write_mode_runs
+from ragkit.bench.cache import write_mode_runs
 from ragkit.config import from_dict
 from eval.runs import read_run
 
@@ -14,7 +14,7 @@ def test_mode_runs_feed_the_quality_vs_ttft_plot(tmp_path):
 
     modes = {"full": {"per_question": [record("Paris", 2.0, 1.0), record("Lyon", 3.0, 1.0)]},
              "blend@0.05": {"per_question": [record("Paris", 0.5, 0.9), record("Nice", 0.7, 0.8)]}}
-    _write_mode_runs(tmp_path, from_dict({"name": "mq"}), modes)
+    write_mode_runs(tmp_path, from_dict({"name": "mq"}), modes)
     _run, results, _config = read_run(tmp_path / "mq-blend-r0.05")
     assert results["cache_mode"] == "blend@0.05"
     assert results["aggregate"]["f1"] == 0.5 and results["aggregate"]["em"] == 0.5

@@ -391,7 +391,7 @@ def test_a_reader_never_sees_the_index_swapped_halfway_through_its_load(tmp_path
         finally:
             os._exit(0)
 
-    verify = pipeline_module._verify_checksums
+    verify = pipeline_module.verify_checksums
     published_during_load = []
 
     def verify_then_let_the_writer_go(*args):
@@ -402,10 +402,10 @@ def test_a_reader_never_sees_the_index_swapped_halfway_through_its_load(tmp_path
             time.sleep(0.01)
         published_during_load.append(time.monotonic() < deadline)
 
-    monkeypatch.setattr(pipeline_module, "_verify_checksums", verify_then_let_the_writer_go)
+    monkeypatch.setattr(pipeline_module, "verify_checksums", verify_then_let_the_writer_go)
     reader = Pipeline.from_config(config, progress=False)
     reader.retrieve("vitamin", k=5)
-    monkeypatch.setattr(pipeline_module, "_verify_checksums", verify)
+    monkeypatch.setattr(pipeline_module, "verify_checksums", verify)
     if not published_during_load[0]:
         os.waitpid(writer, 0)
     assert published_during_load == [False]  # the writer waited for the reader

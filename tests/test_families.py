@@ -14,7 +14,7 @@ import shutil
 import pytest
 import torch
 
-from chunk_cache.assembly import CHUNK, PREFIX, Segment, assemble
+from chunk_cache.assembly import CHUNK, HEAD, Segment, assemble
 from chunk_cache.modes import MODES
 from chunk_cache.rope import rerotate
 from chunk_cache.store import ChunkKV
@@ -163,7 +163,7 @@ def test_family_is_exact_against_transformers_and_under_reuse(tmp_path, name):
         moved = rerotate(at_zero.keys[i], delta, ours.layer_rope(i))
         assert (moved - shifted.keys[i]).abs().max() < 1e-4 * shifted.keys[i].abs().max()
     entry = ChunkKV(at_zero.keys[:, 0].clone(), at_zero.values[:, 0].clone(), start=0)
-    segments = [Segment(PREFIX, tuple(range(7, 7 + delta))), Segment(CHUNK, tuple(ids[0].tolist()))]
+    segments = [Segment(HEAD, tuple(range(7, 7 + delta))), Segment(CHUNK, tuple(ids[0].tolist()))]
     _, cache = assemble(ours, segments, {1: entry}, set(), 0)
     assert (cache.keys[:, :, :, delta:] - shifted.keys).abs().max() < 1e-4 * shifted.keys.abs().max()
 

@@ -7,11 +7,30 @@ import json
 import pytest
 import torch
 
-from generators.generate import Sampling, decode, pick, prefill_batch
+from generators.generate import Sampling, decode, pick
 from generators.model import load_decoder, rope_frequencies
 from ragkit.errors import InputError
 
 torch.set_num_threads(1)
+
+
+@torch.inference_mode()
+def prefill_batch(model, prompts: list[list[int]], extra: int):
+    """Full prefill of several prompts in one forward (right-padded); returns cache, last logits [B, V]
+    and each row's next position [B]."""
+    lengths = [len(p) for p in prompts]
+    width = max(lengths)
+    tokens = torch.zeros(len(prompts), width, dtype=torch.long)
+    positions = torch.full((len(prompts), width), -1, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        tokens[row, : len(prompt)] = torch.tensor(prompt)
+        positions[row, : len(prompt)] = torch.arange(len(prompt))
+    cache = model.new_cache(len(prompts), width + extra)
+    slots = torch.arange(width, device=model.device)
+    logits = model.forward(tokens.to(model.device), positions.to(model.device), cache, slots,
+                           logits_rows=slice(None))
+    last = torch.tensor(lengths, device=model.device) - 1
+    return cache, logits[torch.arange(len(prompts)), last], torch.tensor(lengths, device=model.device)
 
 
 def _tiny_hf_model(tmp_path, arch: str, **rope):

@@ -187,9 +187,9 @@ def test_ape_keeps_titles_and_separators_in_each_context(tiny_rag):
     title_rows = [layout.spans[i][0] for i, seg in enumerate(segments) if seg.kind == TITLE]
     head_end = layout.spans[0][1]
     assert [int(layout.positions[r]) for r in title_rows] == [head_end, head_end]  # both contexts restart there
-    assert layout.context[title_rows].tolist() == [0, 1]
+    assert layout.group[title_rows].tolist() == [0, 1]
     last = layout.spans[-2]  # the separator after the second chunk belongs to its context
-    assert layout.context[last[0]: last[1]].tolist() == [1] * (last[1] - last[0])
+    assert layout.group[last[0]: last[1]].tolist() == [1] * (last[1] - last[0])
     question = layout.spans[-1][0]
     assert int(layout.positions[question]) == max(int(layout.positions[s[1] - 1]) for s in layout.spans[:-1]) + 1
 
@@ -201,9 +201,13 @@ def test_a_tail_behind_an_exact_prefix_may_use_the_lower_right_causal_kernel(tin
 
     from generators import model as model_module
 
-    chunks = _chunks(tiny_rag, ["A tail test passage on the Severn.", "Another tail test passage on the Wye."])
-    tiny_rag.warm(chunks, progress=False)  # behind titles, no chunk is an exact prefix: all after the head runs
-    blocks, *_ = tiny_rag.prefill("Where is Exeter College?", chunks, mode="prefix")
+    chunks = [dataclasses.replace(c, title="") for c in  # no title rows between the head and the first chunk
+              _chunks(tiny_rag, ["A tail test passage on the Severn.", "Another tail test passage on the Wye."])]
+    # The first chunk stored behind exactly what precedes it (a prompt that finds nothing but the head runs as
+    # one causal prefill from row 0 instead): everything after it is the tail.
+    tiny_rag.answer("Which river is this?", chunks[:1], mode="prefix")
+    blocks, _cache, _position, stats = tiny_rag.prefill("Where is Exeter College?", chunks, mode="prefix")
+    assert stats["cache_hits"] == 1
     seen = []
     original = model_module.Decoder.masks_for
     monkeypatch.setattr(model_module, "TAIL_KERNEL_DEVICES", {"cpu", "cuda"})

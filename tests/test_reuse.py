@@ -243,12 +243,12 @@ def test_uncached_chunk_is_computed_once_and_its_rows_stored(rag, sample, monkey
     first = rag.answer(question, chunks + [fresh], mode="naive")
     assert first.cache_hits == 3 and first.recomputed_tokens == len(ids)
     [key] = rag.store.variants(rag.keys.dtype, token_hash(ids))  # computed behind inexact rows: exact nowhere
-    assert key.prefix_hash.startswith(APPROX) and rag.store.get(rag.keys.shared(ids)) is None
+    assert key.context_hash.startswith(APPROX) and rag.store.get(rag.keys.shared(ids)) is None
     stored = rag.store.get(key)
     # The entry holds the rows as computed in that request, at the position they sat at.
     _logits_, cache, _pos, _stats = rag.prefill(question, chunks + [fresh], mode="naive")
     segments = rag.prompt.segments(question, chunks + [fresh])
-    at = [seg.chunk for seg in segments].index(fresh)
+    at = [seg.token_ids for seg in segments].index(tuple(ids))
     n = sum(len(seg.token_ids) for seg in segments[:at])
     assert stored.start == n
     assert torch.allclose(stored.values, cache.values[:, 0, :, n: n + len(ids)])
@@ -300,7 +300,7 @@ def test_a_chunks_variants_are_found_by_other_processes_through_the_folder(tmp_p
         writer.put(key, kv)
     writer.put(CacheKey("m", "float32", "exact-a", "other-chunk"), kv)
     reader = KVStore(tmp_path / "kv", "m", host_bytes=0)
-    assert reader.variants("float32", "chunk") == sorted(keys, key=lambda k: k.prefix_hash)
+    assert reader.variants("float32", "chunk") == sorted(keys, key=lambda k: k.context_hash)
     assert reader.variants("bfloat16", "chunk") == [] and reader.get(keys[1]).context == ("c1", "c0")
     writer.put(CacheKey("m", "float32", "exact-c", "chunk"), kv)  # written after the reader opened the folder
     reader.flush()

@@ -20,7 +20,7 @@ MODEL = "smollm2-test-fingerprint"
 
 
 def make_key(n: int, model: str = MODEL, dtype: str = "float32") -> CacheKey:
-    return CacheKey(model, dtype, prefix_hash="prefix0", chunk_hash=f"chunk{n}")
+    return CacheKey(model, dtype, context_hash="context0", chunk_hash=f"chunk{n}")
 
 
 def make_kv(seed: int, tokens: int = 8, dtype: torch.dtype = torch.float32) -> ChunkKV:
@@ -292,7 +292,7 @@ def test_an_entry_written_by_another_model_is_dropped_then_recomputed(tmp_path):
     digest = make_key(1).digest()
     other = make_key(1, model="another-model")
     foreign.write(digest, make_kv(2).tensors(), {"start": "2", "model": other.model, "dtype": other.dtype,
-                                                 "prefix_hash": other.prefix_hash, "chunk_hash": other.chunk_hash}, 0.0)
+                                                 "prefix_hash": other.context_hash, "chunk_hash": other.chunk_hash}, 0.0)
     os.replace(foreign.path(digest), entry_path(root, make_key(1)))
     store = KVStore(root, MODEL)
     assert store.get(make_key(1)) is None

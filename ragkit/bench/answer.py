@@ -2,7 +2,8 @@
 
 Per RAG config (MuSiQue, SciFact): the first N test questions with gold answers, retrieved once.
 Three cache states, each on a fresh store in a temporary folder (the bench leaves no cache behind):
-  cold      nothing cached; the configured mode answers, storing what it computes as it goes;
+  cold      nothing cached; the configured mode answers, storing what it computes as it goes, and full
+            prefill answers the same questions, interleaved per question (the cost of a miss beside full);
   log       warmed from a query log (the dataset's dev split) first, then the held-out test questions;
   corpus    the chunks warmed beforehand (`--warm all`: every corpus chunk, what `ragkit cache warm`
             does; `retrieved`: only the chunks the benched questions retrieve, the same hits for a
@@ -21,10 +22,12 @@ question (time to its first token, questions/s), and llama.cpp's full prefill on
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -42,6 +45,19 @@ Item = tuple[str, list[Chunk], list[str]]  # question, retrieved chunks, gold an
 Log = Callable[[str], None]
 
 
+@dataclass
+class AnswerBenchSettings:
+    questions: int = 4  # MuSiQue test questions
+    scifact_questions: int = 2
+    modes: list[str] = dataclasses.field(default_factory=lambda: ["full", "blend"])
+    warm: str = "retrieved"  # `all` corpus chunks, or the `retrieved` ones only
+    log_questions: int = 10  # dev questions of the query-log warm
+    batch: int = 8  # the engine's batch for batched questions/s
+    baseline_questions: int = 0  # MuSiQue questions transformers and llama.cpp answer too (0: all)
+    cold: bool = True  # the cold and query-log states (off: only the warmed side-by-side)
+    batch_setting: dict = dataclasses.field(default_factory=dict)  # ragkit.bench.batch's decode-heavy setting
+
+
 def percentile(values: list[float], share: float) -> float:
     """Nearest-rank percentile (share in (0, 1]) of a non-empty list."""
     ordered = sorted(values)
@@ -51,7 +67,7 @@ def percentile(values: list[float], share: float) -> float:
 def fresh_store(rag: RagGenerator, folder: Path, host_bytes: int) -> None:
     """Serve `rag` from an empty store whose disk tier lives in `folder` (overflow of a large warm)."""
     rag.store = KVStore(folder, rag.fingerprint, device=str(rag.model.device), host_bytes=host_bytes,
-                        disk_bytes=1 << 40)
+                        disk_bytes=1 << 40, write_behind=True)
 
 
 def prompt_ids(rag: RagGenerator, question: str, chunks: list[Chunk]) -> list[int]:
@@ -71,6 +87,21 @@ def answer_all(rag: RagGenerator, items: list[Item], mode: str | None = None) ->
     answers = [rag.answer(question, chunks, mode=mode) for question, chunks, _golds in items]
     return {"mode": mode or rag.settings.mode, "questions": len(items),
             **_timing(answers, sum(len(chunks) for _q, chunks, _g in items))}
+
+
+def cold_vs_full(rag: RagGenerator, items: list[Item]) -> dict:
+    """On the store as it is (fresh: nothing cached), the configured mode and full prefill answer each question,
+    in alternating order, so machine load hits both alike; the mode stores what it computes as it goes."""
+    answers: dict[str, list] = {"full": [], rag.settings.mode: []}
+    for n, (question, chunks, _golds) in enumerate(items):
+        order = ["full", rag.settings.mode] if n % 2 == 0 else [rag.settings.mode, "full"]
+        for mode in order:
+            answers[mode].append(rag.answer(question, chunks, mode=mode))
+    chunks = sum(len(chunks) for _q, chunks, _g in items)
+    out = {"mode": rag.settings.mode, "questions": len(items), **_timing(answers[rag.settings.mode], chunks),
+           "full": _timing(answers["full"], chunks)}
+    out["questions_per_s_vs_full"] = round(out["questions_per_s"] / out["full"]["questions_per_s"], 3)
+    return out
 
 
 def batched_rate(rag: RagGenerator, items: list[Item], mode: str, batch: int) -> float:
@@ -226,30 +257,31 @@ def llama_cpp_baseline(gguf: Path, rag: RagGenerator, items: list[Item], threads
     return {"available": True, "version": llama_cpp.__version__, "full_ttft_p50_s": round(percentile(ttfts, 0.5), 4)}
 
 
-def bench_dataset(pipe, questions: int, modes: list[str], warm: str, log_split: str | None, log_questions: int,
-                  batch: int, log: Log, baseline: Callable | None = None,
-                  baseline_questions: int = 0) -> tuple[dict, RagGenerator, list[Item]]:
+def bench_dataset(pipe, settings: AnswerBenchSettings, questions: int, log_split: str | None, log: Log,
+                  baseline: Callable | None = None) -> tuple[dict, RagGenerator, list[Item]]:
     """The three cache states for one pipeline (see the module docstring); returns (result, generator,
     items) for llama.cpp."""
     cfg = pipe.config
     queries = [q for q in pipe.queries() if q.answers][:questions]
-    hits = pipe.retrieve_batch([q.text for q in queries], cfg.generator.chunks)
-    items = [(q.text, [pipe.chunk(h.id) for h in found], list(q.answers)) for q, found in zip(queries, hits)]
+    texts = [q.text for q in queries]
+    items = [(q.text, chunks, list(q.answers)) for q, chunks in zip(queries, pipe.chunks_for(texts))]
     rag = pipe.generator
     host_bytes = cfg.cache.host_bytes
     result = {"config": cfg.name, "questions": len(items), "chunks_per_question": cfg.generator.chunks,
               "prompt_tokens_mean": round(statistics.mean(len(prompt_ids(rag, q, c)) for q, c, _g in items), 1),
               "max_new_tokens": rag.max_new_tokens, "mode": rag.settings.mode}
     with tempfile.TemporaryDirectory(prefix="ragkit-bench-answer-") as tmp:
-        fresh_store(rag, Path(tmp) / "cold", host_bytes)
-        log(f"{cfg.name}: cold cache, {len(items)} questions ({rag.settings.mode})")
-        result["cold"] = answer_all(rag, items)
+        if settings.cold:
+            fresh_store(rag, Path(tmp) / "cold", host_bytes)
+            log(f"{cfg.name}: cold cache, {len(items)} questions ({rag.settings.mode} beside full)")
+            result["cold"] = cold_vs_full(rag, items)
 
-        if log_split is None:
-            result["query_log"] = {"skipped": "no query-log split for this dataset"}
+        if not settings.cold or log_split is None or not settings.log_questions:
+            result["query_log"] = {"skipped": "no query-log split for this dataset" if log_split is None
+                                   else "--no-cold" if not settings.cold else "--log-questions 0"}
         else:
             fresh_store(rag, Path(tmp) / "log", host_bytes)
-            texts = pipe.query_log(log_split)[:log_questions]
+            texts = pipe.query_log(log_split)[:settings.log_questions]
             log(f"{cfg.name}: warming from {len(texts)} {log_split} questions")
             start = time.perf_counter()
             computed = pipe.warm_cache(queries=texts)
@@ -257,14 +289,15 @@ def bench_dataset(pipe, questions: int, modes: list[str], warm: str, log_split: 
                                    "warm_s": round(time.perf_counter() - start, 2), **answer_all(rag, items)}
 
         fresh_store(rag, Path(tmp) / "corpus", host_bytes)
-        log(f"{cfg.name}: warming {'every corpus chunk' if warm == 'all' else 'the retrieved chunks'}")
+        log(f"{cfg.name}: warming {'every corpus chunk' if settings.warm == 'all' else 'the retrieved chunks'}")
         start = time.perf_counter()
-        computed = pipe.warm_cache() if warm == "all" else rag.warm(
+        computed = pipe.warm_cache() if settings.warm == "all" else rag.warm(
             [c for _q, chunks, _g in items for c in chunks], progress=pipe.progress)
         warm_s = time.perf_counter() - start
-        result["corpus_warm"] = {"scope": warm, "warmed_chunks": computed, "warm_s": round(warm_s, 2),
+        result["corpus_warm"] = {"scope": settings.warm, "warmed_chunks": computed, "warm_s": round(warm_s, 2),
                                  "warm_s_per_chunk": round(warm_s / max(1, computed), 3)}
-        result["modes"] = compare_modes(rag, items, modes, batch, log, baseline, baseline_questions)
+        result["modes"] = compare_modes(rag, items, settings.modes, settings.batch, log, baseline,
+                                        settings.baseline_questions)
         if baseline is not None:
             result["transformers"] = result["modes"].pop("transformers")
         if rag.choices:  # the closed-form row: the same items and warmed store, choices scored per mode
@@ -272,40 +305,43 @@ def bench_dataset(pipe, questions: int, modes: list[str], warm: str, log_split: 
 
             log(f"{cfg.name}: closed form, choices {rag.choices}")
             result["closed_form"] = choices.compare(rag, items, modes, log)
+        rag.store.flush()  # the temporary folder goes next
     return result, rag, items
 
 
-def run(musique_pipe, scifact_pipe, questions: int, scifact_questions: int, modes: list[str], warm: str,
-        log_questions: int, batch: int, threads: int, batch_setting: dict, log: Log = lambda _m: None,
-        baseline_questions: int = 0) -> dict:
-    """Both datasets, the baselines on MuSiQue's prompts, and the decode-heavy batching figure."""
-    import dataclasses
-
-    from generators.weights import bundled_gguf, resolve_model_dir
+def run(musique_pipe, scifact_pipe, settings: AnswerBenchSettings, options) -> dict:
+    """Both datasets, the baselines on MuSiQue's prompts, and the decode-heavy batching figure
+    (`options`: ragkit.bench.BenchOptions)."""
+    from generators.weights import bundled_gguf
     from ragkit.bench import batch as batch_bench
 
+    log, threads = options.log, options.threads
     torch.set_num_threads(threads)
-    hf_answer = transformers_generate(resolve_model_dir(musique_pipe.config.generator.model), musique_pipe.generator)
-    musique, rag, items = bench_dataset(musique_pipe, questions, modes, warm, "dev", log_questions, batch, log,
-                                        hf_answer, baseline_questions)
+    hf_answer = transformers_generate(musique_pipe.generator.info.folder, musique_pipe.generator)
+    musique, rag, items = bench_dataset(musique_pipe, settings, settings.questions, "dev", log, hf_answer)
     hf = musique.pop("transformers")
-    llama = llama_cpp_baseline(bundled_gguf("smollm2"), rag, items[:baseline_questions or None], threads) \
+    baseline_items = items[:settings.baseline_questions or None]
+    llama = llama_cpp_baseline(bundled_gguf("smollm2"), rag, baseline_items, threads) \
         if musique_pipe.config.generator.model == "smollm2" else {"available": False, "reason": "no GGUF of this model"}
-    scifact = bench_dataset(scifact_pipe, scifact_questions, modes, warm, None, 0, batch, log)[0]
+    scifact = bench_dataset(scifact_pipe, settings, settings.scifact_questions, None, log)[0]
     log("decode-heavy batching (ragkit.bench.batch)")
     cfg = musique_pipe.config
     batching = batch_bench.run(dataclasses.asdict(cfg.generator), dataclasses.asdict(cfg.cache), threads=threads,
-                               **batch_setting)
+                               **settings.batch_setting)
     blend = musique["modes"].get("blend", {})
+    full = musique["modes"]["full"]
     return {
-        "setting": {"threads": threads, "modes": list(musique["modes"]), "warm": warm, "batch": batch,
-                    "model": cfg.generator.model, "dtype": rag.keys.dtype, "seed": cfg.seed},
+        "setting": {"threads": threads, "modes": list(musique["modes"]), "warm": settings.warm,
+                    "batch": settings.batch, "model": cfg.generator.model, "dtype": rag.keys.dtype, "seed": cfg.seed},
         "musique": musique, "scifact": scifact, "transformers": hf, "llama_cpp": llama,
         "batching": {k: batching[k] for k in ("setting", "decode_heavy", "identical_outputs")},
         "batched_speedup_vs_sequential": batching["batched_speedup_vs_sequential"],
         "blend_speedup_vs_hf_full": round(blend["questions_per_s"] / hf["hf_generate_questions_per_s"], 3)
         if blend else None,
-        "blend_f1_minus_full_f1": round(blend["f1"] - musique["modes"]["full"]["f1"], 4) if blend else None,
+        "blend_f1_minus_full_f1": round(blend["f1"] - full["f1"], 4) if blend else None,
+        "blend_warm_questions_per_s_vs_full": round(blend["questions_per_s"] / full["questions_per_s"], 3)
+        if blend else None,
+        "cold_questions_per_s_vs_full": musique["cold"]["questions_per_s_vs_full"] if "cold" in musique else None,
         "hit_rate_warm": blend.get("hit_rate"),
         "full_ttft_vs_hf": hf["ragkit_full_ttft_vs_hf"],
         "blend_ttft_speedup_vs_llama_cpp_full": round(llama["full_ttft_p50_s"] / blend["ttft_p50_s"], 3)
@@ -329,10 +365,14 @@ def format_report(result: dict) -> str:
     for name in ("musique", "scifact"):
         d = result[name]
         w = d["corpus_warm"]
-        lines += [f"{name}: {d['questions']} questions x {d['chunks_per_question']} chunks, prompts of "
-                  f"{d['prompt_tokens_mean']:.0f} tokens, max_new_tokens {d['max_new_tokens']}",
-                  f"  cold cache ({d['cold']['mode']}): hit rate {d['cold']['hit_rate']:.2f}, TTFT p50 "
-                  f"{d['cold']['ttft_p50_s']:.3f}s, {d['cold']['questions_per_s']:.3f} q/s"]
+        lines.append(f"{name}: {d['questions']} questions x {d['chunks_per_question']} chunks, prompts of "
+                     f"{d['prompt_tokens_mean']:.0f} tokens, max_new_tokens {d['max_new_tokens']}")
+        if "cold" in d:
+            c = d["cold"]
+            lines.append(f"  cold cache ({c['mode']}): hit rate {c['hit_rate']:.2f}, TTFT p50 {c['ttft_p50_s']:.3f}s, "
+                         f"{c['questions_per_s']:.3f} q/s; full beside it: TTFT p50 {c['full']['ttft_p50_s']:.3f}s, "
+                         f"{c['full']['questions_per_s']:.3f} q/s; cold {c['mode']} q/s vs full "
+                         f"{c['questions_per_s_vs_full']:.2f}x")
         log = d["query_log"]
         lines.append(f"  warmed from {log['log_questions']} {log['split']} questions ({log['warmed_chunks']} chunks, "
                      f"{log['warm_s']:.1f}s once): hit rate {log['hit_rate']:.2f}, TTFT p50 {log['ttft_p50_s']:.3f}s, "
@@ -354,5 +394,7 @@ def format_report(result: dict) -> str:
               else f"llama.cpp: unavailable ({llama['reason']})",
               f"batched_speedup_vs_sequential {result['batched_speedup_vs_sequential']}  blend_speedup_vs_hf_full "
               f"{result['blend_speedup_vs_hf_full']}  blend_f1_minus_full_f1 {result['blend_f1_minus_full_f1']}  "
-              f"hit_rate_warm {result['hit_rate_warm']}"]
+              f"hit_rate_warm {result['hit_rate_warm']}",
+              f"cold_questions_per_s_vs_full {result.get('cold_questions_per_s_vs_full')}  "
+              f"blend_warm_questions_per_s_vs_full {result.get('blend_warm_questions_per_s_vs_full')}"]
     return "\n".join(lines)

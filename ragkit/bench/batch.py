@@ -65,7 +65,7 @@ def _batched(rag: RagGenerator, prompts, prefilled: list, batch: int, new_tokens
     """The engine over the same prefilled prompts; returns (tokens per question, seconds, engine)."""
     by_prompt = {tuple(c.id for c in chunks): result for (_question, chunks), result in zip(prompts, prefilled)}
 
-    def memo(_question, chunks, _mode):  # the prompt's KV as prefilled once; its misses are stored already
+    def memo(_question, chunks, _mode, **_options):  # the prompt's KV as prefilled once; its misses stored already
         logits, cache, next_position, stats = by_prompt[tuple(c.id for c in chunks)]
         return logits, cache, next_position, {**stats, "commit": lambda _prefill_s: None}
 

@@ -10,11 +10,13 @@ eviction; hit rate, bytes and end-to-end throughput against full and prefix.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -340,6 +342,68 @@ def run_bench(generator: dict, cache: dict, musique: Path, limit: int | None, mo
 
         result["retrieval"] = retrieval_workload(make_rag, retrieval_requests, retrieval_cap_bytes, progress)
     return result
+
+
+@dataclass
+class CacheBenchSettings:
+    musique: Path = Path("data/musique/musique_s.json.gz")  # the MuSiQue sample of workload (a)
+    limit: int | None = None  # its questions (None: all)
+    offset: int = 0  # questions skipped first (blend's defaults were tuned on the first 24)
+    modes: list[str] = dataclasses.field(default_factory=lambda: ["full", "blend"])  # blend@R: blend at ratio R
+    chunks: int = 10  # passages per question
+    sweep_questions: int = 2  # per point of the 5/10/20 x 256-token sweep (0 skips it)
+    requests: int = 40  # workload (b)'s request stream (0 skips it)
+    cap_bytes: int = 256 << 20  # workload (b)'s host cache budget
+    stream_config: Path = Path("configs/scifact-bm25.toml")  # whose queries and retrieved chunks make workload (b)
+    runs_dir: Path | None = None  # also one run folder per mode, for `ragkit report`
+
+
+def run_from_config(cfg, settings: CacheBenchSettings, options) -> dict:
+    """The bench under a pipeline config's generator and cache settings (`options`: ragkit.bench.BenchOptions)."""
+    from eval.answers import exact_match, token_f1
+    from ragkit.errors import InputError
+
+    if not settings.musique.is_file():
+        raise InputError(settings.musique, "MuSiQue sample not found",
+                         hint="run from the ragkit checkout or pass --musique")
+    torch.set_num_threads(options.threads)
+    retrieval_requests = None
+    if settings.requests:
+        from ragkit.pipeline import Pipeline
+
+        pipe = Pipeline.from_config(settings.stream_config, progress=False)
+        queries = pipe.queries()[:max(10, settings.requests // 2)]
+        order = request_stream(len(queries), settings.requests)
+        hits = pipe.retrieve_batch([q.text for q in queries], 5)
+        retrieval_requests = [(queries[i].text, [pipe.chunk(h.id) for h in hits[i]]) for i in order]
+    result = run_bench(
+        dataclasses.asdict(cfg.generator), dataclasses.asdict(cfg.cache), settings.musique, settings.limit,
+        settings.modes, settings.chunks, (5, 10, 20) if settings.sweep_questions else (), 256,
+        settings.sweep_questions, retrieval_requests, settings.cap_bytes,
+        lambda pred, golds: (exact_match(pred, golds), token_f1(pred, golds)), options.log, settings.offset)
+    if settings.runs_dir is not None:
+        write_mode_runs(settings.runs_dir, cfg, result["modes"])
+    return result
+
+
+def write_mode_runs(runs_dir: Path, cfg, modes: dict) -> None:
+    """One run folder per reuse mode, so the leaderboard can plot answer quality against TTFT."""
+    import ragkit
+    from eval.generation import score_generation
+    from eval.runs import make_results, write_run
+    from ragkit.types import Run
+
+    config = cfg.to_dict()
+    config["dataset"] = {"format": "musique", "path": "data/musique"}
+    for mode, entry in modes.items():
+        records = {f"q{i}": record for i, record in enumerate(entry["per_question"])}
+        golds = {qid: list(record["golds"]) for qid, record in records.items()}
+        aggregate, per_query = score_generation(records, golds)
+        name = f"{cfg.name}-{mode.replace('@', '-r')}"
+        results = make_results(name, "answers", aggregate, per_query, {**config, "name": name},
+                               ragkit_version=ragkit.__version__, task="musique", seed=cfg.seed,
+                               cache_mode=mode, counts={"questions": len(records)})
+        write_run(runs_dir / name, Run({}, name=name), results, {**config, "name": name})
 
 
 def format_report(result: dict) -> str:

@@ -31,7 +31,9 @@ def _median_s(fn, repeats: int) -> float:
 
 
 def run(tokens: tuple[int, ...] = (128, 512, 2048), dtypes: tuple[str, ...] = ("float32", "bfloat16"),
-        entries: int = 4, repeats: int = 5) -> dict:
+        entries: int = 4, repeats: int = 5, threads: int | None = None) -> dict:
+    if threads:
+        torch.set_num_threads(threads)
     rows = []
     for dtype in dtypes:
         for length in tokens:

@@ -16,7 +16,7 @@ import re
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Protocol
+from typing import Any, AsyncIterator, Callable
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -25,25 +25,12 @@ from starlette.exceptions import HTTPException
 
 from ragkit.serve.arena import PreferenceLog
 from ragkit.serve.metrics import ServeMetrics
-from ragkit.serve.scheduler import QueueFull, Scheduler, ShuttingDown, Ticket, log
+from ragkit.serve.scheduler import QueueFull, Scheduler, Service, ShuttingDown, Ticket, log
 from ragkit.serve.schemas import AnswerRequest, FieldError, Limits, PreferenceRequest, SearchRequest
 
 PAGE = Path(__file__).with_name("page.html")
 ROUTES = ("/", "/health", "/info", "/metrics", "/search", "/answer", "/arena/preference", "/v1/models",
           "/v1/chat/completions")
-
-
-class Service(Protocol):
-    """What the routes need of the thing that serves (service.RagService; a model-free one in tests)."""
-
-    name: str
-    model: str
-
-    def question_room(self, k: int, max_tokens: int) -> int: ...
-    def count_tokens(self, text: str) -> int: ...
-    def search(self, question: str, k: int) -> list[dict[str, Any]]: ...
-    def cache_stats(self) -> dict[str, Any]: ...
-    def flush(self) -> None: ...
 
 
 @dataclass

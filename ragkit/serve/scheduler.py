@@ -160,10 +160,19 @@ class Started:
     ended: Callable[[], bool] = lambda: False  # the output wants no more tokens (a stop string, the size cap)
 
 
-class Answering(Protocol):
-    """What turns a job into an engine request (service.RagService; a model-free one in tests)."""
+class Service(Protocol):
+    """The one thing that serves (service.PipelineService; a model-free one in tests): what the routes
+    ask of it, and what turns a job into an engine request for this scheduler."""
 
+    name: str
+    model: str
     engine: Engine
+
+    def question_room(self, k: int, max_tokens: int) -> int: ...
+    def count_tokens(self, text: str) -> int: ...
+    def search(self, question: str, k: int) -> list[dict[str, Any]]: ...
+    def cache_stats(self) -> dict[str, Any]: ...
+    def flush(self) -> None: ...
 
     def start(self, ticket: Ticket) -> Started:
         """Retrieve and emit `retrieved`, then make the engine request."""
@@ -188,9 +197,9 @@ class EngineScheduler:
     event and the loop goes on.
     """
 
-    def __init__(self, answering: Answering, queue_size: int):
-        self._answering = answering
-        self._engine = answering.engine
+    def __init__(self, service: Service, queue_size: int):
+        self._service = service
+        self._engine = service.engine
         self.queue_size = queue_size
         self._pending: deque[Ticket] = deque()
         self._running: dict[int, tuple[Ticket, Started, float]] = {}  # engine ticket -> job, its start time
@@ -268,7 +277,7 @@ class EngineScheduler:
             ticket.fail(504, "the request passed its deadline while queued")
             return
         try:
-            started = self._answering.start(ticket)
+            started = self._service.start(ticket)
             ticket.check()
             self._running[self._engine.submit(started.request)] = (ticket, started, time.monotonic())
         except Cancelled:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import uvicorn
 
-from chunk_cache.modes import MODES
+from ragkit.config import MODE_NAMES, check_modes
 from ragkit.errors import ConfigError, RagkitError
 from ragkit.pipeline import Pipeline
 from ragkit.serve.app import Server, create_app
@@ -22,7 +22,7 @@ from ragkit.serve.arena import PreferenceLog
 from ragkit.serve.metrics import ServeMetrics
 from ragkit.serve.scheduler import EngineScheduler
 from ragkit.serve.schemas import Limits
-from ragkit.serve.service import RagService
+from ragkit.serve.service import PipelineService
 
 
 @dataclass
@@ -33,7 +33,7 @@ class ServeOptions:
     api_key: str | None = None
     max_k: int = 20
     max_tokens: int = 256
-    modes: tuple[str, ...] = tuple(MODES)  # the registry's names
+    modes: tuple[str, ...] = MODE_NAMES  # the registry's names
     arena: tuple[str, str] = ("full", "blend")
     preferences: Path | None = None  # default: <eval.runs_dir>/arena/<name>.jsonl
     max_body_bytes: int = 64 << 10
@@ -44,10 +44,8 @@ def build_server(pipeline: Pipeline, options: ServeOptions) -> Server:
     """Load the model and index now (not on the first request) and wire the parts together."""
     cfg = pipeline.config
     modes = tuple(options.modes)
-    for key, chosen in (("serve.modes", modes), ("serve.arena", options.arena)):
-        unknown = [m for m in chosen if m not in MODES]
-        if unknown:
-            raise ConfigError(key, f"unknown mode {unknown[0]!r}", allowed=list(MODES))
+    check_modes(modes, "serve.modes")
+    check_modes(options.arena, "serve.arena")
     if len(options.arena) != 2 or not set(options.arena) <= set(modes):
         raise ConfigError("serve.arena", "needs two modes, both among the allowed modes")
     default_mode = cfg.cache.mode if cfg.cache.mode in modes else modes[0]
@@ -55,7 +53,7 @@ def build_server(pipeline: Pipeline, options: ServeOptions) -> Server:
                     max_k=options.max_k, default_max_tokens=min(cfg.generator.max_new_tokens, options.max_tokens),
                     max_tokens=options.max_tokens, max_body_bytes=options.max_body_bytes,
                     deadline_s=options.deadline_s, **options.extra)
-    service = RagService(pipeline, limits.max_output_chars, options.batch)
+    service = PipelineService(pipeline, limits.max_output_chars, options.batch)
     preferences = options.preferences or Path(cfg.eval.runs_dir) / "arena" / f"{cfg.name}.jsonl"
     return Server(service=service, scheduler=EngineScheduler(service, options.queue), limits=limits,
                   api_key=options.api_key or None, arena=PreferenceLog(preferences, options.arena, cfg.name),

@@ -1,42 +1,33 @@
-"""What the server serves: one Pipeline kept for the process's lifetime, so the model stays loaded
+"""The server's Service: one Pipeline kept for the process's lifetime, so the model stays loaded
 and the KV store's memory tiers stay warm from one request to the next.
 
-`start(ticket)` turns a job into a request of the batched engine (`AnswerEngine`, driven by the
-EngineScheduler): retrieve, then a request carrying the job's own budget and temperature, with an
+`start(ticket)` turns a job into a request of the pipeline's batched engine (driven by the
+EngineScheduler): retrieve, then a request carrying the job's own mode, budget and temperature, with an
 on_token callback that streams text and applies stop strings and the output cap (where the
-output ends, the scheduler stops the request's row).
+output ends, the scheduler stops the request's row). Only `Pipeline` is reached from here.
 """
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from typing import Any
 
-from generators.engine import AnswerEngine, Request
-from generators.rag import Answer
-from generators.weights import load_tokenizer
 from ragkit.pipeline import Pipeline
 from ragkit.serve.scheduler import Started, Ticket
 
-# Room left for the title line and separator around each retrieved chunk in the prompt.
-PER_CHUNK_OVERHEAD = 32
-DEFAULT_CONTEXT = 2048
 
-
-class RagService:
+class PipelineService:
     def __init__(self, pipeline: Pipeline, max_output_chars: int, max_batch: int):
         self.pipeline = pipeline
         self.max_output_chars = max_output_chars
         self._retrieval = threading.Lock()  # /search and the worker share the retrievers
-        self.generator = pipeline.generator  # loads the model now, not on the first request
+        self.engine = pipeline.engine  # loads the model now, not on the first request
+        self.engine.max_batch = max_batch
         self.pipeline.retrievers  # and the index
-        self.engine = AnswerEngine(self.generator, max_batch=max_batch)
-        self.context_window = _context_window(pipeline.config.generator.model)
-        # Requests are measured on the event loop while the worker tokenizes: fast tokenizers are not
-        # safe to share between threads ("Already borrowed"), so the loop gets its own copy.
-        self._counter = load_tokenizer(pipeline.config.generator.model)
+        # Requests are measured on the event loop while the worker tokenizes: the loop counts with its own
+        # tokenizer (Pipeline.token_counter).
+        self.count_tokens = pipeline.token_counter()
 
     @property
     def name(self) -> str:
@@ -48,11 +39,7 @@ class RagService:
 
     def question_room(self, k: int, max_tokens: int) -> int:
         """Tokens a question may take so that prompt and answer fit the model's context."""
-        chunk_tokens = k * (self.pipeline.config.chunking.size + PER_CHUNK_OVERHEAD)
-        return self.context_window - len(self.generator.prompt.head_ids) - chunk_tokens - max_tokens - 16
-
-    def count_tokens(self, text: str) -> int:
-        return len(self._counter(text, add_special_tokens=False)["input_ids"])
+        return self.pipeline.question_room(k, max_tokens)
 
     def search(self, question: str, k: int) -> list[dict[str, Any]]:
         with self._retrieval:
@@ -71,11 +58,11 @@ class RagService:
         chunks = [self.pipeline.chunk(h["id"]) for h in hits]
         output = _Output(ticket, self.max_output_chars)
         whole = job.messages is not None  # a plain chat: its messages are the prompt, nothing to reuse
-        request = Request(job.messages if whole else job.question, chunks, mode="full" if whole else job.mode,
-                          max_new_tokens=job.max_tokens,
-                          temperature=job.temperature, on_token=output.add)
+        request = self.pipeline.request(job.messages if whole else job.question, chunks,
+                                        mode="full" if whole else job.mode, max_new_tokens=job.max_tokens,
+                                        temperature=job.temperature, on_token=output.add)
 
-        def finish(answer: Answer) -> None:
+        def finish(answer) -> None:
             output.finish()
             budget_spent = not output.stopped and len(answer.tokens) >= job.max_tokens
             ticket.emit("done", {
@@ -89,12 +76,11 @@ class RagService:
         return Started(request, finish, lambda: output.ended)
 
     def cache_stats(self) -> dict[str, Any]:
-        stats = self.generator.store.stats()
-        return {"hit_rate": stats["hit_rate"], "tiers": {name: tier["bytes"] for name, tier in stats["tiers"].items()}}
+        return self.pipeline.cache_stats()
 
     def flush(self) -> None:
-        """Publish the KV store's queued hit counts to its disk journal."""
-        self.generator.store.flush()
+        """Every stored chunk on disk and the KV store's queued hit counts in its disk journal."""
+        self.pipeline.flush()
 
 
 class _Output:
@@ -130,13 +116,3 @@ class _Output:
             self.ticket.emit("token", self.text[self.sent:upto])
             self.sent = upto
 
-
-def _context_window(model: str) -> int:
-    """max_position_embeddings of the generator's config.json (DEFAULT_CONTEXT when it has none)."""
-    from generators.weights import resolve_model_dir
-
-    try:
-        config = json.loads((resolve_model_dir(model) / "config.json").read_text(encoding="utf-8"))
-        return int(config.get("max_position_embeddings") or DEFAULT_CONTEXT)
-    except (OSError, ValueError, TypeError):
-        return DEFAULT_CONTEXT

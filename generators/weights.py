@@ -36,14 +36,10 @@ class ModelInfo:
 
 def model_info(model: str) -> ModelInfo:
     """The ModelInfo of `generator.model` (a bundled name, a folder or a .gguf file)."""
+    from generators.families import read_config_json
+
     folder = resolve_model_dir(model)
-    path = folder / "config.json"
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(path, f"not valid JSON ({exc})") from None
-    if not isinstance(config, dict):
-        raise InputError(path, "expected a JSON object")
+    config = read_config_json(folder / "config.json")
     context = config.get("max_position_embeddings")
     eos = config.get("eos_token_id")
     eos = [eos] if isinstance(eos, int) else eos if isinstance(eos, list) else []

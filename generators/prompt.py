@@ -54,7 +54,7 @@ class ChatPrompt:
         bos = tokenizer.bos_token
         add_bos = bos is not None and getattr(tokenizer, "add_bos_token", False) and not head.startswith(bos)
         self.head_ids = tuple(([tokenizer.bos_token_id] if add_bos else []) + self.ids(head + "Documents:\n"))
-        self.separator_ids = tuple(self.ids("\n\n"))
+        self.separator_ids = tuple(self.ids_before_text("\n\n"))
         self.tail_text = tail
         vocab = tokenizer.get_vocab()
         stops = {tokenizer.eos_token_id} | {vocab[t] for t in _END_OF_TURN if t in vocab}
@@ -63,6 +63,15 @@ class ChatPrompt:
 
     def ids(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def ids_before_text(self, text: str) -> list[int]:
+        """`text`'s ids as the whole prompt's tokenisation gives them where more text follows: a byte-level
+        BPE splits "\n\n" before a word into two newlines, not the one token it is alone. So the pieces
+        concatenate to the ids of the rendered text, and an endpoint that tokenises the chat whole sees
+        the same prompt."""
+        probe = self.ids("Question")
+        whole = self.ids(text + "Question")
+        return whole[:-len(probe)] if whole[-len(probe):] == probe else self.ids(text)
 
     def chunk_ids(self, text: str) -> tuple[int, ...]:
         return tuple(self.ids(text))

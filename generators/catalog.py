@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from generators.families import FAMILIES, ModelArgs, RopeTable, read_config_json, resolve
+from generators.families import FAMILIES, ModelArgs, RopeTable, resolve
 
 
 def families_table() -> list[str]:
@@ -23,20 +23,21 @@ def families_table() -> list[str]:
 
 def describe(path: str) -> list[str]:
     """Lines saying what ragkit reads from `path` (a model folder, a .gguf file or a bundled name)."""
-    from generators.weights import BUNDLED, gguf_config, resolve_model_dir
+    import torch
+
+    from generators.weights import BUNDLED, gguf_config, model_fingerprint, model_info
 
     source = Path(path).expanduser()
     if path not in BUNDLED and source.suffix == ".gguf":
         args, rope = resolve(gguf_config(source), source)
-        return _lines(args, rope, {}) + ["fingerprint  (after conversion on first use)"]
-    folder = resolve_model_dir(path, "PATH")
-    raw = read_config_json(folder / "config.json")
-    args, rope = resolve(raw, folder / "config.json")
-    return _lines(args, rope, raw) + [f"fingerprint  {_fingerprint(folder)}"]
+        return _lines(args, rope, "") + ["fingerprint  (after conversion on first use)"]
+    info = model_info(path, "PATH")
+    args, rope = ModelArgs.from_info(info)
+    return _lines(args, rope, info.dtype) + [f"fingerprint  {model_fingerprint(info, torch.float32)} (float32)"]
 
 
-def _lines(args: ModelArgs, rope: RopeTable, raw: dict) -> list[str]:
-    dtype = raw.get("dtype") or raw.get("torch_dtype") or "?"
+def _lines(args: ModelArgs, rope: RopeTable, dtype: str) -> list[str]:
+    dtype = dtype or "?"
     lines = [f"family       {args.family.name} ({args.architecture})",
              f"layers       {args.n_layers} x {args.n_heads} heads ({args.n_kv_heads} KV) of {args.head_dim}, "
              f"hidden {args.dim}, vocab {args.vocab_size}, {'tied' if args.tie_embeddings else 'untied'} head",
@@ -67,13 +68,3 @@ def _runs(values) -> list[tuple[object, str]]:
                 start = b
         out.append((value, ",".join(spans)))
     return out
-
-
-def _fingerprint(folder: Path) -> str:
-    from types import SimpleNamespace
-
-    import torch
-
-    from generators.weights import model_fingerprint
-
-    return model_fingerprint(SimpleNamespace(source=str(folder), dtype=torch.float32)) + " (float32)"

@@ -12,12 +12,14 @@ length (`dynamic`) is refused by name, before any weight is read.
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from generators.weights import ModelInfo
 from ragkit.errors import InputError
 
 
@@ -116,9 +118,9 @@ class ModelArgs:
     moe: MoE | None = None
 
     @classmethod
-    def from_folder(cls, folder: Path) -> tuple["ModelArgs", "RopeTable"]:
-        raw = read_config_json(folder / "config.json")
-        return resolve(raw, folder / "config.json")
+    def from_info(cls, info: ModelInfo) -> tuple["ModelArgs", "RopeTable"]:
+        """From a model folder's config.json as ModelInfo read it (resolving fills in defaults: on a copy)."""
+        return resolve(copy.deepcopy(info.config), info.config_path)
 
 
 @dataclass

@@ -10,8 +10,6 @@ multipliers, experts) live in ModelArgs; the modules are in generators.layers.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,6 +19,7 @@ from torch.nn.attention.bias import CausalBias, causal_lower_right
 from chunk_cache.rope import rotate_half
 from generators.families import ModelArgs, RopeTable, rope_frequencies  # noqa: F401  (rope_frequencies: API)
 from generators.layers import Block, KVCache, RMSNorm, ScaledEmbedding, map_state
+from generators.weights import ModelInfo
 from ragkit.errors import InputError
 
 
@@ -35,7 +34,6 @@ class Decoder(nn.Module):
         self.rope_table = rope
         self.softmax_scale = args.softmax_scale or args.head_dim ** -0.5
         self.windows = sorted({w for w in args.windows if w})
-        self.source = ""  # the folder the weights came from (for the cache fingerprint)
 
     @property
     def device(self) -> torch.device:
@@ -325,11 +323,12 @@ def ape_attention(q, keys, values, key_positions, query_positions, context, ape:
     return (probs @ v).to(q.dtype)
 
 
-def load_decoder(folder: Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Decoder:
-    """Build the decoder from a local Hugging Face folder (config.json + safetensors)."""
+def load_decoder(info: ModelInfo, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Decoder:
+    """Build the decoder from a model folder's config (ModelInfo) and its safetensors weights."""
     from safetensors.torch import load_file
 
-    args, rope = ModelArgs.from_folder(folder)
+    folder = info.folder
+    args, rope = ModelArgs.from_info(info)
     with torch.device("meta"):
         model = Decoder(args, rope)
     files = sorted(folder.glob("*.safetensors"))
@@ -343,5 +342,4 @@ def load_decoder(folder: Path, device: str | torch.device = "cpu", dtype: torch.
     if missing or unexpected:
         raise InputError(folder, f"weights do not match the {args.architecture} layout "
                          f"(missing: {missing[:3]}, unexpected: {unexpected[:3]})")
-    model.source = str(folder)
     return model.to(device).eval().requires_grad_(False)

@@ -3,15 +3,14 @@
 The model's chat template is rendered once around a placeholder and split there, so any chat
 model gets its own template. Every piece is tokenised on its own and the ids concatenated:
 a chunk's ids in the prompt are exactly `Chunk.token_ids`, the ids its cached KV belongs to.
-Generation stops on the model's own eos list (config.json, generation_config.json) and end-of-turn marks.
+Generation stops on the model's own eos ids (ModelInfo.eos_ids) and end-of-turn marks.
 The prompt's budget is counted here only: `size` (exact, for a question and its chunks) and `room`
 (what is left for a question before retrieval, with `chunk_allowance` per chunk).
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+from collections.abc import Iterable
 
 from chunk_cache.assembly import CHUNK, GAP, HEAD, QUESTION, TITLE, Segment
 from ragkit.types import Chunk
@@ -24,22 +23,8 @@ _END_OF_TURN = ["<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", 
                 "<end_of_turn>", "<|end|>"]
 
 
-def declared_eos(folder: str | Path) -> set[int]:
-    """The eos ids config.json and generation_config.json declare (an id or a list; Llama 3.1 lists three)."""
-    ids: set[int] = set()
-    for name in ("config.json", "generation_config.json"):
-        try:
-            declared = json.loads((Path(folder) / name).read_text(encoding="utf-8")).get("eos_token_id")
-        except (OSError, ValueError, AttributeError):
-            continue
-        for value in declared if isinstance(declared, list) else [declared]:
-            if isinstance(value, int):
-                ids.add(value)
-    return ids
-
-
 class ChatPrompt:
-    def __init__(self, tokenizer, system_prompt: str):
+    def __init__(self, tokenizer, system_prompt: str, eos_ids: Iterable[int] = ()):
         self.tokenizer = tokenizer
         messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": _SLOT}]
         if getattr(tokenizer, "chat_template", None):
@@ -58,7 +43,7 @@ class ChatPrompt:
         self.tail_text = tail
         vocab = tokenizer.get_vocab()
         stops = {tokenizer.eos_token_id} | {vocab[t] for t in _END_OF_TURN if t in vocab}
-        stops |= {i for i in declared_eos(getattr(tokenizer, "name_or_path", "") or ".") if i < len(vocab)}
+        stops |= {i for i in eos_ids if i < len(vocab)}  # the model folder's declared eos ids
         self.stop_ids = frozenset(s for s in stops if s is not None)
 
     def ids(self, text: str) -> list[int]:

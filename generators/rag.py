@@ -26,7 +26,7 @@ from generators.choices import Scored, choice_ids, choice_logliks, pick
 from generators.generate import Sampling, decode, teacher_forced_logits
 from generators.model import Decoder, load_decoder
 from generators.prompt import ChatPrompt
-from generators.weights import load_tokenizer, model_fingerprint, model_info, resolve_model_dir
+from generators.weights import load_tokenizer, model_fingerprint, model_info
 from ragkit.errors import ConfigError, InputError
 from ragkit.types import Chunk
 
@@ -79,10 +79,9 @@ class RagGenerator:
     def __init__(self, generator: dict, cache: dict, store: KVStore | None = None):
         make_mode(cache.get("mode"))  # the registry refuses an unknown mode before the model loads
         device, dtype = pick_device(generator.get("device", "auto"), generator.get("dtype", "auto"))
-        folder = resolve_model_dir(generator["model"])
-        self.model: Decoder = load_decoder(folder, device, dtype)  # refuses a bad folder, naming what is wrong
-        self.info = model_info(generator["model"])
-        self.prompt = ChatPrompt(load_tokenizer(str(folder)), generator["system_prompt"])
+        self.info = model_info(generator["model"])  # config.json, read once
+        self.model: Decoder = load_decoder(self.info, device, dtype)  # refuses a bad folder, naming what is wrong
+        self.prompt = ChatPrompt(load_tokenizer(str(self.info.folder)), generator["system_prompt"], self.info.eos_ids)
         self.max_new_tokens = int(generator["max_new_tokens"])
         self.sampling = Sampling(float(generator.get("temperature", 0.0)), float(generator.get("top_p", 1.0)),
                                  int(generator.get("seed", 0)))  # the run's seed, so a sampled answer reproduces
@@ -92,7 +91,7 @@ class RagGenerator:
             choice_ids(self.prompt.ids, self.choices, "config key 'generator.choices'")
         fields = {f.name for f in dataclasses.fields(ReuseSettings)}
         self.settings = ReuseSettings(**{k: v for k, v in cache.items() if k in fields})
-        self.fingerprint = model_fingerprint(self.model)
+        self.fingerprint = model_fingerprint(self.info, dtype)
         self.keys = KeyScheme(self.fingerprint, str(dtype).removeprefix("torch."), self.prompt.head_ids)
         self.reuse = ChunkReuse(self.model, store if store is not None else KVStore(
             Path(cache["dir"]) if cache.get("dir") else None, self.fingerprint, device=device,

@@ -13,7 +13,7 @@ import hashlib
 import importlib.util
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ragkit.errors import ConfigError, InputError
@@ -25,27 +25,36 @@ DEFAULT_CONTEXT = 2048  # a config.json that names no context length
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """What the rest of ragkit asks of a model folder's config.json, read once (`model_info`)."""
+    """A model folder's config.json (and generation_config.json's eos ids), read once (`model_info`): the
+    loader builds the decoder from `config`, the KV cache fingerprints it, the prompt stops on `eos_ids`."""
 
     folder: Path
     family: str  # architectures[0], e.g. LlamaForCausalLM
     context_length: int  # max_position_embeddings (DEFAULT_CONTEXT when absent)
-    eos_ids: tuple[int, ...]
+    eos_ids: tuple[int, ...]  # declared by config.json and generation_config.json (Llama 3.1 lists three)
     dtype: str  # the dtype the weights were saved in ("" when unsaid)
+    config: dict = field(repr=False, compare=False)  # config.json as parsed; read it, never change it
+
+    @property
+    def config_path(self) -> Path:
+        return self.folder / "config.json"
 
 
-def model_info(model: str) -> ModelInfo:
+def model_info(model: str | Path, key: str = "generator.model") -> ModelInfo:
     """The ModelInfo of `generator.model` (a bundled name, a folder or a .gguf file)."""
     from generators.families import read_config_json
 
-    folder = resolve_model_dir(model)
+    folder = resolve_model_dir(str(model), key)
     config = read_config_json(folder / "config.json")
+    extra = folder / "generation_config.json"
+    generation = read_config_json(extra) if extra.is_file() else {}
+    eos: set[int] = set()
+    for declared in (config.get("eos_token_id"), generation.get("eos_token_id")):
+        eos.update(e for e in (declared if isinstance(declared, list) else [declared]) if isinstance(e, int))
     context = config.get("max_position_embeddings")
-    eos = config.get("eos_token_id")
-    eos = [eos] if isinstance(eos, int) else eos if isinstance(eos, list) else []
     return ModelInfo(folder, (config.get("architectures") or ["?"])[0],
                      context if isinstance(context, int) and context > 0 else DEFAULT_CONTEXT,
-                     tuple(int(e) for e in eos), str(config.get("torch_dtype") or config.get("dtype") or ""))
+                     tuple(sorted(eos)), str(config.get("torch_dtype") or config.get("dtype") or ""), config)
 
 
 def cache_root() -> Path:
@@ -218,17 +227,15 @@ _SIDECAR = "weight-digests.json"
 SIDECAR_ENTRIES = 256
 
 
-def model_fingerprint(model) -> str:
-    """Identity of a loaded decoder for the KV cache, from content only: config.json without volatile
-    fields, each safetensors file's header (names, dtypes, shapes, offsets) and an xxh3-128 of its
-    bytes, the compute dtype and KV_LAYOUT_VERSION. The same weights at another path, on another
+def model_fingerprint(info: ModelInfo, dtype) -> str:
+    """Identity of a decoder for the KV cache, from content only: config.json without volatile fields,
+    each safetensors file's header (names, dtypes, shapes, offsets) and an xxh3-128 of its bytes, the
+    compute dtype (a torch.dtype) and KV_LAYOUT_VERSION. The same weights at another path, on another
     machine, after a copy, a re-download or a re-conversion give the same fingerprint."""
-    folder = Path(model.source)
-    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    parts = [json.dumps({k: v for k, v in config.items() if k not in _VOLATILE_CONFIG}, sort_keys=True),
-             str(model.dtype), f"kv-layout-{KV_LAYOUT_VERSION}"]
+    parts = [json.dumps({k: v for k, v in info.config.items() if k not in _VOLATILE_CONFIG}, sort_keys=True),
+             str(dtype), f"kv-layout-{KV_LAYOUT_VERSION}"]
     parts += [f"{file.name}:{_safetensors_header(file)}:{weights_digest(file)}"
-              for file in sorted(folder.glob("*.safetensors"))]
+              for file in sorted(info.folder.glob("*.safetensors"))]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
 
 

@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 from chunk_cache.store import CacheKey, ChunkKV, KVStore
 from generators.model import load_decoder
+from generators.weights import model_info
 from ragkit.cli import app
 from ragkit.config import CacheConfig, GeneratorConfig
 from ragkit.types import Chunk, token_hash
@@ -84,7 +85,7 @@ def test_decoder_matches_transformers(model_dir, device, dtype):
     torch.backends.cuda.matmul.allow_tf32 = False
     ids = torch.randint(2, 40, (1, 96), generator=torch.Generator().manual_seed(3)).to(device)
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
-    ours = load_decoder(model_dir, device, dtype)
+    ours = load_decoder(model_info(model_dir), device, dtype)
     cache = ours.new_cache(1, ids.shape[1])
     positions = torch.arange(ids.shape[1], device=device)
     with torch.inference_mode():

@@ -20,6 +20,7 @@ from chunk_cache.rope import rerotate
 from chunk_cache.store import ChunkKV
 from generators.generate import decode
 from generators.model import load_decoder
+from generators.weights import model_info
 from ragkit.config import CacheConfig, GeneratorConfig
 from ragkit.errors import ConfigError, InputError
 from ragkit.types import Chunk, token_hash
@@ -147,7 +148,7 @@ def test_family_is_exact_against_transformers_and_under_reuse(tmp_path, name):
     from generators.rag import RagGenerator
 
     hf, folder = build(tmp_path, name)
-    ours = load_decoder(folder)
+    ours = load_decoder(model_info(folder))
     ids = torch.randint(0, 2000, (1, 3 * WINDOW + 5), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = hf(ids).logits[0]
@@ -210,7 +211,7 @@ def test_longrope_switch_matches_transformers_and_refuses_reuse_across_it(tmp_pa
     switch = 40
     hf, folder = build(tmp_path, "phi3-longrope", rope_parameters=_longrope(switch=switch),
                        original_max_position_embeddings=switch)
-    ours = load_decoder(folder)
+    ours = load_decoder(model_info(folder))
     for length in (switch - 5, switch + 20):
         ids = torch.randint(0, 2000, (1, length), generator=torch.Generator().manual_seed(length))
         with torch.no_grad():
@@ -247,7 +248,7 @@ def test_traits_ragkit_does_not_implement_are_refused_by_name(tmp_path, change, 
     path = folder / "config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
     with pytest.raises(InputError, match=trait):
-        load_decoder(folder)
+        load_decoder(model_info(folder))
 
 
 def _gguf(path, arch: str, rope_freqs=None):
@@ -347,13 +348,32 @@ def test_prompt_comes_from_the_model_template_and_stops_on_its_declared_eos_ids(
     (folder / "config.json").write_text(json.dumps({**config, "eos_token_id": [11, 7]}))
     tokenizer = load_tokenizer(str(folder))
     tokenizer.chat_template = template
-    prompt = ChatPrompt(tokenizer, "Be brief.")
+    prompt = ChatPrompt(tokenizer, "Be brief.", model_info(folder).eos_ids)
     assert head in tokenizer.decode(prompt.head_ids) and prompt.tail_text == tail
     chunk = Chunk(id="d#0", doc_id="d", text=TEXTS[0], token_ids=prompt.chunk_ids(TEXTS[0]), span=(0, 0),
                   content_hash="h")
     segments = prompt.segments("Which river?", [chunk])
     assert segments[1].token_ids == tuple(chunk.token_ids)
     assert {7, 8, 9, 11, tokenizer.eos_token_id} <= prompt.stop_ids
+
+
+def test_a_model_folder_is_read_once_into_model_info(tmp_path, monkeypatch):
+    """config.json is parsed once per generator (ModelInfo): the loader, the cache fingerprint and the prompt's
+    eos ids all take it from there; a broken generation_config.json is refused naming the file."""
+    from generators import families
+    from generators.rag import RagGenerator
+
+    _, folder = build(tmp_path, "qwen3")
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": 9}))
+    read, reads = families.read_config_json, []
+    monkeypatch.setattr(families, "read_config_json", lambda path: reads.append(path.name) or read(path))
+    generator = {**dataclasses.asdict(GeneratorConfig()), "model": str(folder)}
+    rag = RagGenerator(generator, {**dataclasses.asdict(CacheConfig()), "dir": ""})
+    assert reads == ["config.json", "generation_config.json"]
+    assert 9 in rag.info.eos_ids and 9 in rag.prompt.stop_ids
+    (folder / "generation_config.json").write_text("{")
+    with pytest.raises(InputError, match="generation_config.json: not valid JSON"):
+        model_info(folder)
 
 
 def test_gemma3_multimodal_checkpoint_loads_its_text_tower(tmp_path):
@@ -370,7 +390,7 @@ def test_gemma3_multimodal_checkpoint_loads_its_text_tower(tmp_path):
     torch.manual_seed(0)
     hf = transformers.Gemma3ForConditionalGeneration(config).eval()
     hf.save_pretrained(tmp_path / "gemma3-mm")
-    ours = load_decoder(tmp_path / "gemma3-mm")
+    ours = load_decoder(model_info(tmp_path / "gemma3-mm"))
     assert ours.args.architecture == "Gemma3ForCausalLM" and ours.windows == [WINDOW]
     ids = torch.randint(0, 2000, (1, 2 * WINDOW + 3), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():

@@ -9,6 +9,7 @@ import torch
 
 from generators.generate import Sampling, decode, pick
 from generators.model import load_decoder, rope_frequencies
+from generators.weights import model_info
 from ragkit.errors import InputError
 
 torch.set_num_threads(1)
@@ -62,7 +63,7 @@ def _full_logits(model, ids):
 @pytest.mark.parametrize("arch", ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"])
 def test_tiny_models_match_transformers(tmp_path, arch):
     hf, folder = _tiny_hf_model(tmp_path, arch)
-    ours = load_decoder(folder)
+    ours = load_decoder(model_info(folder))
     ids = torch.randint(0, 300, (1, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = hf(ids).logits[0]
@@ -76,7 +77,7 @@ def test_smollm2_full_prefill_and_split_prefill_match_transformers():
     from generators.weights import resolve_model_dir
 
     folder = resolve_model_dir("smollm2")
-    ours = load_decoder(folder)
+    ours = load_decoder(model_info(folder))
     hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
     ids = torch.randint(0, 49152, (1, 96), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -92,7 +93,7 @@ def test_smollm2_full_prefill_and_split_prefill_match_transformers():
 
 def test_greedy_decode_matches_transformers_generate(tmp_path):
     hf, folder = _tiny_hf_model(tmp_path, "LlamaForCausalLM")
-    ours = load_decoder(folder)
+    ours = load_decoder(model_info(folder))
     prompt = [5, 17, 42, 99, 3, 250]
     with torch.no_grad():
         expected = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, min_new_tokens=12,
@@ -106,7 +107,7 @@ def test_greedy_decode_matches_transformers_generate(tmp_path):
 
 def test_stop_tokens_and_token_budget(tmp_path):
     _, folder = _tiny_hf_model(tmp_path, "LlamaForCausalLM")
-    ours = load_decoder(folder)
+    ours = load_decoder(model_info(folder))
     prompt = [5, 17, 42, 99]
     cache, logits, next_pos = prefill_batch(ours, [prompt], extra=10)
     free = decode(ours, cache, logits, next_pos, 10)[0]
@@ -118,7 +119,7 @@ def test_stop_tokens_and_token_budget(tmp_path):
 
 def test_batched_prompts_decode_like_single_ones(tmp_path):
     _, folder = _tiny_hf_model(tmp_path, "Qwen2ForCausalLM")
-    ours = load_decoder(folder)
+    ours = load_decoder(model_info(folder))
     prompts = [[5, 17, 42, 99, 3, 250, 7], [8, 9], [100, 101, 102, 103]]
     singles = []
     for prompt in prompts:
@@ -144,7 +145,7 @@ def test_unsupported_architecture_is_refused(tmp_path):
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
     with pytest.raises(InputError, match="unsupported architecture 'GPT2LMHeadModel'"):
-        load_decoder(folder)
+        load_decoder(model_info(folder))
 
 
 @pytest.mark.parametrize("rope_type", ["dynamic"])  # longrope: generators.families, tests/test_families.py
@@ -160,7 +161,7 @@ def test_linear_and_llama3_rope_match_transformers(tmp_path):
                                       "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                       "original_max_position_embeddings": 64}}):
         hf, folder = _tiny_hf_model(tmp_path, "LlamaForCausalLM", **rope)
-        ours = load_decoder(folder)
+        ours = load_decoder(model_info(folder))
         ids = torch.randint(0, 300, (1, 100), generator=torch.Generator().manual_seed(3))
         with torch.no_grad():
             expected = hf(ids).logits[0]

@@ -304,7 +304,7 @@ def bench_dataset(pipe, settings: AnswerBenchSettings, questions: int, log_split
             from ragkit.bench import choices
 
             log(f"{cfg.name}: closed form, choices {rag.choices}")
-            result["closed_form"] = choices.compare(rag, items, modes, log)
+            result["closed_form"] = choices.compare(rag, items, settings.modes, log)
         rag.store.flush()  # the temporary folder goes next
     return result, rag, items
 

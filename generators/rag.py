@@ -91,6 +91,7 @@ class RagGenerator:
             choice_ids(self.prompt.ids, self.choices, "config key 'generator.choices'")
         fields = {f.name for f in dataclasses.fields(ReuseSettings)}
         self.settings = ReuseSettings(**{k: v for k, v in cache.items() if k in fields})
+        self.choice_ratio = float(cache.get("choice_ratio") or 0.0)  # scoring choices: this `ratio` (0: the same)
         self.fingerprint = model_fingerprint(self.info, dtype)
         self.keys = KeyScheme(self.fingerprint, str(dtype).removeprefix("torch."), self.prompt.head_ids)
         self.reuse = ChunkReuse(self.model, store if store is not None else KVStore(
@@ -178,11 +179,12 @@ class RagGenerator:
                mode: str | None = None) -> ChoiceAnswer:
         """Prefill with reuse as `answer` does, then score every choice (default: generator.choices) by its
         log-likelihood after the prompt, in one batched forward (generators.choices); the answer is the best
-        under generator.choice_norm. TTFT is the prefill's; total_s includes the scoring."""
+        under generator.choice_norm, prefilled at cache.choice_ratio when set. TTFT is the prefill's; total_s
+        includes the scoring."""
         choices = list(choices or self.choices)
         ids = choice_ids(self.prompt.ids, choices, "choices")
         start = time.perf_counter()
-        logits, cache, next_position, stats = self.prefill(question, chunks, mode, extra=0)
+        logits, cache, next_position, stats = self.prefill(question, chunks, mode, extra=0, **self.choice_settings())
         synchronize(self.model.device)
         ttft = time.perf_counter() - start
         scored = pick(choices, ids, choice_logliks(self.model, cache, logits, next_position, ids), self.choice_norm)
@@ -191,6 +193,10 @@ class RagGenerator:
         stats["commit"](ttft)
         answer = self.make_answer(list(ids[scored.best]), chunks, stats, ttft, total)
         return ChoiceAnswer(**{**vars(answer), "text": scored.text}, scored=scored)
+
+    def choice_settings(self) -> dict:
+        """The ReuseSettings overrides closed-form scoring prefills with (cache.choice_ratio)."""
+        return {"ratio": self.choice_ratio} if self.choice_ratio else {}
 
     def teacher_forced(self, cache, logits: torch.Tensor, next_position: int, forced: list[int]) -> list[int]:
         """The greedy token after the prompt and after each prefix of `forced`, written past the prompt's rows

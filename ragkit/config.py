@@ -113,6 +113,9 @@ class CacheConfig(ReuseSettings):  # mode (a chunk_cache.modes.MODES name), rati
     host_bytes: int = 2 << 30
     disk_bytes: int = 20 << 30
     eviction: str = "lru"
+    # The recompute share (`ratio`) when scoring closed-form choices (generator.choices), 0: `ratio`. A yes/no
+    # decision of a small model often hangs on a fraction of a nat, and reuse shifts it (BENCHMARKS.md).
+    choice_ratio: float = 0.0
 
 
 @dataclass
@@ -262,8 +265,8 @@ _CHOICES = {
 
 _POSITIVE = {"chunking.size", "retrieval.k", "retrieval.chunk_k", "generator.max_new_tokens", "generator.chunks",
              "cluster.shards", "cluster.embed_actors", "query.max_tokens", "llm.concurrency", "llm.timeout"}
-_NON_NEGATIVE = {"chunking.overlap", "dataset.limit_queries", "cache.full_layers", "cache.ratio", "cache.epic_tokens",
-                 "cache.recompute_tokens", "cache.device_bytes", "cache.host_bytes", "cache.disk_bytes",
+_NON_NEGATIVE = {"chunking.overlap", "dataset.limit_queries", "cache.full_layers", "cache.ratio", "cache.choice_ratio",
+                 "cache.epic_tokens", "cache.recompute_tokens", "cache.device_bytes", "cache.host_bytes", "cache.disk_bytes",
                  "generator.temperature", "cluster.gpus_per_actor", "llm.retries"}
 
 
@@ -371,8 +374,9 @@ def _check(cfg: Config, source: str | None) -> None:
         raise ConfigError("cluster.address", f'expected "auto", "local", "ray://host:port" or "host:port", '
                           f"got {address!r}", source=source)
     _check_choices(cfg.generator.choices, source)
-    if cfg.cache.ratio > 1:
-        raise ConfigError("cache.ratio", f"must be in [0, 1], got {cfg.cache.ratio}", source=source)
+    for key in ("ratio", "choice_ratio"):
+        if getattr(cfg.cache, key) > 1:
+            raise ConfigError(f"cache.{key}", f"must be in [0, 1], got {getattr(cfg.cache, key)}", source=source)
     _check_metrics(cfg, source)
     if not cfg.retrieval.retrievers:
         raise ConfigError("retrieval.retrievers", "needs at least one retriever", source=source)

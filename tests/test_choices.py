@@ -92,6 +92,44 @@ def test_single_token_choices_read_the_prefill_logits_and_norms_rank_by_length(t
     assert pick(["x", "y"], [(1,), (2,)], [-1.0, -1.0]).best == 0  # ties: the first
 
 
+def test_choice_ratio_is_the_blend_share_closed_form_scoring_prefills_with(tiny):
+    """cache.choice_ratio = 1.0 makes blend's choices exact at the default ratio; without it they are not."""
+    rag, chunks, hf = tiny
+    chunks = [chunks[2], chunks[0], chunks[1]]  # an order no other test prefills in full (and so stores exactly)
+    question = "Is the Colosseum in Paris?"
+    ids = choice_ids(rag.prompt.ids, CHOICES, "test")
+    prompt = [t for seg in rag.prompt.segments(question, chunks) for t in seg.token_ids]
+    expected = _reference_logliks(hf, prompt, ids)
+    saved = rag.settings
+    rag.settings = dataclasses.replace(saved, full_layers=0)  # selection at layer 0: reuse shows in 3 layers
+    try:
+        assert rag.settings.ratio < 1.0 and rag.choice_ratio == 0.0 and rag.choice_settings() == {}
+        default = [c.loglik for c in rag.choose(question, chunks, CHOICES, mode="blend").scored.choices]
+        rag.choice_ratio = 1.0
+        assert rag.choice_settings() == {"ratio": 1.0}
+        answer = rag.choose(question, chunks, CHOICES, mode="blend")
+    finally:
+        rag.settings, rag.choice_ratio = saved, 0.0
+    got = [c.loglik for c in answer.scored.choices]
+    assert max(abs(a - b) for a, b in zip(got, expected)) < 1e-4, (got, expected)
+    assert max(abs(a - b) for a, b in zip(default, expected)) > 1e-3  # reuse at 0.15 is approximate
+    # every inexact row recomputed (the first chunk sits behind the head as stored: exact, reused as it is)
+    assert answer.cache_hits == 3 and answer.recomputed_tokens == answer.context_tokens - len(chunks[0].token_ids)
+
+
+@pytest.mark.parametrize("value, message", [("1.5", "'cache.choice_ratio': must be in [0, 1], got 1.5"),
+                                            ("-0.1", "'cache.choice_ratio'")])
+def test_choice_ratio_outside_0_1_is_a_config_error(tmp_path, value, message):
+    from ragkit.config import load_config
+    from ragkit.errors import ConfigError
+
+    config = tmp_path / "c.toml"
+    config.write_text(f'name = "c"\n[dataset]\npath = "{tmp_path}"\n[cache]\nchoice_ratio = {value}\n')
+    with pytest.raises(ConfigError) as refused:
+        load_config(config)
+    assert message in str(refused.value)
+
+
 def test_empty_choices_and_choices_that_tokenise_to_nothing_are_refused(tiny):
     rag, chunks, _hf = tiny
     with pytest.raises(InputError, match="the choice list is empty"):
@@ -235,3 +273,22 @@ def test_bench_choices_refuses_a_config_without_choices():
 
     result = CliRunner().invoke(app, ["bench", "choices", "configs/musique-rag.toml", "-q"])
     assert result.exit_code == 2 and "sets no generator.choices" in result.output
+
+
+def test_bench_scores_a_mode_without_a_ratio_at_choice_ratio(tiny):
+    from ragkit.bench import choices as bench
+
+    rag, chunks, _hf = tiny
+    items = [("Is the Nile in Italy?", [chunks[1], chunks[2], chunks[0]], ["no"])]  # inexact reuse, no title
+    saved = rag.settings
+    rag.settings = dataclasses.replace(saved, full_layers=0)
+    try:
+        approximate = bench.compare(rag, items, ["blend", "blend@1.0"], lambda _m: None)["modes"]
+        rag.choice_ratio = 1.0
+        exact = bench.compare(rag, items, ["blend", "blend@0.15"], lambda _m: None)["modes"]
+    finally:
+        rag.settings, rag.choice_ratio = saved, 0.0
+    assert approximate["blend"]["loglik_gap_vs_full"] >= 5e-4 and approximate["blend@1.0"]["loglik_gap_vs_full"] < 1e-4
+    assert exact["blend"]["loglik_gap_vs_full"] < 1e-4  # at choice_ratio 1.0
+    assert exact["blend@0.15"]["loglik_gap_vs_full"] == pytest.approx(approximate["blend"]["loglik_gap_vs_full"],
+                                                                   abs=1e-4)

@@ -11,6 +11,7 @@ first, the others rotated so none always runs right after it):
             the closed form costs over one prefill;
   generate  from the same prefill, generator.max_new_tokens greedy tokens: the answer without choices,
             right when its leading yes/no/maybe word or the whole answer (normalised) is the gold one.
+A mode without @RATIO scores at cache.choice_ratio when the config sets it, as answers do.
 Reported per mode (or `blend@RATIO`): choice accuracy, free-generation accuracy, choice agreement with
 full (over all queries, and over the decisive ones: full's best choice ahead by DECISIVE_MARGIN), the
 largest log-likelihood gap to full (mean over queries), TTFT p50, scoring p50 and the cost ratio.
@@ -45,9 +46,9 @@ DECISIVE_MARGIN = 0.5
 
 def _one(rag: RagGenerator, question: str, chunks: list[Chunk], variant: str, choices: list[str],
          ids: list[tuple[int, ...]]) -> dict:
-    """Prefill, score, generate (see the module docstring) under a mode or `blend@RATIO`; the chunks
-    computed here are stored after."""
-    settings = variant_settings(variant)
+    """Prefill, score, generate (see the module docstring) under a mode (at cache.choice_ratio when set, as
+    closed-form answers are) or `blend@RATIO`; the chunks computed here are stored after."""
+    settings = {**({} if "@" in variant else rag.choice_settings()), **variant_settings(variant)}
     start = time.perf_counter()
     logits, cache, next_position, stats = rag.prefill(question, chunks, **settings)
     synchronize(rag.model.device)
@@ -136,7 +137,8 @@ def run(pipe, questions: int, skip: int, modes: list[str], log: Log = lambda _m:
     return {"config": cfg.name, "slice": f"test queries with gold answers, positions {skip + 1}-{skip + len(items)}",
             "chunks_per_query": cfg.generator.chunks, "max_new_tokens": rag.max_new_tokens,
             "prompt_tokens_mean": round(statistics.mean(len(prompt_ids(rag, q, c)) for q, c, _g in items), 1),
-            "ratio": rag.settings.ratio, "full_layers": rag.settings.full_layers,
+            "ratio": rag.settings.ratio, "choice_ratio": rag.choice_ratio or rag.settings.ratio,
+            "full_layers": rag.settings.full_layers,
             "threads": torch.get_num_threads(), **result}
 
 
@@ -165,6 +167,7 @@ def _cell(value: float | None, width: int) -> str:
 
 def format_report(result: dict) -> str:
     head = (f"{result['config']}: {result['slice']}, {result['chunks_per_query']} chunks each, prompts of "
-            f"{result['prompt_tokens_mean']:.0f} tokens; blend ratio {result['ratio']} after {result['full_layers']} "
+            f"{result['prompt_tokens_mean']:.0f} tokens; blend ratio {result['ratio']} (scoring choices: "
+            f"{result.get('choice_ratio', result['ratio'])}) after {result['full_layers']} "
             f"full layers; {result['threads']} thread(s); free generation: {result['max_new_tokens']} new tokens")
     return "\n".join([head, *format_table(result)])

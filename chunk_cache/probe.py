@@ -25,7 +25,7 @@ deviation x attention, without running any chunk row). An entry without it (stor
 collects no statistics) is ranked by the score alone. Each chunk's first row is the sink its own
 rows lean on when it is encoded alone (EPIC); recomputing it in context is cheap and paid first.
 First-token KL, mean over questions 10-17 at budget 0.1: score alone 0.082, + first row 0.059, x inter
-0.054 (blend at 0.1: 0.124); on 18-21 the three were level (0.058, 0.051, 0.058).
+0.054 (blend at 0.1: 0.124); on 18-21 score alone 0.058, + first row 0.051, both (adopted) 0.056.
 Uncached rows before the question (titles, separators) are invisible to the first pass: they are
 computed, with the selected rows, in the second pass. The first pass writes only the question's
 slots, which the second pass computes again, so it leaves no trace.

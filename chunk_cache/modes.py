@@ -19,9 +19,10 @@ from their fresh and stored K/V and only the best share keeps running (CacheBlen
     cacheblend CacheBlend, the paper's rule: layer 0 full; at layer 1 keep 2·ratio by K+V deviation,
                at layer 2 filter those to `ratio` by the same score (gradual filtering)
     query      query-aware (ProphetKV, A³): a first pass runs only the question over the reused KV and
-               scores every reused row by the attention it receives, fused over heads and layers
-               (chunk_cache.probe); the `ratio` share (or `recompute_tokens` rows) scoring highest
-               then runs through every layer with the uncached rows, the question last
+               scores every reused row by the attention it receives, fused over heads and layers,
+               weighted by the row's stored inter-chunk attention (chunk_cache.probe); each chunk's
+               first row and the `ratio` share (or `recompute_tokens` rows) scoring highest then run
+               through every layer with the uncached rows, the question last
 
 Adding a mode is one `Mode` entry here plus its rule.
 """
@@ -147,8 +148,9 @@ def recompute_budget(settings: ReuseSettings, reused: int) -> int:
 
 
 def _query_rows(candidates: Candidates, settings: ReuseSettings) -> torch.Tensor:
-    """The budget's worth of reused rows the question attends to most, each credited with part of its neighbours'
-    score (chunk_cache.probe); all of them at budget 1, with no first pass."""
+    """The budget's worth of reused rows: each chunk's first rows, then those the question attends to most, each
+    credited with part of its neighbours' score and weighted by its stored staleness (chunk_cache.probe); all
+    of them at budget 1, with no first pass."""
     import torch
 
     rows = torch.zeros(candidates.size, dtype=torch.bool)
@@ -159,9 +161,15 @@ def _query_rows(candidates: Candidates, settings: ReuseSettings) -> torch.Tensor
     if n == int(reused.sum()):
         return reused
     if n:
-        from chunk_cache.probe import with_neighbours
+        from chunk_cache import probe
 
-        scores = with_neighbours(candidates.question_attention()).masked_fill(~reused, -1.0)
+        scores = probe.with_neighbours(candidates.question_attention())
+        for chunk in candidates.reused_chunks:
+            inter = chunk.extras.get("inter")
+            if probe.STALENESS_POWER and inter is not None and len(inter) == chunk.end - chunk.start:
+                scores[chunk.start: chunk.end] *= (inter.float() + 1e-3) ** probe.STALENESS_POWER
+            scores[chunk.start: chunk.start + probe.SINK_ROWS] = float("inf")
+        scores = scores.masked_fill(~reused, -1.0)
         rows[scores.topk(n).indices] = True
     return rows
 
@@ -193,7 +201,9 @@ MODES: dict[str, Mode] = {m.name: m for m in [
          "K+V deviation, filtered from 2×`ratio` at layer 1 to `ratio` at layer 2", ANY,
          layerwise=Layerwise(_cacheblend_checks, lambda d: d.keys + d.values)),
     Mode("query", "as naive, plus the `ratio` share (or `recompute_tokens`) of reused rows the question attends to "
-         "most in a first pass over the reused KV, fused over heads and layers (ProphetKV)", ANY, static=_query_rows),
+         "most in a first pass over the reused KV, fused over heads and layers (ProphetKV), weighted by their "
+         "stored inter-chunk attention; each chunk's first row first", ANY, static=_query_rows,
+         needs_statistics=True),
 ]}
 
 

@@ -17,6 +17,8 @@ runner = CliRunner()
 def test_points_sweep_budgeted_selectors_and_run_the_others_once():
     assert frontier_points(["full", "blend", "query", "epic"], [0.1, 0.3]) == [
         "blend@0.1", "blend@0.3", "query@0.1", "query@0.3", "epic"]
+    assert frontier_points(["blend", "query", "query@0.3", "query@0.1"], [0.1]) == [
+        "blend@0.1", "query@0.1", "query@0.3"]  # an extra point on query's line, each point once
     with pytest.raises(InputError, match="no points"):
         frontier_points(["full"], [0.1])
     with pytest.raises(InputError, match="no points"):
@@ -29,6 +31,9 @@ def test_points_sweep_budgeted_selectors_and_run_the_others_once():
     (["--budgets", "0,0.2"], "budget 0 is outside (0, 1]"),
     (["--budgets", "a,b"], "expected comma-separated shares"),
     (["--modes", "full"], "no points to run"),
+    (["--modes", "blend,query@1.5"], "'query@1.5': SELECTOR@R takes a share R in (0, 1]"),
+    (["--modes", "epic@0.2"], "'epic@0.2': SELECTOR@R takes a share"),
+    (["--modes", "magic@0.2"], "unknown selector 'magic'"),
     (["--modes", "query", "--budgets", ""], "no points to run"),
 ])
 def test_bad_frontier_input_is_one_line_and_exit_2_before_a_model_loads(args, problem, monkeypatch):

@@ -102,16 +102,40 @@ def test_the_first_pass_scores_rows_by_the_questions_attention_per_layer(folder)
     assert torch.allclose(score, expected, atol=1e-5) and abs(float(score.sum()) - 1.0) < 1e-5
 
 
-def test_the_rule_picks_the_highest_scored_reused_rows_within_its_budget():
-    chunk = ReusedChunk(2, 8, {}, 0.0)
+def test_the_rule_picks_each_chunks_first_row_then_the_highest_scored_rows_weighted_by_staleness():
     scores = torch.tensor([0.0, 0.0, 0.1, 0.5, 0.2, 0.9, 0.0, 0.3, 0.0, 0.0])  # rows 0-1, 8-9 are not reused
-    rows = MODES["query"].static(Candidates(10, [chunk], lambda: scores), ReuseSettings(mode="query", ratio=0.34))
-    # plus half the best score within one row: 0.35, 0.75, 0.65, 1.35, 0.45, 0.45 -> row 4 (next to 0.9) beats row 7
-    assert rows.nonzero()[:, 0].tolist() == [3, 4, 5]  # ceil(0.34 * 6) = 3
+    settings = ReuseSettings(mode="query", ratio=0.34)  # ceil(0.34 * 6) = 3 rows
+
+    def picks(extras):
+        chunk = ReusedChunk(2, 8, extras, 0.0)
+        return MODES["query"].static(Candidates(10, [chunk], lambda: scores), settings).nonzero()[:, 0].tolist()
+
+    # plus half the best score within one row: 0.35, 0.75, 0.65, 1.35, 0.45, 0.45; row 2 goes first (the sink),
+    # then 5 and 3; an entry without stored statistics (or with another length) is ranked by the score alone
+    assert picks({}) == [2, 3, 5] and picks({"inter": torch.ones(4)}) == [2, 3, 5]
+    # row 5 barely attended outside its chunk when stored: its K/V are nearly what the new context gives
+    assert picks({"inter": torch.tensor([1.0, 1.0, 1.0, 0.1, 1.0, 1.0])}) == [2, 3, 4]
     assert recompute_budget(ReuseSettings(ratio=0.5, recompute_tokens=4), 6) == 4
     assert recompute_budget(ReuseSettings(ratio=0.5, recompute_tokens=40), 6) == 6
-    never = Candidates(10, [chunk], lambda: pytest.fail("budget 1 needs no first pass"))
+    never = Candidates(10, [ReusedChunk(2, 8, {}, 0.0)], lambda: pytest.fail("budget 1 needs no first pass"))
     assert MODES["query"].static(never, ReuseSettings(mode="query", ratio=1.0)).sum() == 6
     for bad in (ReuseSettings(ratio=1.5), ReuseSettings(recompute_tokens=-1)):
         with pytest.raises(ConfigError, match="cache.(ratio|recompute_tokens)"):
             recompute_budget(bad, 6)
+
+
+def test_entries_without_statistics_are_reused_and_query_misses_store_them(folder):
+    """An entry stored by a mode that collects no statistics (as every entry before them) is still reused;
+    the chunks `query` computes itself are stored with their per-token inter-chunk attention."""
+    rag = _rag(folder)
+    chunks = _chunks(rag)
+    rag.prefill(QUESTION, chunks, mode="naive")[3]["commit"](0.0)  # cold: stores the chunks without statistics
+    keys = [rag.store.variants(rag.keys.dtype, rag.keys.shared(c.token_ids).chunk_hash) for c in chunks]
+    assert all(keys) and not any("inter" in rag.store.get(k[0]).extras for k in keys)
+    logits, _cache, _pos, stats = rag.prefill(QUESTION, chunks[::-1], mode="query", ratio=0.3)
+    assert stats["cache_hits"] == 3 and stats["probe_s"] > 0 and torch.isfinite(logits).all()
+    fresh = _rag(folder)
+    fresh.prefill(QUESTION, chunks, mode="query", ratio=0.3)[3]["commit"](0.0)  # cold: computes and stores them
+    for chunk in chunks:
+        key = fresh.store.variants(fresh.keys.dtype, fresh.keys.shared(chunk.token_ids).chunk_hash)[0]
+        assert len(fresh.store.get(key).extras["inter"]) == len(chunk.token_ids)

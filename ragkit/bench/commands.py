@@ -41,7 +41,7 @@ def bench_cache(
     modes: str = typer.Option(None, "--modes", show_default="every mode and blend@0.05",
                               help="Comma-separated modes for workload (a); blend@R runs blend at ratio R "
                               "(e.g. blend@0.5), query@Nt query with N recomputed rows. full always runs: it is the "
-                              "reference. With --frontier: the selectors to sweep over --budgets."),
+                              "reference. With --frontier: the selectors to sweep over --budgets (SELECTOR@R adds one point)."),
     frontier: bool = typer.Option(False, "--frontier", help="Sweep each selector of --modes over --budgets against "
                                   "full prefill (bootstrap 95% intervals); write frontier.json and frontier.png "
                                   "(speedup vs KL) to --out. Skips the other workloads."),

@@ -23,26 +23,38 @@ BOOTSTRAP_SAMPLES = 2000
 
 def frontier_points(modes: list[str], budgets: list[float]) -> list[str]:
     """Variants to run: every budgeted selector (a layer-wise rule or one that reads `ratio`) at every budget,
-    every other selector once. Refuses an unknown selector, a budget outside (0, 1], or no point at all."""
+    every other selector once, and each SELECTOR@R as given (one more point on that selector's line, e.g. to
+    reach into another selector's range). Refuses an unknown selector, a budget outside (0, 1], or no point."""
     from chunk_cache.modes import MODES
 
     for budget in budgets:
         if not 0.0 < budget <= 1.0:
             raise InputError("--budgets", f"budget {budget:g} is outside (0, 1]")
-    points = []
+    points: list[str] = []
     for mode in modes:
-        if mode not in MODES:
-            raise InputError("--modes", f"unknown selector {mode!r}", hint=f"one of {', '.join(MODES)}")
-        if mode == "full":
-            continue
-        if takes_ratio(mode):
+        selector, at, share = mode.partition("@")
+        if selector not in MODES:
+            raise InputError("--modes", f"unknown selector {selector!r}", hint=f"one of {', '.join(MODES)}")
+        if at:
+            if not (takes_ratio(selector) and _is_budget(share)):
+                raise InputError("--modes", f"{mode!r}: SELECTOR@R takes a share R in (0, 1] of blend, cacheblend "
+                                 "or query")
+            points.append(f"{selector}@{float(share):g}")
+        elif takes_ratio(mode):
             points.extend(f"{mode}@{b:g}" for b in budgets)
-        else:
+        elif mode != "full":
             points.append(mode)
     if not points:
         raise InputError("--frontier", "no points to run", hint="--modes needs a selector other than full, and "
                          "budgeted selectors (blend, cacheblend, query) need --budgets")
-    return points
+    return list(dict.fromkeys(points))
+
+
+def _is_budget(text: str) -> bool:
+    try:
+        return 0.0 < float(text) <= 1.0
+    except ValueError:
+        return False
 
 
 def takes_ratio(mode: str) -> bool:

@@ -77,7 +77,8 @@ class SecondStage:
     def _pointwise(self, params) -> "CachedPointwise":
         from generators.pointwise import PointwiseScorer
 
-        return CachedPointwise(PointwiseScorer(self.pipe.generator, cached=params.cached, title=params.title), self)
+        return CachedPointwise(PointwiseScorer(self.pipe.generator, cached=params.cached, title=params.title,
+                                               batch_size=params.batch_size), self)
 
     def _listwise(self, params):
         from generators.listwise import ListwiseReranker

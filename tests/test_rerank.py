@@ -29,6 +29,12 @@ def llama(tmp_path_factory):
     return tiny_llama(tmp_path_factory.mktemp("llama"))
 
 
+@pytest.fixture(scope="module")
+def sharp_llama(tmp_path_factory):
+    """Attention far from uniform: a row at a wrong position or a padding row seen changes the scores."""
+    return tiny_llama(tmp_path_factory.mktemp("sharp"), init_range=0.2)
+
+
 def rerank_config(tmp_path: Path, llama: Path, stages: str, query: str = "") -> Path:
     make_beir(tmp_path / "data")
     return make_config(tmp_path, f"""
@@ -62,6 +68,30 @@ def test_pointwise_cached_scores_equal_uncached_and_compute_only_the_question(tm
     rows_again = cached.stats.computed_rows - rows_first
     assert rows_again == tail * len(chunks)  # the second pass computed the question rows only
     assert full.stats.computed_rows == sum(len(s.token_ids) for c in chunks for s in full.segments(question, c))
+
+
+@pytest.mark.parametrize("title", [False, True])  # titles make the question rows differ in length too
+def test_pointwise_batch_of_different_lengths_scores_each_prompt_as_alone(tmp_path, sharp_llama, title):
+    pipe = Pipeline.from_config(rerank_config(tmp_path, sharp_llama, "[]"), progress=False)
+    chunks = [pipe.chunk(f"d{i}#0") for i in range(1, 7)]
+    question = "vitamin D and fractures"
+    rag = pipe.generator
+    one_by_one = PointwiseScorer(rag, cached=False, title=title, batch_size=1)
+    tails = [len(one_by_one.segments(question, c)[-1].token_ids) for c in chunks]
+    assert len({len(c.token_ids) for c in chunks}) > 2 and (len(set(tails)) > 1) == title
+    reference = one_by_one.score(question, chunks)
+    rag.warm(chunks[:4], progress=False)  # the last two are cold: prefilled alone and stored beside the batch
+    cached = PointwiseScorer(rag, cached=True, title=title, batch_size=3)  # batches of 3: a partial last one
+    first = cached.score(question, chunks)
+    lengths = [sum(len(s.token_ids) for s in cached.segments(question, c)) for c in chunks]
+    assert cached.stats.computed_rows == sum(tails[:4]) + sum(lengths[4:])
+    again = cached.score(question, chunks)  # all six from the store now: question rows only
+    assert cached.stats.computed_rows - sum(tails[:4]) - sum(lengths[4:]) == sum(tails)
+    uncached = PointwiseScorer(rag, cached=False, title=title)  # all six in one forward, right-padded
+    for scores in (first, again, uncached.score(question, chunks)):
+        assert max(abs(a - b) for a, b in zip(scores, reference)) <= 1e-4
+    assert uncached.stats.computed_rows == sum(lengths)
+    assert max(reference) - min(reference) > 0.1  # far apart at this tolerance: a swapped row would show
 
 
 def test_pointwise_title_goes_after_the_passage(tmp_path, llama):

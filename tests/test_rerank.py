@@ -15,7 +15,7 @@ from ragkit.cli import app
 from ragkit.config import from_dict
 from ragkit.errors import ConfigError
 from ragkit.pipeline import Pipeline
-from ragkit.types import Chunk, Hit
+from ragkit.types import Chunk, Hit, Query
 from retrievers.rerank import reorder
 from tests.conftest import tiny_llama
 from tests.test_pipeline import make_beir, make_config
@@ -216,3 +216,26 @@ def test_missing_cross_encoder_folder_exits_2_naming_it(tmp_path, llama):
     assert result.exit_code == 2
     assert str(missing) in result.stderr and "Traceback" not in result.output
     assert not (tmp_path / "runs" / "tiny").exists()
+
+
+# --- answering retrieves through the second stage ------------------------------------------------
+def test_answers_get_the_expanded_and_reranked_chunks(tmp_path, sharp_llama):
+    cfg = rerank_config(tmp_path, sharp_llama, '[{ type = "llm-pointwise", depth = 5 }]',
+                        '[query]\nexpansion = "query2doc"\nmax_tokens = 6')
+    pipe = Pipeline.from_config(cfg, {"generator": {"chunks": 2, "max_new_tokens": 2}}, progress=False)
+    questions = ["risk in older adults", "lower risk of disease in adults", "adults and the risk of lower mortality"]
+    expanded = pipe.second_stage.texts([Query(str(i), q) for i, q in enumerate(questions)])
+    assert expanded != questions and pipe.second_stage.summary()["llm_calls"] == 3
+    scorer = PointwiseScorer(pipe.generator)
+    expected, first_stage = [], []
+    for question, text in zip(questions, expanded):
+        hits = pipe.retrieve(text, k=5)  # what the expansion retrieves, then the pointwise order of those five
+        scores = scorer.score(question, [pipe.chunk(h.id) for h in hits])
+        expected.append([hits[i].id for i in sorted(range(len(hits)), key=lambda i: (-scores[i], i))[:2]])
+        first_stage.append([h.id for h in hits[:2]])
+    assert expected != first_stage  # the stage reorders here, so the check below can tell
+    assert [[c.id for c in chunks] for chunks in pipe.chunks_for(questions)] == expected
+    calls = pipe.second_stage.summary()["llm_calls"]
+    assert pipe.ask(questions[0]).chunk_ids == expected[0]
+    assert [a.chunk_ids for a in pipe.ask_many(questions)] == expected
+    assert pipe.second_stage.summary()["llm_calls"] == calls  # expansions and scores from the disk cache

@@ -20,6 +20,7 @@ is one causal prefill.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -56,14 +57,30 @@ def batchable(plan, rope_switch: int | None) -> BatchPrompt | None:
     return BatchPrompt(reused, computed)
 
 
-def last_logits(model: ReuseDecoder, prompts: list[BatchPrompt]) -> torch.Tensor:
+class BatchRoom:
+    """Key and value memory kept from one batch to the next. A fresh buffer costs a page fault per page
+    on first touch (on a CPU about as long as copying the entries in), and every slot is written before
+    it is read, so the room is reused unzeroed; it grows to the largest batch seen."""
+
+    def __init__(self):
+        self.keys = self.values = None
+
+    def take(self, like: torch.Tensor, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        size = math.prod(shape)
+        if self.keys is None or self.keys.numel() < size or self.keys.dtype != like.dtype \
+                or self.keys.device != like.device:
+            self.keys, self.values = like.new_empty(size), like.new_empty(size)
+        return self.keys[:size].view(shape), self.values[:size].view(shape)
+
+
+def last_logits(model: ReuseDecoder, prompts: list[BatchPrompt], room: BatchRoom | None = None) -> torch.Tensor:
     """[B, V] fp32: each prompt's next-token logits after its last row, from one forward of all of them."""
     device = model.device
     reused = max(p.reused_rows for p in prompts)  # R
     computed = max(len(p.computed) for p in prompts)  # C
-    cache = model.new_cache(len(prompts), 0)  # then room left unzeroed: below, every slot is written
+    cache = model.new_cache(len(prompts), 0)  # its keys and values: the room's, unzeroed (every slot is written)
     shape = (*cache.keys.shape[:3], reused + computed, cache.keys.shape[4])
-    cache.keys, cache.values = cache.keys.new_empty(shape), cache.values.new_empty(shape)
+    cache.keys, cache.values = (room or BatchRoom()).take(cache.keys, shape)
     cache.positions = cache.positions.new_full((len(prompts), reused + computed), -1)
     tokens = torch.zeros(len(prompts), computed, dtype=torch.long)  # padding rows: id 0, never seen
     positions = torch.empty(len(prompts), computed, dtype=torch.long)

@@ -28,7 +28,7 @@ from typing import Iterable, Protocol
 import torch
 
 from chunk_cache.assembly import CHUNK, HEAD, Layout, Segment, assemble
-from chunk_cache.batch import BatchPrompt, batchable, last_logits
+from chunk_cache.batch import BatchPrompt, BatchRoom, batchable, last_logits
 from chunk_cache.craft import ChunkStatistics, attention_probs, overlap, stat_layers
 from chunk_cache.decoder import ReuseDecoder
 from chunk_cache.keys import KeyScheme
@@ -143,6 +143,7 @@ class ChunkReuse:
     def __init__(self, model: ReuseDecoder, store: KVStore, keys: KeyScheme):
         self.model, self.store, self.keys = model, store, keys
         self._head: ChunkKV | None = None
+        self._room = BatchRoom()  # last_logits' batch KV memory, reused
 
     # --- plan -----------------------------------------------------------------------------
     def exact_keys(self, segments: list[Segment]) -> dict[int, CacheKey]:
@@ -436,7 +437,7 @@ class ChunkReuse:
                 rows[index] = len(prompt.computed)
         for start in range(0, len(batched), batch_size):
             part = batched[start: start + batch_size]
-            for (index, _), row in zip(part, last_logits(self.model, [p for _, p in part])):
+            for (index, _), row in zip(part, last_logits(self.model, [p for _, p in part], self._room)):
                 logits[index] = row
         return logits, rows
 

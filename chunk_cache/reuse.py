@@ -14,7 +14,8 @@
 
 `ChunkReuse.prefill` runs the first three; the generator decodes from the cache it returns, then commits.
 A batch of prompts reads the store through `HeldEntries` (an `EntrySource`): `lookup_many` fetches every
-entry their plans may read, once, ahead of their prefills.
+entry their plans may read, once, ahead of their prefills. `ChunkReuse.last_logits` scores many prompts
+that only reuse exact leading rows in batched forwards (chunk_cache.batch): a pointwise reranker's.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Iterable, Protocol
 import torch
 
 from chunk_cache.assembly import CHUNK, HEAD, Layout, Segment, assemble
+from chunk_cache.batch import BatchPrompt, BatchRoom, batchable, last_logits
 from chunk_cache.craft import ChunkStatistics, attention_probs, overlap, stat_layers
 from chunk_cache.decoder import ReuseDecoder
 from chunk_cache.keys import KeyScheme
@@ -141,6 +143,7 @@ class ChunkReuse:
     def __init__(self, model: ReuseDecoder, store: KVStore, keys: KeyScheme):
         self.model, self.store, self.keys = model, store, keys
         self._head: ChunkKV | None = None
+        self._room = BatchRoom()  # last_logits' batch KV memory, reused
 
     # --- plan -----------------------------------------------------------------------------
     def exact_keys(self, segments: list[Segment]) -> dict[int, CacheKey]:
@@ -410,6 +413,33 @@ class ChunkReuse:
         plan = self.plan(segments, settings, source)
         layout, cache = self.assemble(plan, extra)
         return plan, self.recompute(plan, layout, cache), layout, cache
+
+    def last_logits(self, prompts: list[list[Segment]], settings: ReuseSettings,
+                    batch_size: int) -> tuple[list[torch.Tensor], list[int]]:
+        """Each prompt's next-token logits [V] and the rows computed for it. A prompt whose plan reuses an
+        exact leading run of segments (or nothing) and stores nothing is computed with up to `batch_size`
+        such prompts in one forward (chunk_cache.batch); any other is prefilled alone at once and its misses
+        committed, so a later prompt with the same chunk finds it."""
+        logits: list[torch.Tensor | None] = [None] * len(prompts)
+        rows = [0] * len(prompts)
+        batched: list[tuple[int, BatchPrompt]] = []
+        for index, segments in enumerate(prompts):
+            plan = self.plan(segments, settings)
+            prompt = batchable(plan, getattr(self.model, "rope_switch", None))
+            if prompt is None:
+                start = time.perf_counter()
+                layout, cache = self.assemble(plan, 1)
+                prefilled = self.recompute(plan, layout, cache)
+                self.commit(plan, layout, cache, prefilled, time.perf_counter() - start)
+                logits[index], rows[index] = prefilled.logits, int((~layout.reused).sum())
+            else:
+                batched.append((index, prompt))
+                rows[index] = len(prompt.computed)
+        for start in range(0, len(batched), batch_size):
+            part = batched[start: start + batch_size]
+            for (index, _), row in zip(part, last_logits(self.model, [p for _, p in part], self._room)):
+                logits[index] = row
+        return logits, rows
 
     def encode(self, chunk_ids: Iterable[int]) -> ChunkKV:
         """The chunk computed behind the shared head alone, stored under its shared key (a warm)."""

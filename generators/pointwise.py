@@ -2,7 +2,7 @@
 
 The prompt puts the passage first, right behind the shared prompt head, and the question after it:
 
-    head (chat template, system prompt, "Documents:\\n")  | chunk tokens | "\\n\\nQuestion: q\\n" + ASK + reply header
+    head (chat template, system prompt, "Documents:\\n")  | chunk tokens | "\\n\\nQuestion: q\\nRelevant?" + reply header
 
 so the passage's rows are exactly the entry `ragkit cache warm` stored for the chunk (its shared key:
 the chunk behind the head alone). With reuse (`prefix` mode: exact entries only) a candidate costs the
@@ -25,7 +25,7 @@ from chunk_cache.assembly import CHUNK, HEAD, QUESTION, Segment
 from chunk_cache.modes import ReuseSettings
 from ragkit.types import Chunk
 
-ASK = "Relevant? Answer yes or no."  # short: every token here is computed per candidate
+ASK = "Relevant?"  # short: every token here is computed per candidate (the reply header follows)
 YES, NO = ("yes", "Yes", " yes", " Yes"), ("no", "No", " no", " No")
 CACHED, UNCACHED = "prefix", "full"  # reuse modes: exact chunk entries, or everything computed
 
@@ -40,8 +40,8 @@ class PointwiseStats:
 class PointwiseScorer:
     """Relevance scores of (question, chunk) pairs from a generators.rag.RagGenerator."""
 
-    def __init__(self, rag, cached: bool = True, title: bool = False):
-        self.rag, self.title = rag, title
+    def __init__(self, rag, cached: bool = True, title: bool = False, batch_size: int = 32):
+        self.rag, self.title, self.batch_size = rag, title, batch_size
         self.settings = ReuseSettings(mode=CACHED if cached else UNCACHED)
         self.yes = _first_ids(rag.prompt, YES)
         self.no = _first_ids(rag.prompt, NO)
@@ -60,18 +60,15 @@ class PointwiseScorer:
 
     @torch.inference_mode()
     def score(self, question: str, chunks: list[Chunk]) -> list[float]:
-        """One score per chunk, in order; higher means more relevant."""
-        scores = []
-        for chunk in chunks:
-            start = time.perf_counter()
-            plan, prefilled, layout, cache = self.rag.reuse.prefill(self.segments(question, chunk), self.settings, 1)
-            logits = prefilled.logits.float()
-            scores.append(float(logits[self.yes].logsumexp(0) - logits[self.no].logsumexp(0)))
-            seconds = time.perf_counter() - start
-            self.rag.reuse.commit(plan, layout, cache, prefilled, seconds)  # a miss is computed once
-            self.stats.prompts += 1
-            self.stats.computed_rows += int((~layout.reused).sum())
-            self.stats.seconds += seconds
+        """One score per chunk, in order; higher means more relevant. The prompts run `batch_size` at a
+        time in one forward (chunk_cache.batch): with reuse only their question rows, without the whole."""
+        start = time.perf_counter()
+        logits, rows = self.rag.reuse.last_logits([self.segments(question, c) for c in chunks], self.settings,
+                                                  self.batch_size)
+        scores = [float(x[self.yes].logsumexp(0) - x[self.no].logsumexp(0)) for x in logits]
+        self.stats.seconds += time.perf_counter() - start
+        self.stats.prompts += len(chunks)
+        self.stats.computed_rows += sum(rows)
         return scores
 
 

@@ -54,9 +54,9 @@ def query(
     overrides: Optional[List[str]] = SetOpt,
     quiet: bool = QuietOpt,
 ) -> None:
-    """Show the top chunks for a question; with --answer, answer it from them."""
+    """Show the top chunks for a question (through the config's [query] and [rerank]); with --answer, answer it."""
     pipe = open_pipeline(config, overrides, quiet)
-    for hit in pipe.retrieve(question, k=k):
+    for hit in pipe.answer_hits([question], k=k)[0]:
         text = pipe.chunk_text(hit.id).replace("\n", " ")
         typer.echo(f"{hit.rank:>3}  {hit.score:8.4f}  {hit.id}  {text[:100]}")
     if answer:

@@ -47,6 +47,7 @@ class Pipeline:
         self._chunks: dict[str, Chunk] | None = None
         self._generator = None
         self._engine = None
+        self._second: SecondStage | None = None  # [query] and [rerank] of answering (evaluate makes its own)
         self.best_chunks: dict[str, dict[str, str]] = {}  # set by search(): query -> document -> its best chunk
         random.seed(config.seed)
 
@@ -238,7 +239,8 @@ class Pipeline:
         loaded = self.retrievers
         t_index = time.perf_counter() - t0
         queries = self.queries()
-        second = SecondStage(self)  # [query] expansion and [rerank] stages (ragkit.reranking)
+        # [query] expansion and [rerank] stages (ragkit.reranking); answers retrieve through them too
+        second = self._second = SecondStage(self)
         texts = second.texts(queries)
         t1 = time.perf_counter()
         run = self.search(queries, texts=texts)
@@ -322,12 +324,27 @@ class Pipeline:
         on_answer(index, answer) as each is done."""
         return self.engine.run(requests, grouped=grouped, on_answer=on_answer)
 
-    def chunks_for(self, questions: list[str], batch_size: int = 64) -> list[list[Chunk]]:
-        """The top `generator.chunks` chunks of each question: what its answer is given."""
+    @property
+    def second_stage(self) -> SecondStage:
+        if self._second is None:
+            self._second = SecondStage(self)
+        return self._second
+
+    def chunks_for(self, questions: list[str], batch_size: int = 64, k: int | None = None) -> list[list[Chunk]]:
+        """The top `k` (default `generator.chunks`) chunks of each question: what its answer is given.
+        The question is retrieved as `[query]` expands it and its chunks reordered by the `[rerank]` stages."""
+        return [[self.chunk(h.id) for h in hits] for hits in self.answer_hits(questions, batch_size, k)]
+
+    def answer_hits(self, questions: list[str], batch_size: int = 64, k: int | None = None) -> list[list[Hit]]:
+        """Chunk hits of `chunks_for` (reranked hits score by rank)."""
+        k = self.config.generator.chunks if k is None else k
+        second = self.second_stage
+        texts = second.texts([Query(str(i), q) for i, q in enumerate(questions)])
         found = []
         for start in range(0, len(questions), batch_size):
-            for hits in self.retrieve_batch(questions[start:start + batch_size], self.config.generator.chunks):
-                found.append([self.chunk(h.id) for h in hits])
+            batch = zip(questions[start:start + batch_size],
+                        self.retrieve_batch(texts[start:start + batch_size], max(k, second.depth)))
+            found.extend(second.rerank_chunks(question, hits)[:k] for question, hits in batch)
         return found
 
     def ask(self, question: str, on_token=None):

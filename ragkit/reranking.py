@@ -4,8 +4,10 @@
 endpoint) behind an on-disk reply cache, and one reranker per `[[rerank.stages]]` table. `texts`
 gives each query's retrieval text (expanded or not); `rerank` runs the stages in order over a
 document run and returns every stage's run, so that `Pipeline.evaluate` scores the first stage and
-each later one side by side. LLM pointwise scores are cached on disk like replies, keyed by the
-model fingerprint and the prompt's token ids; `counts` says how many prompts the LLM actually saw.
+each later one side by side; `rerank_chunks` runs them over one question's chunk hits, for answering
+(`Pipeline.chunks_for`: ask, ask_many, serve and eval's answers). LLM pointwise scores are cached on
+disk like replies, keyed by the model fingerprint and the prompt's token ids; `counts` says how many
+prompts the LLM actually saw.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from ragkit.types import Query, Run
+from ragkit.types import Hit, Query, Run
 
 
 class SecondStage:
@@ -23,7 +25,7 @@ class SecondStage:
         self.pipe = pipe
         self.config = pipe.config
         self._llm = None
-        self._pointwise_cache = None
+        self._rerankers = None
         self.counts: dict[str, int] = {}
         self.timings: dict[str, float] = {}
 
@@ -54,15 +56,30 @@ class SecondStage:
         return texts
 
     # -- after retrieval ----------------------------------------------------------------------
+    @property
+    def rerankers(self) -> list[tuple[str, Any, Any]]:
+        """(label, reranker, params) per `[[rerank.stages]]` table, built once (a model loads once)."""
+        if self._rerankers is None:
+            from retrievers import rerank as stages
+
+            llm_kinds = {"llm-pointwise": self._pointwise, "llm-listwise": self._listwise}
+            self._rerankers = []
+            for position, spec in enumerate(self.config.rerank.stages):
+                reranker, params = stages.build(spec, position, llm_kinds)
+                self._rerankers.append((f"{spec['type']}@{params.depth}", reranker, params))
+        return self._rerankers
+
+    @property
+    def depth(self) -> int:
+        """Candidates the stages read: retrieve at least this many."""
+        return max((params.depth for _label, _reranker, params in self.rerankers), default=0)
+
     def rerank(self, queries: list[Query], run: Run, best_chunks: dict[str, dict[str, str]]) -> list[tuple[str, Run]]:
         """(label, run) after each stage; `best_chunks[qid][doc_id]` is the chunk a document is judged by."""
         from retrievers import rerank as stages
 
         results = []
-        for position, spec in enumerate(self.config.rerank.stages):
-            reranker, params = stages.build(spec, position, {"llm-pointwise": self._pointwise,
-                                                              "llm-listwise": self._listwise})
-            label = f"{spec['type']}@{params.depth}"
+        for position, (label, reranker, params) in enumerate(self.rerankers):
             start = time.perf_counter()
             rankings = {}
             for query in tqdm(queries, desc=f"reranking ({label})", unit="q", disable=not self.pipe.progress):
@@ -74,10 +91,19 @@ class SecondStage:
             results.append((label, run))
         return results
 
+    def rerank_chunks(self, question: str, hits: list[Hit]) -> list[Hit]:
+        """A question's chunk hits through every stage: what its answer is given."""
+        from retrievers import rerank as stages
+
+        for _label, reranker, params in self.rerankers:
+            hits = stages.rerank(reranker, question, hits, params.depth, self.pipe.chunk)
+        return hits
+
     def _pointwise(self, params) -> "CachedPointwise":
         from generators.pointwise import PointwiseScorer
 
-        return CachedPointwise(PointwiseScorer(self.pipe.generator, cached=params.cached, title=params.title), self)
+        return CachedPointwise(PointwiseScorer(self.pipe.generator, cached=params.cached, title=params.title,
+                                               batch_size=params.batch_size), self)
 
     def _listwise(self, params):
         from generators.listwise import ListwiseReranker

@@ -62,6 +62,8 @@ class PointwiseParams(StageParams):
     cached: bool = True
     # Show the document's title after the passage (its tokens are then computed for every candidate).
     title: bool = False
+    batch_size: int = 32  # candidates of a query scored in one forward
+    positive: ClassVar[tuple[str, ...]] = ("depth", "batch_size")
 
 
 @dataclass

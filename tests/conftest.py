@@ -34,9 +34,10 @@ def smollm2_tokenizer():
     return load_tokenizer("smollm2")
 
 
-def tiny_llama(folder, layers: int = 2):
+def tiny_llama(folder, layers: int = 2, init_range: float = 0.02):
     """A random Llama (2 layers unless told) with SmolLM2's tokenizer in `folder`: the decoder and the cache do
-    not care what the tensors mean, and it runs a prompt in milliseconds."""
+    not care what the tensors mean, and it runs a prompt in milliseconds. At the default `init_range` its
+    attention is nearly uniform; a larger one makes the logits depend on every position."""
     import shutil
 
     import torch
@@ -47,7 +48,7 @@ def tiny_llama(folder, layers: int = 2):
     tokenizer_dir = resolve_model_dir("smollm2")
     config = transformers.LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                                      tie_word_embeddings=True)
+                                      tie_word_embeddings=True, initializer_range=init_range)
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(config).save_pretrained(folder)
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):

@@ -15,7 +15,7 @@ from ragkit.cli import app
 from ragkit.config import from_dict
 from ragkit.errors import ConfigError
 from ragkit.pipeline import Pipeline
-from ragkit.types import Chunk, Hit
+from ragkit.types import Chunk, Hit, Query
 from retrievers.rerank import reorder
 from tests.conftest import tiny_llama
 from tests.test_pipeline import make_beir, make_config
@@ -27,6 +27,12 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
     return tiny_llama(tmp_path_factory.mktemp("llama"))
+
+
+@pytest.fixture(scope="module")
+def sharp_llama(tmp_path_factory):
+    """Attention far from uniform: a row at a wrong position or a padding row seen changes the scores."""
+    return tiny_llama(tmp_path_factory.mktemp("sharp"), init_range=0.2)
 
 
 def rerank_config(tmp_path: Path, llama: Path, stages: str, query: str = "") -> Path:
@@ -62,6 +68,30 @@ def test_pointwise_cached_scores_equal_uncached_and_compute_only_the_question(tm
     rows_again = cached.stats.computed_rows - rows_first
     assert rows_again == tail * len(chunks)  # the second pass computed the question rows only
     assert full.stats.computed_rows == sum(len(s.token_ids) for c in chunks for s in full.segments(question, c))
+
+
+@pytest.mark.parametrize("title", [False, True])  # titles make the question rows differ in length too
+def test_pointwise_batch_of_different_lengths_scores_each_prompt_as_alone(tmp_path, sharp_llama, title):
+    pipe = Pipeline.from_config(rerank_config(tmp_path, sharp_llama, "[]"), progress=False)
+    chunks = [pipe.chunk(f"d{i}#0") for i in range(1, 7)]
+    question = "vitamin D and fractures"
+    rag = pipe.generator
+    one_by_one = PointwiseScorer(rag, cached=False, title=title, batch_size=1)
+    tails = [len(one_by_one.segments(question, c)[-1].token_ids) for c in chunks]
+    assert len({len(c.token_ids) for c in chunks}) > 2 and (len(set(tails)) > 1) == title
+    reference = one_by_one.score(question, chunks)
+    rag.warm(chunks[:4], progress=False)  # the last two are cold: prefilled alone and stored beside the batch
+    cached = PointwiseScorer(rag, cached=True, title=title, batch_size=3)  # batches of 3: a partial last one
+    first = cached.score(question, chunks)
+    lengths = [sum(len(s.token_ids) for s in cached.segments(question, c)) for c in chunks]
+    assert cached.stats.computed_rows == sum(tails[:4]) + sum(lengths[4:])
+    again = cached.score(question, chunks)  # all six from the store now: question rows only
+    assert cached.stats.computed_rows - sum(tails[:4]) - sum(lengths[4:]) == sum(tails)
+    uncached = PointwiseScorer(rag, cached=False, title=title)  # all six in one forward, right-padded
+    for scores in (first, again, uncached.score(question, chunks)):
+        assert max(abs(a - b) for a, b in zip(scores, reference)) <= 1e-4
+    assert uncached.stats.computed_rows == sum(lengths)
+    assert max(reference) - min(reference) > 0.1  # far apart at this tolerance: a swapped row would show
 
 
 def test_pointwise_title_goes_after_the_passage(tmp_path, llama):
@@ -186,3 +216,26 @@ def test_missing_cross_encoder_folder_exits_2_naming_it(tmp_path, llama):
     assert result.exit_code == 2
     assert str(missing) in result.stderr and "Traceback" not in result.output
     assert not (tmp_path / "runs" / "tiny").exists()
+
+
+# --- answering retrieves through the second stage ------------------------------------------------
+def test_answers_get_the_expanded_and_reranked_chunks(tmp_path, sharp_llama):
+    cfg = rerank_config(tmp_path, sharp_llama, '[{ type = "llm-pointwise", depth = 5 }]',
+                        '[query]\nexpansion = "query2doc"\nmax_tokens = 6')
+    pipe = Pipeline.from_config(cfg, {"generator": {"chunks": 2, "max_new_tokens": 2}}, progress=False)
+    questions = ["risk in older adults", "lower risk of disease in adults", "adults and the risk of lower mortality"]
+    expanded = pipe.second_stage.texts([Query(str(i), q) for i, q in enumerate(questions)])
+    assert expanded != questions and pipe.second_stage.summary()["llm_calls"] == 3
+    scorer = PointwiseScorer(pipe.generator)
+    expected, first_stage = [], []
+    for question, text in zip(questions, expanded):
+        hits = pipe.retrieve(text, k=5)  # what the expansion retrieves, then the pointwise order of those five
+        scores = scorer.score(question, [pipe.chunk(h.id) for h in hits])
+        expected.append([hits[i].id for i in sorted(range(len(hits)), key=lambda i: (-scores[i], i))[:2]])
+        first_stage.append([h.id for h in hits[:2]])
+    assert expected != first_stage  # the stage reorders here, so the check below can tell
+    assert [[c.id for c in chunks] for chunks in pipe.chunks_for(questions)] == expected
+    calls = pipe.second_stage.summary()["llm_calls"]
+    assert pipe.ask(questions[0]).chunk_ids == expected[0]
+    assert [a.chunk_ids for a in pipe.ask_many(questions)] == expected
+    assert pipe.second_stage.summary()["llm_calls"] == calls  # expansions and scores from the disk cache

@@ -2,7 +2,8 @@
 and the KV store's memory tiers stay warm from one request to the next.
 
 `start(ticket)` turns a job into a request of the pipeline's batched engine (driven by the
-EngineScheduler): retrieve, then a request carrying the job's own mode, budget and temperature, with an
+EngineScheduler): retrieve (through the config's [query] and [rerank], as every answer does; /search
+gives the first stage alone), then a request carrying the job's own mode, budget and temperature, with an
 on_token callback that streams text and applies stop strings and the output cap (where the
 output ends, the scheduler stops the request's row). Only `Pipeline` is reached from here.
 """
@@ -53,7 +54,10 @@ class PipelineService:
 
     def start(self, ticket: Ticket) -> Started:
         job = ticket.job
-        hits = self.search(job.question, job.k) if job.k else []
+        hits = []
+        if job.k:  # on the worker thread, the engine's: [query] and [rerank] may run the model
+            with self._retrieval:
+                hits = [self._hit(h) for h in self.pipeline.answer_hits([job.question], k=job.k)[0]]
         ticket.emit("retrieved", hits)
         chunks = [self.pipeline.chunk(h["id"]) for h in hits]
         output = _Output(ticket, self.max_output_chars)

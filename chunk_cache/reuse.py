@@ -28,7 +28,7 @@ from typing import Iterable, Protocol
 import torch
 
 from chunk_cache.assembly import CHUNK, HEAD, Layout, Segment, assemble
-from chunk_cache.batch import BatchPrompt, BatchRoom, batchable, last_logits
+from chunk_cache.batch import BatchPrompt, BatchRoom, batchable, last_logits, sub_batches
 from chunk_cache.craft import ChunkStatistics, attention_probs, overlap, stat_layers
 from chunk_cache.decoder import ReuseDecoder
 from chunk_cache.keys import KeyScheme
@@ -418,8 +418,8 @@ class ChunkReuse:
                     batch_size: int) -> tuple[list[torch.Tensor], list[int]]:
         """Each prompt's next-token logits [V] and the rows computed for it. A prompt whose plan reuses an
         exact leading run of segments (or nothing) and stores nothing is computed with up to `batch_size`
-        such prompts in one forward (chunk_cache.batch); any other is prefilled alone at once and its misses
-        committed, so a later prompt with the same chunk finds it."""
+        such prompts of similar length in one forward (chunk_cache.batch); any other is prefilled alone at
+        once and its misses committed, so a later prompt with the same chunk finds it."""
         logits: list[torch.Tensor | None] = [None] * len(prompts)
         rows = [0] * len(prompts)
         batched: list[tuple[int, BatchPrompt]] = []
@@ -435,8 +435,8 @@ class ChunkReuse:
             else:
                 batched.append((index, prompt))
                 rows[index] = len(prompt.computed)
-        for start in range(0, len(batched), batch_size):
-            part = batched[start: start + batch_size]
+        for group in sub_batches([p for _, p in batched], batch_size):
+            part = [batched[g] for g in group]
             for (index, _), row in zip(part, last_logits(self.model, [p for _, p in part], self._room)):
                 logits[index] = row
         return logits, rows

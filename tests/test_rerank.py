@@ -9,6 +9,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from chunk_cache.batch import BatchPrompt, sub_batches
+from chunk_cache.store import ChunkKV
 from generators.listwise import ListwiseReranker, repair
 from generators.pointwise import PointwiseScorer
 from ragkit.cli import app
@@ -87,11 +89,26 @@ def test_pointwise_batch_of_different_lengths_scores_each_prompt_as_alone(tmp_pa
     assert cached.stats.computed_rows == sum(tails[:4]) + sum(lengths[4:])
     again = cached.score(question, chunks)  # all six from the store now: question rows only
     assert cached.stats.computed_rows - sum(tails[:4]) - sum(lengths[4:]) == sum(tails)
-    uncached = PointwiseScorer(rag, cached=False, title=title)  # all six in one forward, right-padded
+    uncached = PointwiseScorer(rag, cached=False, title=title)  # short prompts: all six in one forward
     for scores in (first, again, uncached.score(question, chunks)):
         assert max(abs(a - b) for a, b in zip(scores, reference)) <= 1e-4
     assert uncached.stats.computed_rows == sum(lengths)
     assert max(reference) - min(reference) > 0.1  # far apart at this tolerance: a swapped row would show
+
+
+def test_sub_batches_group_prompts_of_similar_length_up_to_a_full_forward():
+    def prompt(reused: int, computed: int) -> BatchPrompt:
+        return BatchPrompt([ChunkKV(torch.zeros(1, 1, reused, 2), torch.zeros(1, 1, reused, 2), 0)],
+                           (1,) * computed)
+
+    prompts = [prompt(r, 32) for r in (300, 90, 410, 120, 95, 250, 400, 130, 280, 100, 115)]
+    groups = sub_batches(prompts, batch_size=32)
+    assert sorted(i for g in groups for i in g) == list(range(11))
+    assert [len(g) for g in groups] == [8, 3]  # 256 computed rows per forward at 32 rows a prompt
+    assert [prompts[i].reused_rows for g in groups for i in g] == sorted(p.reused_rows for p in prompts)
+    assert prompts[groups[1][0]].reused_rows == 300
+    assert [len(g) for g in sub_batches(prompts, batch_size=4)] == [4, 4, 3]
+    assert [len(g) for g in sub_batches([prompt(0, 400)] * 3, batch_size=32)] == [1, 1, 1]  # each fills one
 
 
 def test_pointwise_title_goes_after_the_passage(tmp_path, llama):

@@ -38,7 +38,7 @@ from typing import Callable
 import torch
 
 from chunk_cache.modes import make_mode
-from chunk_cache.reuse import HeldEntries, Lookups
+from chunk_cache.entries import HeldEntries, Lookups
 from generators.generate import Sampling, decode_step, pick
 from generators.model import KVCache
 from generators.rag import Answer, RagGenerator, synchronize

@@ -18,9 +18,10 @@ from typing import Callable, Iterable
 import torch
 
 from chunk_cache.dtypes import GENERATOR_DTYPES
+from chunk_cache.entries import EntrySource
 from chunk_cache.keys import KeyScheme
 from chunk_cache.modes import ReuseSettings, make_mode
-from chunk_cache.reuse import ChunkReuse, EntrySource
+from chunk_cache.reuse import ChunkReuse
 from chunk_cache.store import KVStore
 from generators.choices import Scored, choice_ids, choice_logliks, pick
 from generators.generate import Sampling, decode, teacher_forced_logits

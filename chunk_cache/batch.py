@@ -58,9 +58,9 @@ def batchable(plan, rope_switch: int | None) -> BatchPrompt | None:
     return BatchPrompt(reused, computed)
 
 
-# Computed rows a forward needs for full-speed matmuls (on one CPU core ~256 rows of a 576-wide model
-# run as fast per row as 600); beyond that a bigger group only pads more keys in attention. SciFact
-# reranking, 20 candidates of 97-423 rows: groups of ~11 by length took 10% less time than one of 20.
+# Computed rows per forward: enough for the matmuls, few enough that a group pads its keys only to
+# similar lengths. Probe (SciFact test queries 1-3, 20 candidates of 97-423 rows, SmolLM2, one CPU
+# thread): groups of 10 or 7 by length took ~10% less time than one group of 20, groups of 5 ~9% less.
 ROWS_PER_FORWARD = 256
 
 

@@ -114,7 +114,8 @@ def test_llama_cpp_is_reported_unavailable_with_the_reason(tiny, monkeypatch):
 
 
 @pytest.mark.parametrize("flags", [["--questions", "0"], ["--modes", "full,bogus"], ["--warm", "some"],
-                                   ["--musique-config", "missing.toml"], ["--batch", "0"]])
+                                   ["--musique-config", "missing.toml"], ["--batch", "0"],
+                                   ["--set", "cache.ratio=1.5"], ["--set", "cache.bogus=1"]])
 def test_cli_refuses_bad_flags_before_loading_a_model(flags, monkeypatch):
     def no_run(*_args, **_kwargs):
         raise AssertionError("the bench ran")
@@ -130,7 +131,7 @@ def test_report_lists_modes_in_run_order_and_says_why_llama_cpp_is_missing(tiny,
     cold = answer.cold_vs_full(rag, items)
     assert cold["full"]["hit_rate"] == 0.0 and cold["questions_per_s_vs_full"] > 0
     modes = answer.compare_modes(rag, items, ["naive", "blend"], batch=2, log=lambda _m: None)
-    dataset = {"questions": 2, "chunks_per_question": 2, "prompt_tokens_mean": 50.0, "max_new_tokens": 2,
+    dataset = {"questions": 2, "chunks_per_question": 2, "prompt_tokens_mean": 50.0, "max_new_tokens": 2, "ratio": 0.25,
                "cold": cold, "query_log": {"skipped": "no query-log split for this dataset"},
                "corpus_warm": {"scope": "retrieved", "warmed_chunks": 3, "warm_s": 0.1, "warm_s_per_chunk": 0.03},
                "modes": dict(sorted(modes.items()))}  # as JSON output sorts them
@@ -142,4 +143,5 @@ def test_report_lists_modes_in_run_order_and_says_why_llama_cpp_is_missing(tiny,
     lines = answer.format_report(result).splitlines()
     rows = [line.split()[0] for line in lines if line.strip().split(" ")[0] in modes]
     assert rows == ["full", "naive", "blend"] * 2
+    assert lines[0].endswith("max_new_tokens 2, cache.ratio 0.25")
     assert "llama.cpp: unavailable (no module)" in lines and any("no query-log split" in line for line in lines)

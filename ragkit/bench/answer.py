@@ -56,6 +56,7 @@ class AnswerBenchSettings:
     baseline_questions: int = 0  # MuSiQue questions transformers and llama.cpp answer too (0: all)
     cold: bool = True  # the cold and query-log states (off: only the warmed side-by-side)
     batch_setting: dict = dataclasses.field(default_factory=dict)  # ragkit.bench.batch's decode-heavy setting
+    musique_overrides: list[str] = dataclasses.field(default_factory=list)  # --set KEY=VALUE on the MuSiQue config
 
 
 def percentile(values: list[float], share: float) -> float:
@@ -269,7 +270,7 @@ def bench_dataset(pipe, settings: AnswerBenchSettings, questions: int, log_split
     host_bytes = cfg.cache.host_bytes
     result = {"config": cfg.name, "questions": len(items), "chunks_per_question": cfg.generator.chunks,
               "prompt_tokens_mean": round(statistics.mean(len(prompt_ids(rag, q, c)) for q, c, _g in items), 1),
-              "max_new_tokens": rag.max_new_tokens, "mode": rag.settings.mode}
+              "max_new_tokens": rag.max_new_tokens, "mode": rag.settings.mode, "ratio": rag.settings.ratio}
     with tempfile.TemporaryDirectory(prefix="ragkit-bench-answer-") as tmp:
         if settings.cold:
             fresh_store(rag, Path(tmp) / "cold", host_bytes)
@@ -332,7 +333,8 @@ def run(musique_pipe, scifact_pipe, settings: AnswerBenchSettings, options) -> d
     full = musique["modes"]["full"]
     return {
         "setting": {"threads": threads, "modes": list(musique["modes"]), "warm": settings.warm,
-                    "batch": settings.batch, "model": cfg.generator.model, "dtype": rag.keys.dtype, "seed": cfg.seed},
+                    "batch": settings.batch, "model": cfg.generator.model, "dtype": rag.keys.dtype, "seed": cfg.seed,
+                    "musique_overrides": settings.musique_overrides},
         "musique": musique, "scifact": scifact, "transformers": hf, "llama_cpp": llama,
         "batching": {k: batching[k] for k in ("setting", "decode_heavy", "identical_outputs")},
         "batched_speedup_vs_sequential": batching["batched_speedup_vs_sequential"],
@@ -366,7 +368,8 @@ def format_report(result: dict) -> str:
         d = result[name]
         w = d["corpus_warm"]
         lines.append(f"{name}: {d['questions']} questions x {d['chunks_per_question']} chunks, prompts of "
-                     f"{d['prompt_tokens_mean']:.0f} tokens, max_new_tokens {d['max_new_tokens']}")
+                     f"{d['prompt_tokens_mean']:.0f} tokens, max_new_tokens {d['max_new_tokens']}, "
+                     f"cache.ratio {d['ratio']}")
         if "cold" in d:
             c = d["cold"]
             lines.append(f"  cold cache ({c['mode']}): hit rate {c['hit_rate']:.2f}, TTFT p50 {c['ttft_p50_s']:.3f}s, "

@@ -229,6 +229,9 @@ def bench_answer(
     threads: int = typer.Option(2, "--threads", min=1, help="torch CPU threads (and llama.cpp's)."),
     cold: bool = typer.Option(True, "--cold/--no-cold", help="Also answer on a cold cache (and warmed from a query "
                               "log): the cold row beside full, each mode's cost of a miss."),
+    overrides: Optional[List[str]] = typer.Option(None, "--set", "-s", help="Override one key of the MuSiQue "
+                                                  "pipeline, e.g. --set cache.ratio=0.25 (repeatable; recorded in "
+                                                  "the results; SciFact keeps its config)."),
     quiet: bool = QuietOpt,
 ) -> None:
     """End-to-end answering per reuse mode on MuSiQue and SciFact (EM/F1, agreement and KL against full,
@@ -240,10 +243,12 @@ def bench_answer(
     from ragkit.bench import answer
 
     # a memory store (the bench swaps in its own, in a temporary folder): nothing is left in .ragkit/kv
-    pipes = [open_pipeline(config, ["cache.dir="], quiet) for config in (musique_config, scifact_config)]
+    pipes = [open_pipeline(musique_config, ["cache.dir=", *(overrides or [])], quiet),
+             open_pipeline(scifact_config, ["cache.dir="], quiet)]
     settings = answer.AnswerBenchSettings(
         questions=questions, scifact_questions=scifact_questions, modes=modes.split(","), warm=warm,
         log_questions=log_questions, batch=batch, baseline_questions=baseline_questions, cold=cold,
+        musique_overrides=list(overrides or []),
         batch_setting={"questions": batch_questions, "context_tokens": batch_context, "new_tokens": batch_new_tokens,
                        "batch_sizes": [batch]})
     result = answer.run(*pipes, settings, BenchOptions(threads=threads, log=log))

@@ -216,9 +216,11 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 # cuDNN's attention builds an execution plan for each new shape (0.8-1.2 s on an H200 in our runs), and
 # every prompt, block and recomputed-row set has new shapes; flash and memory-efficient kernels do not.
 SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-# Query rows per attention call: each block only reads the keys up to its last row's position,
-# so an explicit mask costs about what a causal kernel does instead of reading every key.
-QUERY_BLOCK = 512
+# Query rows per attention call, per device type: each block only reads the keys up to its last row's
+# position, so an explicit mask costs about what a causal kernel does instead of reading every key. On a
+# CPU a call costs little and 64-row blocks cut the keys that sparse recomputed rows read (query and blend
+# prefills 6-7% faster at 5 passages, BENCHMARKS.md); on an accelerator each call is a kernel launch.
+QUERY_BLOCK = {"cpu": 64, "other": 512}
 CAUSAL = "causal"
 TAIL_KERNEL_DEVICES = {"cuda"}  # where a lower-right causal kernel serves a tail behind an exact prefix
 MaskBlock = tuple[int, int, int, torch.Tensor]  # query rows [start, end), key slots [0, reach), mask [B, 1, s, reach]
@@ -232,8 +234,9 @@ def attention_masks(key_positions: torch.Tensor, query_positions: torch.Tensor,
     key_positions [B, T] (-1 = empty), query_positions [B, S]; one entry per block of QUERY_BLOCK rows.
     """
     blocks = []
-    for start in range(0, query_positions.shape[1], QUERY_BLOCK):
-        qpos = query_positions[:, start: start + QUERY_BLOCK]
+    size = QUERY_BLOCK.get(key_positions.device.type, QUERY_BLOCK["other"])
+    for start in range(0, query_positions.shape[1], size):
+        qpos = query_positions[:, start: start + size]
         allowed = visible(key_positions, qpos, window)  # [B, s, T]
         # Slots are in position order except for padding: the block needs keys up to the last allowed slot.
         reachable = allowed.any(dim=(0, 1)).nonzero()

@@ -66,7 +66,7 @@ def _reference_attention(q, k, v, key_pos, query_pos, scale):
 
 
 def test_masked_attention_is_exactly_causal_for_scattered_rows(monkeypatch):
-    monkeypatch.setattr(model_module, "QUERY_BLOCK", 8)  # several query blocks with different key reach
+    monkeypatch.setattr(model_module, "QUERY_BLOCK", {"cpu": 8, "other": 8})  # several blocks, different key reach
     g = torch.Generator().manual_seed(0)
     T = 60
     k, v = torch.randn(1, 2, T, 16, generator=g), torch.randn(1, 2, T, 16, generator=g)

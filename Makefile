@@ -1,6 +1,6 @@
 # Two commands do everything on a fresh machine:
 #   make run   - set up .venv, evaluate the default pipeline (SciFact, BM25), then retrieve and answer a
-#                few MuSiQue questions with chunk-KV reuse (blend, checked against full prefill) and
+#                few MuSiQue questions with chunk-KV reuse (query, checked against full prefill) and
 #                write the HTML leaderboard of every run
 #   make test  - set up .venv, then run the test suite
 VENV := .venv

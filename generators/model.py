@@ -219,7 +219,7 @@ SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDP
 # Query rows per attention call, per device type: each block only reads the keys up to its last row's
 # position, so an explicit mask costs about what a causal kernel does instead of reading every key. On a
 # CPU a call costs little and 64-row blocks cut the keys that sparse recomputed rows read (query and blend
-# prefills 6-7% faster at 5 passages, BENCHMARKS.md); on an accelerator each call is a kernel launch.
+# prefills 7-9% faster at 5 passages, BENCHMARKS.md); on an accelerator each call is a kernel launch.
 QUERY_BLOCK = {"cpu": 64, "other": 512}
 CAUSAL = "causal"
 TAIL_KERNEL_DEVICES = {"cuda"}  # where a lower-right causal kernel serves a tail behind an exact prefix

@@ -175,17 +175,21 @@ def test_family_is_exact_against_transformers_and_under_reuse(tmp_path, name):
     full, *_ = rag.prefill(question, chunks, mode="full")
     segments = rag.prompt.segments(question, chunks)
     assert sum(len(s.token_ids) for s in segments) > 3 * WINDOW  # the prompt runs past the window
-    cold, *_ = rag.prefill(question, chunks, mode="blend", ratio=1.0)
-    assert (cold - full).abs().max() < 1e-3
+    for mode in ("blend", "query"):  # the layer-wise and the query-aware path, nothing cached
+        cold, *_ = rag.prefill(question, chunks, mode=mode, ratio=1.0)
+        assert (cold - full).abs().max() < 1e-3
     first = rag.answer(question, chunks, mode="prefix")  # stores every chunk behind its exact prefix
     exact, _c, _p, stats = rag.prefill(question, chunks, mode="prefix")
     assert stats["cache_hits"] == len(chunks) and stats["recomputed_tokens"] == 0
     assert (exact - full).abs().max() < 1e-3
+    exact_query, _c, _p, stats = rag.prefill(question, chunks, mode="query", ratio=1.0)  # exact entries kept as is
+    assert stats["cache_hits"] == len(chunks) and (exact_query - full).abs().max() < 1e-3
     rag.warm(chunks, progress=False)  # each chunk behind the head alone: later ones sit elsewhere now
     rotated_order = chunks[::-1]
     reference, *_ = rag.prefill(question, rotated_order, mode="full")
-    rotated, _c, _p, stats = rag.prefill(question, rotated_order, mode="blend", ratio=1.0)
-    assert stats["cache_hits"] == len(chunks) and (rotated - reference).abs().max() < 1e-3
+    for mode in ("blend", "query"):
+        rotated, _c, _p, stats = rag.prefill(question, rotated_order, mode=mode, ratio=1.0)
+        assert stats["cache_hits"] == len(chunks) and (rotated - reference).abs().max() < 1e-3
 
     for mode in MODES:  # every mode runs and decodes
         answer = rag.answer(question, chunks, mode=mode)

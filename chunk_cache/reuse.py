@@ -153,14 +153,16 @@ class ChunkReuse:
     def _best_variant(self, source: EntrySource, seg: Segment, chunks_before: list[str],
                       mode: Mode) -> tuple[CacheKey, ChunkKV, float] | None:
         """The stored variant of the chunk needing least recomputation here: highest beta' (Cache-Craft),
-        and for modes that read statistics, one that carries them."""
+        and for modes that read statistics, one that carries them; at equal beta', one computed behind passages
+        if the chunk now sits behind passages (a primed variant, chunk_cache.primer), else one computed behind
+        none."""
         best, best_rank = None, None
         for key in source.variants(self.keys.dtype, self.keys.shared(seg.token_ids).chunk_hash)[:MAX_VARIANTS]:
             kv = source.get(key, upload=False)
             if kv is None:
                 continue
             beta = overlap(kv.context, kv.extras.get("inter_by_chunk"), chunks_before)
-            rank = (not mode.needs_statistics or "cci" in kv.extras, beta)
+            rank = (not mode.needs_statistics or "cci" in kv.extras, beta, bool(kv.context) == bool(chunks_before))
             if best_rank is None or rank > best_rank:
                 best, best_rank = (key, kv, beta), rank
         return best
@@ -375,6 +377,16 @@ class ChunkReuse:
             for (index, _), row in zip(part, last_logits(self.model, [p for _, p in part], self._room)):
                 logits[index] = row
         return logits, rows
+
+    def encode_behind(self, segments: list[Segment]) -> None:
+        """Compute `segments` reusing exact entries only and store every chunk computed, with its statistics,
+        under its exact key: the last chunk computed behind the passages before it (chunk_cache.primer)."""
+        plan = self.plan(segments, ReuseSettings(mode="prefix"))
+        plan.statistics = True
+        layout, cache = self.assemble(plan, 0)
+        start = time.perf_counter()
+        prefilled = self.recompute(plan, layout, cache)
+        self.commit(plan, layout, cache, prefilled, time.perf_counter() - start)
 
     def encode(self, chunk_ids: Iterable[int]) -> ChunkKV:
         """The chunk computed behind the shared head alone, stored under its shared key (a warm)."""

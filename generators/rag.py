@@ -17,6 +17,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from chunk_cache.assembly import CHUNK, Segment
 from chunk_cache.dtypes import GENERATOR_DTYPES
 from chunk_cache.entries import EntrySource
 from chunk_cache.keys import KeyScheme
@@ -109,23 +110,39 @@ class RagGenerator:
         """Serve from another store (a bench's capped cache, say): the reuse path starts over on it."""
         self.reuse = ChunkReuse(self.model, store, self.keys)
 
-    def warm(self, chunks: Iterable[Chunk], progress: bool = True) -> int:
-        """Encode and store every chunk not yet cached behind the shared head; returns how many were computed,
-        once they are on disk (the store writes while the next chunk is encoded)."""
+    def warm(self, chunks: Iterable[Chunk], progress: bool = True, primers: list[Chunk] = ()) -> int:
+        """Encode and store every chunk not yet cached behind the shared head and, given `primers`, behind the
+        head and the primers (chunk_cache.primer); returns how many chunks were computed, once they are on disk
+        (the store writes while the next chunk is encoded)."""
         from tqdm import tqdm
 
         computed = 0
         seen: set[tuple[int, ...]] = set()
         for chunk in tqdm(list(chunks), desc="warming KV cache", unit="chunk", disable=not progress):
             ids = tuple(chunk.token_ids)
-            if ids in seen or self.keys.shared(ids) in self.store:
+            if ids in seen:
                 continue
             seen.add(ids)
+            behind_primer = self.primed_segments(chunk, primers)
+            shared = self.keys.shared(ids) not in self.store
+            primed = behind_primer is not None and self.reuse.exact_keys(behind_primer)[
+                len(behind_primer) - 1] not in self.store
             with torch.inference_mode():
-                self.reuse.encode(ids)
-            computed += 1
+                if shared:
+                    self.reuse.encode(ids)
+                if primed:
+                    self.reuse.encode_behind(behind_primer)
+            computed += shared or primed
         self.store.flush()
         return computed
+
+    def primed_segments(self, chunk: Chunk, primers: list[Chunk]) -> list[Segment] | None:
+        """The prompt's segments up to `chunk` when it follows the `primers` but itself (None without any)."""
+        before = [p for p in primers if tuple(p.token_ids) != tuple(chunk.token_ids)]
+        if not before:
+            return None
+        segments = self.prompt.segments("", [*before, chunk])
+        return segments[:max(i for i, seg in enumerate(segments) if seg.kind == CHUNK) + 1]
 
     @torch.inference_mode()
     def prefill(self, question: str, chunks: list[Chunk], mode: str | None = None, extra: int | None = None,

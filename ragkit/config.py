@@ -113,6 +113,10 @@ class CacheConfig(ReuseSettings):  # mode (a chunk_cache.modes.MODES name), rati
     host_bytes: int = 2 << 30
     disk_bytes: int = 20 << 30
     eviction: str = "lru"
+    # Warms also store each chunk computed behind this many typical passages of the corpus, the variant reused for
+    # a chunk behind other passages (chunk_cache.primer): closer to full prefill at the same recompute, twice the
+    # warm. 0: one entry per chunk.
+    primer_passages: int = 1
     # The recompute share (`ratio`) when scoring closed-form choices (generator.choices), 0: `ratio`. A yes/no
     # decision of a small model often hangs on a fraction of a nat, and reuse shifts it (BENCHMARKS.md).
     choice_ratio: float = 0.0
@@ -265,7 +269,7 @@ _CHOICES = {
 
 _POSITIVE = {"chunking.size", "retrieval.k", "retrieval.chunk_k", "generator.max_new_tokens", "generator.chunks",
              "cluster.shards", "cluster.embed_actors", "query.max_tokens", "llm.concurrency", "llm.timeout"}
-_NON_NEGATIVE = {"chunking.overlap", "dataset.limit_queries", "cache.full_layers", "cache.ratio", "cache.choice_ratio",
+_NON_NEGATIVE = {"chunking.overlap", "dataset.limit_queries", "cache.full_layers", "cache.ratio", "cache.choice_ratio", "cache.primer_passages",
                  "cache.epic_tokens", "cache.recompute_tokens", "cache.device_bytes", "cache.host_bytes", "cache.disk_bytes",
                  "generator.temperature", "cluster.gpus_per_actor", "llm.retries"}
 

@@ -23,6 +23,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 import ragkit
+from chunk_cache.primer import choose_primers
 from ragkit.config import Config, load_config
 from ragkit.errors import IndexMismatchError, InputError, RagkitError
 from ragkit.readers import Dataset, open_dataset
@@ -416,7 +417,13 @@ class Pipeline:
             chunks = [self._chunks[cid] for cid in ids]
         else:
             chunks = list(self._chunks.values())
-        return self.generator.warm(chunks, progress=self.progress)
+        return self.generator.warm(chunks, progress=self.progress, primers=self.primers())
+
+    def primers(self) -> list[Chunk]:
+        """The corpus passages warms store each chunk behind too (chunk_cache.primer; cache.primer_passages)."""
+        if self._chunks is None:
+            self._load_index()
+        return choose_primers(self._chunks.values(), self.config.cache.primer_passages)
 
     def query_log(self, source: str) -> list[str]:
         """Question texts from a query-log file, or from a split of this config's dataset (e.g. "dev")."""

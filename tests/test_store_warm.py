@@ -39,12 +39,13 @@ TRIALS = 20
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """A config over 40 one-chunk documents, a tiny random Llama, and its cache folder."""
+    """A config over 40 one-chunk documents, a tiny random Llama, and its cache folder (one entry per chunk:
+    no primed entries, whose count would hang on which chunk primes)."""
     folder = tmp_path_factory.mktemp("warm")
     tiny_llama(folder / "model")
     make_beir(folder / "data", docs=DOCS, queries=QUERIES, qrels=QRELS)
     cfg = make_config(folder, extra=f'[generator]\nmodel = "{folder / "model"}"\ndevice = "cpu"\n'
-                                    f'[cache]\ndir = "{folder / "kv"}"\n')
+                                    f'[cache]\ndir = "{folder / "kv"}"\nprimer_passages = 0\n')
     assert runner.invoke(app, ["index", str(cfg), "-q"]).exit_code == 0
     return cfg, folder / "kv"
 
@@ -103,6 +104,25 @@ def test_warm_stats_repair_mismatch_and_clear(tiny):
     assert cleared.exit_code == 0 and f"removed {len(DOCS) + 2} entries" in cleared.stdout
     assert not entry_files(root)
     assert warm(cfg).stdout.startswith(f"warmed {len(DOCS)} chunks")
+
+
+def test_a_primed_warm_stores_each_chunk_twice_and_the_primer_once(tiny):
+    """With `cache.primer_passages` 1 (the default) every chunk but the primer is also stored behind the primer;
+    entries: the head, each chunk's shared one, each primed one and the primer's own behind its title."""
+    from chunk_cache.primer import choose_primers
+    from ragkit.pipeline import Pipeline
+
+    cfg, root = tiny
+    primed = cfg.with_name("primed.toml")
+    primed.write_text(cfg.read_text().replace("primer_passages = 0", f'primer_passages = 1\ndir = "{root}-primed"'
+                                              ).replace(f'dir = "{root}"\n', ""))
+    assert Pipeline.from_config(cfg).primers() == []
+    pipe = Pipeline.from_config(primed)
+    assert pipe.primers() == choose_primers(pipe._chunks.values(), 1) and len(pipe.primers()) == 1
+    result = warm(primed)
+    assert result.exit_code == 0 and result.stdout.startswith(f"warmed {len(DOCS)} chunks"), result.output
+    assert stats(primed)["entries"] == 1 + len(DOCS) + (len(DOCS) - 1) + 1
+    assert warm(primed).stdout.startswith("warmed 0 chunks")
 
 
 def run_cli_warm(cfg: str) -> None:

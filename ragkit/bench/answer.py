@@ -293,7 +293,7 @@ def bench_dataset(pipe, settings: AnswerBenchSettings, questions: int, log_split
         log(f"{cfg.name}: warming {'every corpus chunk' if settings.warm == 'all' else 'the retrieved chunks'}")
         start = time.perf_counter()
         computed = pipe.warm_cache() if settings.warm == "all" else rag.warm(
-            [c for _q, chunks, _g in items for c in chunks], progress=pipe.progress)
+            [c for _q, chunks, _g in items for c in chunks], progress=pipe.progress, primers=pipe.primers())
         warm_s = time.perf_counter() - start
         result["corpus_warm"] = {"scope": settings.warm, "warmed_chunks": computed, "warm_s": round(warm_s, 2),
                                  "warm_s_per_chunk": round(warm_s / max(1, computed), 3)}

@@ -3,7 +3,10 @@
 Workload (a): MuSiQue questions with their passages as chunks, cache warm. For each mode, time to
 first token (TTFT), context rows recomputed, first-token KL(full || mode), teacher-forced agreement
 with full's greedy answer, and the mode's own answer scored against the gold answers. Modes are
-interleaved per question after a warm-up, so machine load hits them alike.
+interleaved per question after a warm-up, so machine load hits them alike. Chunks are warmed behind the
+prompt head alone, with no primed entries (chunk_cache.primer): each question brings its own passages, not a
+corpus to choose a primer from, so the selectors compare on the entries every earlier run used; `ragkit bench
+answer` measures primed entries on a corpus.
 Workload (b): retrieved chunks that recur across a request stream, a capped cache, LRU vs value
 eviction; hit rate, bytes and end-to-end throughput against full and prefix.
 """

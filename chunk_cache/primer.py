@@ -11,8 +11,9 @@ A reused chunk that sits behind passages takes the variant computed behind a pas
 (ChunkReuse._best_variant); the recompute selectors then fix the rest.
 
 The primers are passages of the corpus itself, chosen by length alone (`choose_primers`; how many is
-`cache.primer_passages`, default 1): the stand-in has to be in-domain, which passage hardly matters. Measured on MuSiQue dev questions q0-q19 (5 passages, SmolLM2-135M), mean first-token
-KL against full prefill when chunks 2-5 reuse entries computed behind:
+`cache.primer_passages`, default 1): the stand-in has to be in-domain, which passage hardly matters.
+Measured on MuSiQue dev questions q0-q19 (5 passages, SmolLM2-135M), mean first-token KL against full
+prefill when chunks 2-5 reuse entries computed behind:
 
     the head alone                                 naive 0.186   query@0.25 0.040
     another MuSiQue passage (one per question)     naive 0.078   query@0.2  0.025

@@ -13,7 +13,7 @@ import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import torch
 
@@ -110,7 +110,7 @@ class RagGenerator:
         """Serve from another store (a bench's capped cache, say): the reuse path starts over on it."""
         self.reuse = ChunkReuse(self.model, store, self.keys)
 
-    def warm(self, chunks: Iterable[Chunk], progress: bool = True, primers: list[Chunk] = ()) -> int:
+    def warm(self, chunks: Iterable[Chunk], progress: bool = True, primers: Sequence[Chunk] = ()) -> int:
         """Encode and store every chunk not yet cached behind the shared head and, given `primers`, behind the
         head and the primers (chunk_cache.primer); returns how many chunks were computed, once they are on disk
         (the store writes while the next chunk is encoded)."""
@@ -136,7 +136,7 @@ class RagGenerator:
         self.store.flush()
         return computed
 
-    def primed_segments(self, chunk: Chunk, primers: list[Chunk]) -> list[Segment] | None:
+    def primed_segments(self, chunk: Chunk, primers: Sequence[Chunk]) -> list[Segment] | None:
         """The prompt's segments up to `chunk` when it follows the `primers` but itself (None without any)."""
         before = [p for p in primers if tuple(p.token_ids) != tuple(chunk.token_ids)]
         if not before:

@@ -259,9 +259,9 @@ def cache_warm(
 ) -> None:
     """Precompute chunk KV caches into cache.dir, so later answers reuse them.
 
-    Each chunk is stored behind the shared head and, with cache.primed (the default), also behind one typical
-    passage of the corpus: the entry reused for a chunk that sits behind other passages (--set
-    cache.primed=false halves the warm and its bytes).
+    Each chunk is stored behind the shared head and, with cache.primer_passages 1 (the default), also behind one
+    typical passage of the corpus: the entry reused for a chunk that sits behind other passages (--set
+    cache.primer_passages=0 halves the warm and its bytes).
 
     Warm from a query log, then answer held-out queries and read the hit rate they got:
     ragkit cache warm configs/musique-rag.toml --queries dev --top 200 && ragkit eval configs/musique-rag.toml"""

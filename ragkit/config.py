@@ -269,8 +269,8 @@ _CHOICES = {
 
 _POSITIVE = {"chunking.size", "retrieval.k", "retrieval.chunk_k", "generator.max_new_tokens", "generator.chunks",
              "cluster.shards", "cluster.embed_actors", "query.max_tokens", "llm.concurrency", "llm.timeout"}
-_NON_NEGATIVE = {"chunking.overlap", "dataset.limit_queries", "cache.full_layers", "cache.ratio", "cache.choice_ratio", "cache.primer_passages",
-                 "cache.epic_tokens", "cache.recompute_tokens", "cache.device_bytes", "cache.host_bytes", "cache.disk_bytes",
+_NON_NEGATIVE = {"chunking.overlap", "dataset.limit_queries", "cache.full_layers", "cache.ratio", "cache.choice_ratio",
+                 "cache.primer_passages", "cache.epic_tokens", "cache.recompute_tokens", "cache.device_bytes", "cache.host_bytes", "cache.disk_bytes",
                  "generator.temperature", "cluster.gpus_per_actor", "llm.retries"}
 
 

@@ -53,6 +53,10 @@ def test_bad_type_and_range(tmp_path):
         load_config(write(tmp_path, '[retrieval]\nk = "many"\n'))
     with pytest.raises(ConfigError, match="chunking.size"):
         load_config(write(tmp_path, "[chunking]\nsize = 0\n"))
+    with pytest.raises(ConfigError, match="cache.primer_passages.*>= 0"):
+        load_config(write(tmp_path, "[cache]\nprimer_passages = -1\n"))
+    with pytest.raises(ConfigError, match="cache.primer_passages.*int"):
+        load_config(write(tmp_path, '[cache]\nprimer_passages = "one"\n'))
 
 
 def test_invalid_toml_names_file(tmp_path):

@@ -76,14 +76,16 @@ def test_query_at_budget_zero_is_naive_and_leaves_no_trace_of_its_first_pass(fol
     assert kl(full, half) < kl(full, naive)
 
 
-def test_the_first_pass_scores_rows_by_the_questions_attention_per_layer(folder):
-    """One layer: the fused score is the attention each reused row receives from the question rows, summed
-    over rows, averaged over heads, as a share of what all reused rows receive (reference: reuse's check)."""
+def test_the_first_pass_scores_rows_by_the_questions_attention_in_every_layer(folder):
+    """The fused score is, averaged over every layer, the attention each reused row receives from the question
+    rows (summed over rows, averaged over heads) as a share of what all reused rows receive; each layer's
+    question rows come from running them through the layers below over the reused cache (reference: reuse's
+    check and the decoder's own layer)."""
     from chunk_cache.assembly import CHUNK
     from chunk_cache.probe import question_attention
     from chunk_cache.reuse import _attention_received
 
-    rag = _rag(tiny_llama(folder.parent / "one-layer", layers=1))
+    rag = _rag(tiny_llama(folder.parent / "three-layers", layers=3, init_range=0.2))
     chunks = _chunks(rag)
     rag.warm(chunks, progress=False)
     plan = rag.reuse.plan(rag.prompt.segments(QUESTION, chunks[::-1]), ReuseSettings(mode="naive"))
@@ -95,11 +97,16 @@ def test_the_first_pass_scores_rows_by_the_questions_attention_per_layer(folder)
     question = torch.arange(int(reused.nonzero().max()) + 1, layout.size)
     score = question_attention(rag.model, layout.token_ids[question], layout.positions[question], question, cache,
                                reused)
-    q, k, _v = rag.model.qkv(0, rag.model.embed_tokens(layout.token_ids[question][None]),
-                             rag.model.rope(layout.positions[question][None]))
-    read = _attention_received(rag.model, 0, q, layout.positions[question][None], cache)
-    expected = torch.where(reused, read / read[reused].sum(), 0.0)
-    assert torch.allclose(score, expected, atol=1e-5) and abs(float(score.sum()) - 1.0) < 1e-5
+    model, positions = rag.model, layout.positions[question][None]
+    x, rope = model.embed_tokens(layout.token_ids[question][None]), model.rope(positions)
+    shares = []
+    for layer in range(model.args.n_layers):
+        q, _k, _v = model.qkv(layer, x, rope)
+        x = model.layer(layer, x, positions, question, cache, rope, model.masks_for(cache, positions, question))
+        read = _attention_received(model, layer, q, positions, cache)
+        shares.append(torch.where(reused, read / read[reused].sum(), 0.0))
+    assert not torch.allclose(shares[0], shares[-1], atol=1e-3)  # the last layer's share counts, and differs
+    assert torch.allclose(score, torch.stack(shares).mean(0), atol=1e-5) and abs(float(score.sum()) - 1.0) < 1e-5
 
 
 def test_the_rule_picks_each_chunks_first_row_then_the_highest_scored_rows_weighted_by_staleness():

@@ -55,3 +55,16 @@ def tiny_llama(folder, layers: int = 2, init_range: float = 0.02):
         if (tokenizer_dir / name).exists():
             shutil.copy(tokenizer_dir / name, folder / name)
     return folder
+
+
+def text_chunks(rag, texts, title: str = "Title"):
+    """One titled chunk per text ("{title} {i}"; "" for none), tokenized by `rag`'s prompt: the passages
+    the generator tests reuse."""
+    from ragkit.types import Chunk, token_hash
+
+    out = []
+    for i, text in enumerate(texts):
+        ids = rag.prompt.chunk_ids(text)
+        out.append(Chunk(id=f"d{i}#0", doc_id=f"d{i}", text=text, token_ids=ids, span=(0, 0),
+                         content_hash=token_hash(ids), title=f"{title} {i}" if title else ""))
+    return out

@@ -23,7 +23,8 @@ from generators.model import load_decoder
 from generators.weights import model_info
 from ragkit.config import CacheConfig, GeneratorConfig
 from ragkit.errors import ConfigError, InputError
-from ragkit.types import Chunk, token_hash
+from ragkit.types import Chunk
+from tests.conftest import text_chunks
 
 torch.set_num_threads(1)
 WINDOW = 16
@@ -135,12 +136,7 @@ TEXTS = ["The Severn is the longest river in Great Britain, rising in the Cambri
 
 
 def _chunks(rag) -> list[Chunk]:
-    out = []
-    for i, text in enumerate(TEXTS):
-        ids = rag.prompt.chunk_ids(text)
-        out.append(Chunk(id=f"d{i}#0", doc_id=f"d{i}", text=text, token_ids=ids, span=(0, 0),
-                         content_hash=token_hash(ids), title=f"Doc {i}"))
-    return out
+    return text_chunks(rag, TEXTS, title="Doc")
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -16,8 +16,7 @@ from chunk_cache.craft import ChunkStatistics, overlap, stat_layers
 from chunk_cache.modes import MODES, Candidates, ReusedChunk, ReuseSettings, make_mode
 from ragkit.config import CacheConfig, GeneratorConfig
 from ragkit.errors import ConfigError
-from ragkit.types import Chunk, token_hash
-from tests.conftest import tiny_llama
+from tests.conftest import text_chunks, tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = [p for d in ("ragkit", "chunk_cache", "generators", "retrievers", "eval") for p in (ROOT / d).rglob("*.py")]
@@ -120,12 +119,7 @@ def tiny_rag(tmp_path_factory):
 
 
 def _chunks(rag, texts):
-    out = []
-    for i, text in enumerate(texts):
-        ids = rag.prompt.chunk_ids(text)
-        out.append(Chunk(id=f"d{i}#0", doc_id=f"d{i}", text=text, token_ids=ids, span=(0, 0),
-                         content_hash=token_hash(ids), title=f"Title {i}"))
-    return out
+    return text_chunks(rag, texts)
 
 
 def test_the_cache_path_reads_through_three_files(tiny_rag, monkeypatch):

@@ -11,7 +11,7 @@ import torch
 from chunk_cache.primer import choose_primers
 from ragkit.config import CacheConfig, GeneratorConfig
 from ragkit.types import Chunk, token_hash
-from tests.conftest import tiny_llama
+from tests.conftest import text_chunks, tiny_llama
 
 torch.set_num_threads(1)
 QUESTION = "Where is Exeter College?"
@@ -32,12 +32,7 @@ def _rag(folder):
 
 
 def _chunks(rag):
-    out = []
-    for i, text in enumerate(TEXTS):
-        ids = rag.prompt.chunk_ids(text)
-        out.append(Chunk(id=f"d{i}#0", doc_id=f"d{i}", text=text, token_ids=ids, span=(0, 0),
-                         content_hash=token_hash(ids), title=f"Title {i}"))
-    return out
+    return text_chunks(rag, TEXTS)
 
 
 def _chunk(cid: str, length: int) -> Chunk:

@@ -10,8 +10,7 @@ import torch
 from chunk_cache.modes import MODES, Candidates, ReusedChunk, ReuseSettings, recompute_budget
 from ragkit.config import CacheConfig, GeneratorConfig
 from ragkit.errors import ConfigError
-from ragkit.types import Chunk, token_hash
-from tests.conftest import tiny_llama
+from tests.conftest import text_chunks, tiny_llama
 
 QUESTION = "Where is Exeter College?"
 TEXTS = ["Exeter College is in Oxford, on Turl Street.", "The Thames flows through Oxford and London.",
@@ -31,12 +30,7 @@ def _rag(folder):
 
 
 def _chunks(rag, titled: bool = True):
-    out = []
-    for i, text in enumerate(TEXTS):
-        ids = rag.prompt.chunk_ids(text)
-        out.append(Chunk(id=f"d{i}#0", doc_id=f"d{i}", text=text, token_ids=ids, span=(0, 0),
-                         content_hash=token_hash(ids), title=f"Title {i}" if titled else ""))
-    return out
+    return text_chunks(rag, TEXTS, title="Title" if titled else "")
 
 
 @pytest.mark.parametrize("case", ["cold", "exact", "rotated"])
